@@ -1,0 +1,80 @@
+"""``convert()``: open a source, check it, write the target format atomically.
+
+The steps are ordered so that everything that can be checked cheaply is
+checked before the first byte is written: the source's headers and config,
+every tensor's name/shape/dtype, the destination, and whether the target
+format can express the model at all.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from graphfix.convert.atomic import atomic_dir, check_destination
+from graphfix.convert.detect import open_checkpoint
+from graphfix.convert.formats.hf import DEFAULT_MAX_SHARD_BYTES, write_hf
+from graphfix.convert.formats.meta import check_shards, write_meta
+from graphfix.convert.formats.meta_params import spec_to_params
+from graphfix.convert.progress import Progress
+from graphfix.convert.spec import parse_dtype, validate
+from graphfix.convert.tokenizer import copy_side_files
+from graphfix.errors import InputError
+
+TARGETS = ("hf", "meta")
+
+
+def parse_size(value: int | str) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``1000`` -> bytes (decimal units, like HF's ``max_shard_size``)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise InputError(f"cannot read size {value!r}; write it like 5GB or 500MB")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "hf", *, shards: int | None = None,
+            dtype: str | torch.dtype | None = None, overwrite: bool = False, progress: bool = True,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Convert the checkpoint at ``src`` (HF, Meta or GGUF) into format ``to`` at ``dst``; returns ``dst``.
+
+    ``shards``: for ``meta``, the model-parallel rank count (default 1); for
+    ``hf``, the number of safetensors files (default: as many as needed for
+    ``max_shard_size`` each). ``dtype``: keep/float32/bfloat16/float16.
+    ``progress``: show a progress line on stderr when it is a terminal.
+    The source is only read; ``dst`` appears complete or not at all.
+    """
+    src, dst = Path(src), Path(dst)
+    if to not in TARGETS:
+        raise InputError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
+    out_dtype = parse_dtype(dtype)
+    if shards is not None and (not isinstance(shards, int) or shards < 1):
+        raise InputError(f"shards must be a positive integer, got {shards!r}")
+    max_bytes = parse_size(max_shard_size)
+    with open_checkpoint(src) as ckpt:
+        validate(ckpt)
+        if to == "meta":  # fail on what Meta cannot express before creating anything
+            check_shards(spec_to_params(ckpt.spec), ckpt.spec.intermediate_size, shards or 1)
+        check_destination(src, dst, overwrite=overwrite)
+        entries = list(ckpt.tensors.values())
+        total = sum(e.nbytes // e.dtype.itemsize * (out_dtype or e.dtype).itemsize for e in entries)
+        bar = Progress(len(entries) + (to == "meta" and ckpt.spec.tie_word_embeddings), total,
+                       enabled=progress, label=f"{ckpt.format}->{to} ")
+        try:
+            with atomic_dir(dst, overwrite=overwrite) as tmp:
+                if to == "hf":
+                    write_hf(ckpt, tmp, dtype=out_dtype, shards=shards, max_shard_bytes=max_bytes, progress=bar)
+                else:
+                    write_meta(ckpt, tmp, dtype=out_dtype, shards=shards or 1, progress=bar)
+                copy_side_files([f for f in ckpt.side_files if not (tmp / f.name).exists()], tmp)
+                if ckpt.export_tokenizer is not None:
+                    ckpt.export_tokenizer(tmp)
+        finally:
+            bar.close()
+    return dst

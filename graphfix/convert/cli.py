@@ -1,0 +1,53 @@
+"""``graphfix convert SRC DST --to hf|meta``: the command-line face of :func:`graphfix.convert.convert`.
+
+The main ``graphfix`` CLI calls :func:`add_parser` to register the subcommand
+and prints any :class:`~graphfix.errors.GraphfixError` raised by :func:`run`
+as one line, exiting 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from graphfix.convert.api import TARGETS, convert
+from graphfix.convert.detect import detect_format
+from graphfix.convert.progress import human_bytes
+from graphfix.convert.spec import DTYPE_CHOICES
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` subcommand to ``subparsers`` (its handler is :func:`run`)."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a Llama checkpoint between Hugging Face, Meta and GGUF (read) formats",
+        description="Convert a Llama checkpoint (Hugging Face folder, Meta folder or .gguf file) to Hugging Face "
+                    "or Meta format, streaming one tensor at a time. The source is only read; the destination "
+                    "appears complete or not at all.",
+    )
+    p.add_argument("src", type=Path, help="source: HF folder (config.json), Meta folder (params.json) or .gguf file")
+    p.add_argument("dst", type=Path, help="destination folder (must not exist unless --overwrite)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="target format")
+    p.add_argument("--dtype", default="keep", choices=list(DTYPE_CHOICES),
+                   help="dtype of the written weights (default: keep the source's; GGUF quantized -> float32)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="meta: model-parallel rank files to write (default 1); hf: number of safetensors files")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="hf: largest safetensors file when --shards is not given (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the conversion described by ``args``; prints one summary line. Returns the exit code."""
+    start = time.perf_counter()
+    src_format, _ = detect_format(args.src)
+    dst = convert(args.src, args.dst, to=args.to, shards=args.shards, dtype=args.dtype, overwrite=args.overwrite,
+                  progress=not args.quiet, max_shard_size=args.max_shard_size)
+    size = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
+    print(f"converted {src_format} -> {args.to}: {dst} ({human_bytes(size)} in {time.perf_counter() - start:.1f} s)")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,274 @@
+"""Meta's checkpoint format: ``params.json`` plus one ``consolidated.NN.pth`` per model-parallel rank.
+
+Meta's reference code runs a model split over N ranks and stores each rank's
+slice in its own file (70B: 8 files). The split follows fairscale's layers:
+column-parallel weights (wq, wk, wv, w1, w3, output) are cut along dim 0,
+row-parallel ones (wo, w2) along dim 1, the embedding along the vocabulary
+(dim 0, VocabParallelEmbedding; Llama 2 files used dim 1, detected from the
+shapes) and the norms are copied to every rank. Reading merges the slices;
+writing cuts them for the requested rank count.
+
+Sources are opened with ``torch.load(mmap=True, weights_only=True)``: nothing
+is read until a tensor is needed and no pickled code can run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphfix.convert.formats.meta_params import ffn_hidden_dim, params_to_spec, spec_to_params
+from graphfix.convert.formats.pth_io import PthWriter
+from graphfix.convert.layout import (
+    hf_to_meta_name,
+    hf_to_meta_rope,
+    meta_split_dim,
+    meta_to_hf_name,
+    meta_to_hf_rope,
+    rope_heads,
+)
+from graphfix.convert.pages import release_mapped
+from graphfix.convert.progress import Progress
+from graphfix.convert.spec import Checkpoint, TensorEntry
+from graphfix.errors import InputError, UnsupportedModelError
+
+#: Tensors of Meta checkpoints that are not weights (Llama 2 stored its RoPE table).
+_IGNORED = ("rope.freqs",)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """``consolidated.00.pth`` .. ``consolidated.NN.pth`` in rank order; a gap in the numbering is an error."""
+    found: dict[int, Path] = {}
+    for p in folder.glob("consolidated.*.pth"):
+        mid = p.name[len("consolidated."):-len(".pth")]
+        if mid.isdigit():
+            found[int(mid)] = p
+    if not found:
+        raise InputError(f"{folder}: no consolidated.NN.pth files beside params.json; the Meta checkpoint is incomplete")
+    for i in range(max(found) + 1):
+        if i not in found:
+            width = len(next(iter(found.values())).name.split(".")[1])
+            raise InputError(f"{folder / f'consolidated.{i:0{width}d}.pth'}: shard missing "
+                             f"({len(found)} of {max(found) + 1} present); re-download the checkpoint")
+    return [found[i] for i in range(len(found))]
+
+
+def read_params(folder: Path) -> dict[str, Any]:
+    """Parse params.json, naming the file in the error when it is unreadable."""
+    path = folder / "params.json"
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not readable JSON ({str(exc).splitlines()[0]}); fix or re-download it") from None
+    for key in ("dim", "n_layers", "n_heads"):
+        if not isinstance(params, dict) or key not in params:
+            raise InputError(f"{path}: required key {key!r} is missing; this is not a Meta Llama params.json")
+    if params.get("moe_args") or params.get("vision_chunk_size", -1) > 0 or params.get("vision_model"):
+        raise UnsupportedModelError(f"{path}: vision and MoE Llama models are not supported; only text Llama converts")
+    return params
+
+
+@dataclass
+class MetaShards:
+    """The memory-mapped rank files of one Meta checkpoint, merged on demand."""
+
+    folder: Path
+    params: dict[str, Any]
+    files: list[Path]
+    states: list[dict[str, torch.Tensor]]
+
+    @classmethod
+    def open(cls, folder: Path) -> MetaShards:
+        params = read_params(folder)
+        files = shard_files(folder)
+        states = []
+        for f in files:
+            try:
+                sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - zip, pickle and weights-only errors all mean a bad file
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputError(f"{f}: not a readable PyTorch checkpoint ({msg}); it is truncated or corrupt: "
+                                 "re-download it") from None
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise InputError(f"{f}: not a state dict of tensors; this is not a Meta checkpoint shard")
+            states.append(sd)
+        names = [n for n in states[0] if n not in _IGNORED]
+        for f, sd in zip(files[1:], states[1:]):
+            if [n for n in sd if n not in _IGNORED] != names:
+                raise InputError(f"{f}: holds different tensors than {files[0].name}; the shards do not belong together")
+        return cls(folder, params, files, states)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in self.states[0] if n not in _IGNORED]
+
+    def axis(self, name: str) -> int | None:
+        """Axis the rank slices of ``name`` are concatenated along (None: replicated)."""
+        if len(self.states) == 1:
+            return None
+        if name == "tok_embeddings.weight":  # Llama 3 split the vocabulary, Llama 2 the features
+            return 0 if self.states[0][name].shape[1] == int(self.params["dim"]) else 1
+        return meta_split_dim(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        parts = [sd[name].shape for sd in self.states]
+        axis = self.axis(name)
+        shape = list(parts[0])
+        if axis is not None:
+            shape[axis] = sum(p[axis] for p in parts)
+        return tuple(shape)
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full (merged) tensor ``name`` in Meta layout, as a new tensor, converted to ``dtype``."""
+        parts = [sd[name] for sd in self.states]
+        axis = self.axis(name)
+        if axis is None:
+            if len(parts) > 1 and parts[0].ndim == 1 and not all(torch.equal(parts[0], p) for p in parts[1:]):
+                raise InputError(f"{self.folder}: replicated tensor {name!r} differs between shards; "
+                                 "the shards do not belong together")
+            out = parts[0].to(dtype or parts[0].dtype, copy=True)
+        else:
+            out = torch.cat(parts, dim=axis)
+            if dtype is not None and dtype != out.dtype:
+                out = out.to(dtype)
+        for p in parts:
+            release_mapped(p.data_ptr(), p.numel() * p.element_size())
+        return out
+
+
+def read_merged_state_dict(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The whole model as one rank's state dict (Meta names and layout), merging rank files.
+
+    This holds the model in memory; it is for running a checkpoint, not for
+    converting one (conversion streams through :class:`MetaShards`).
+    """
+    shards = MetaShards.open(Path(folder))
+    try:
+        return {name: shards.load(name, dtype) for name in shards.names}
+    finally:
+        shards.states.clear()
+
+
+def open_meta(folder: Path) -> Checkpoint:
+    """Open a Meta checkpoint folder as a canonical (HF-named, HF-layout) :class:`Checkpoint`."""
+    shards = MetaShards.open(folder)
+    params = shards.params
+    names = shards.names
+    for need in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
+        if need not in names:
+            raise InputError(f"{shards.files[0]}: tensor {need!r} is missing; this is not a Llama checkpoint")
+    n_heads = int(params["n_heads"])
+    n_kv = int(params.get("n_kv_heads") or n_heads)
+    dim = int(params["dim"])
+    # a missing last shard leaves the numbering gap-free: catch it from the shapes
+    q_rows = shards.shape("layers.0.attention.wq.weight")[0]
+    if q_rows != dim:
+        raise InputError(f"{folder}: the {len(shards.files)} consolidated.NN.pth file(s) hold {q_rows} of the "
+                         f"{dim} attention rows params.json implies; shard files are missing: re-download them")
+    ffn_rows = shards.shape("layers.0.feed_forward.w1.weight")[0]
+    want_ffn = ffn_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
+    if ffn_rows != want_ffn:
+        raise InputError(f"{folder / 'params.json'}: implies an MLP width of {want_ffn} but the weights have "
+                         f"{ffn_rows}; params.json does not belong to these weights")
+    tied = False
+    if "output.weight" in names and shards.shape("output.weight") == shards.shape("tok_embeddings.weight"):
+        tied = torch.equal(shards.load("output.weight"), shards.load("tok_embeddings.weight"))
+    spec = params_to_spec(params, vocab_rows=shards.shape("tok_embeddings.weight")[0], ffn_rows=ffn_rows, tied=tied)
+
+    tensors: dict[str, TensorEntry] = {}
+    for name in names:
+        hf = meta_to_hf_name(name)
+        if hf is None:
+            hf = name  # validate() reports it as not part of a Llama model
+        if tied and hf == "lm_head.weight":
+            continue
+        heads = rope_heads(hf, n_heads, n_kv)
+        src = shards.files[0] if len(shards.files) == 1 else folder
+        tensors[hf] = TensorEntry(hf, shards.shape(name), shards.states[0][name].dtype,
+                                  partial(_load_canonical, shards, name, heads), source=str(src))
+    from graphfix.convert.tokenizer import side_files
+
+    return Checkpoint("meta", folder, spec, tensors, side_files=side_files(folder),
+                      closers=[shards.states.clear], source_shards=len(shards.files))
+
+
+def _load_canonical(shards: MetaShards, name: str, heads: int | None, dtype: torch.dtype | None) -> torch.Tensor:
+    t = shards.load(name, dtype)
+    return meta_to_hf_rope(t, heads) if heads is not None else t
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _meta_plan(ckpt: Checkpoint) -> list[tuple[str, TensorEntry]]:
+    """Meta names in the order Meta's own files list them, each with the canonical entry it comes from."""
+    plan = []
+    for hf, entry in ckpt.tensors.items():
+        plan.append((hf_to_meta_name(hf) or hf, entry))
+        if hf == "model.norm.weight" and ckpt.spec.tie_word_embeddings:
+            # Meta's Transformer always has its own output projection: write a copy of the embedding
+            plan.append(("output.weight", ckpt.tensors["model.embed_tokens.weight"]))
+    order = {"tok_embeddings.weight": 0, "norm.weight": 2, "output.weight": 3}
+    return sorted(plan, key=lambda p: order.get(p[0], 1))  # stable: layers keep their order
+
+
+def check_shards(spec_params: dict[str, Any], intermediate: int, shards: int) -> None:
+    """Refuse a rank count the model's dimensions cannot be divided by (fairscale requires exact division)."""
+    if shards < 1:
+        raise InputError(f"--shards must be at least 1, got {shards}")
+    dims = {"n_heads": spec_params["n_heads"], "n_kv_heads": spec_params["n_kv_heads"],
+            "vocab_size": spec_params["vocab_size"], "MLP width": intermediate}
+    for what, value in dims.items():
+        if value % shards:
+            raise InputError(f"--shards {shards} does not divide {what}={value}; choose a divisor of it")
+
+
+def write_meta(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None, shards: int = 1,
+               progress: Progress | None = None) -> list[Path]:
+    """Write ``params.json`` and ``consolidated.NN.pth`` for ``shards`` ranks into ``out``.
+
+    All rank files are written side by side, tensor by tensor: each source
+    tensor is read once, cut into its rank slices and appended to every file,
+    so peak memory is one tensor plus its slices whatever the rank count.
+    """
+    spec = ckpt.spec
+    params = spec_to_params(spec)
+    check_shards(params, spec.intermediate_size, shards)
+    plan = _meta_plan(ckpt)
+
+    def out_dtype(entry: TensorEntry) -> torch.dtype:
+        return dtype or entry.dtype
+
+    rank_plans: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[] for _ in range(shards)]
+    for meta_name, entry in plan:
+        shape = list(entry.shape)
+        axis = meta_split_dim(meta_name) if shards > 1 else None
+        if axis is not None:
+            shape[axis] //= shards
+        for rp in rank_plans:
+            rp.append((meta_name, tuple(shape), out_dtype(entry)))
+    paths = [out / f"consolidated.{r:02d}.pth" for r in range(shards)]
+    writers = [PthWriter(p, rp) for p, rp in zip(paths, rank_plans)]
+    for meta_name, entry in plan:
+        heads = rope_heads(entry.name, spec.num_attention_heads, spec.num_key_value_heads)
+        if meta_name == "output.weight":
+            heads = None
+        t = entry.load(dtype)
+        if heads is not None:
+            t = hf_to_meta_rope(t, heads)
+        axis = meta_split_dim(meta_name) if shards > 1 else None
+        pieces = t.chunk(shards, dim=axis) if axis is not None else [t] * shards
+        for w, piece in zip(writers, pieces):
+            w.write(meta_name, piece)
+        if progress:
+            progress.update(meta_name, t.numel() * t.element_size())
+        del t, pieces
+    for w in writers:
+        w.close()
+    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    return paths
