@@ -137,7 +137,7 @@ def write_gguf(path: Path, model, *, qtype_for=lambda name, arr: "F32", arch: st
 
 def _sane_scales(blocks: np.ndarray, kind: str) -> None:
     """Overwrite the float16 super-block scales of random K-quant blocks with small finite values."""
-    f16 = np.float16(0.01).view(np.uint8)
+    f16 = np.array([0.01], dtype=np.float16).view(np.uint8)
     # position of the fp16 d (and dmin) fields in each block, from ggml's block layouts
     offsets = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[kind]
     for off in offsets:
