@@ -77,6 +77,25 @@ def test_shard_planning():
     assert plan_shards([1] * 9, shards=3, max_shard_bytes=0) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_progress_line_only_on_a_terminal():
+    import io
+
+    from graphfix.convert.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = Progress(2, 3000, stream=stream)
+        bar.update("a.weight", 1000)
+        bar.update("b.weight", 2000)
+        bar.close()
+    assert "[1/2] 1.0 KB/3.0 KB" in tty.getvalue() and "[2/2] 3.0 KB/3.0 KB" in tty.getvalue()
+    assert tty.getvalue().endswith("\n") and pipe.getvalue() == ""
+
+
 # ---------------------------------------------------------------- round trips
 
 

@@ -15,7 +15,7 @@ from graphfix.errors import InputError, UnsupportedModelError
 from tests.conftest_convert import hf_logits, smollm2_gguf, tiny_hf, write_gguf
 
 TOKENS = torch.tensor([[3, 17, 99, 42, 7, 64, 1, 120, 5, 33]])
-_CYCLE = ["Q8_0", "Q4_0", "Q4_1", "F16", "BF16", "F32"]
+_CYCLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"]
 
 
 def _mixed_types(name: str, arr: np.ndarray) -> str:

@@ -124,21 +124,58 @@ class MetaShards:
         return tuple(shape)
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The full (merged) tensor ``name`` in Meta layout, as a new tensor, converted to ``dtype``."""
+        """The full (merged) tensor ``name`` in Meta layout, as a new tensor, converted to ``dtype``.
+
+        Slices are copied in blocks of rows, each block's mapped pages given
+        back right after, so the source never adds more than a block to RSS.
+        """
         parts = [sd[name] for sd in self.states]
         axis = self.axis(name)
         if axis is None:
             if len(parts) > 1 and parts[0].ndim == 1 and not all(torch.equal(parts[0], p) for p in parts[1:]):
                 raise InputError(f"{self.folder}: replicated tensor {name!r} differs between shards; "
                                  "the shards do not belong together")
-            out = parts[0].to(dtype or parts[0].dtype, copy=True)
-        else:
-            out = torch.cat(parts, dim=axis)
-            if dtype is not None and dtype != out.dtype:
-                out = out.to(dtype)
+            parts, axis = parts[:1], 0
+        out = torch.empty(self.shape(name) if len(parts) > 1 else parts[0].shape, dtype=dtype or parts[0].dtype)
+        at = 0
         for p in parts:
-            release_mapped(p.data_ptr(), p.numel() * p.element_size())
+            width = p.shape[axis] if p.ndim else 1
+            _copy_releasing(out.narrow(axis, at, width) if p.ndim else out, p)
+            at += width
         return out
+
+    def equal(self, a: str, b: str, *, block_bytes: int = 64 * 2**20) -> bool:
+        """Whether tensors ``a`` and ``b`` are identical, compared in blocks so memory stays small.
+
+        Used to detect tied embeddings (Meta stores ``output`` separately even
+        when it is a copy of ``tok_embeddings``) without holding both.
+        """
+        if self.shape(a) != self.shape(b) or self.axis(a) != self.axis(b):
+            return False
+        for sa, sb in ((sd[a], sd[b]) for sd in self.states):
+            if sa.shape != sb.shape or sa.dtype != sb.dtype:
+                return False
+            rows = max(1, block_bytes // max(1, sa[0].numel() * sa.element_size()))
+            for r in range(0, sa.shape[0], rows):
+                ba, bb = sa[r:r + rows], sb[r:r + rows]
+                same = torch.equal(ba, bb)
+                for blk in (ba, bb):
+                    release_mapped(blk.data_ptr(), blk.numel() * blk.element_size())
+                if not same:
+                    return False
+        return True
+
+
+def _copy_releasing(dst: torch.Tensor, src: torch.Tensor, block_bytes: int = 64 * 2**20) -> None:
+    """``dst.copy_(src)`` in row blocks, dropping each block of the memory-mapped ``src`` once copied."""
+    if src.ndim == 0 or src.shape[0] == 0:
+        dst.copy_(src)
+        return
+    rows = max(1, block_bytes // max(1, src[0].numel() * src.element_size()))
+    for r in range(0, src.shape[0], rows):
+        block = src[r:r + rows]
+        dst[r:r + rows].copy_(block)
+        release_mapped(block.data_ptr(), block.numel() * block.element_size())
 
 
 def read_merged_state_dict(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -176,8 +213,8 @@ def open_meta(folder: Path) -> Checkpoint:
         raise InputError(f"{folder / 'params.json'}: implies an MLP width of {want_ffn} but the weights have "
                          f"{ffn_rows}; params.json does not belong to these weights")
     tied = False
-    if "output.weight" in names and shards.shape("output.weight") == shards.shape("tok_embeddings.weight"):
-        tied = torch.equal(shards.load("output.weight"), shards.load("tok_embeddings.weight"))
+    if "output.weight" in names:
+        tied = shards.equal("output.weight", "tok_embeddings.weight")
     spec = params_to_spec(params, vocab_rows=shards.shape("tok_embeddings.weight")[0], ffn_rows=ffn_rows, tied=tied)
 
     tensors: dict[str, TensorEntry] = {}
