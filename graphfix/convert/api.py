@@ -63,9 +63,10 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, shards: int | N
             check_shards(spec_to_params(ckpt.spec), ckpt.spec.intermediate_size, shards or 1)
         check_destination(src, dst, overwrite=overwrite)
         entries = list(ckpt.tensors.values())
+        if to == "meta" and ckpt.spec.tie_word_embeddings:  # Meta gets a separate copy of the embedding
+            entries.append(ckpt.tensors["model.embed_tokens.weight"])
         total = sum(e.nbytes // e.dtype.itemsize * (out_dtype or e.dtype).itemsize for e in entries)
-        bar = Progress(len(entries) + (to == "meta" and ckpt.spec.tie_word_embeddings), total,
-                       enabled=progress, label=f"{ckpt.format}->{to} ")
+        bar = Progress(len(entries), total, enabled=progress, label=f"{ckpt.format}->{to} ")
         try:
             with atomic_dir(dst, overwrite=overwrite) as tmp:
                 if to == "hf":

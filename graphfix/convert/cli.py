@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", default="5GB",
                    help="hf: largest safetensors file when --shards is not given (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    # SUPPRESS: do not override a --quiet the main parser may already have set
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress line")
     p.set_defaults(func=run)
 
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     src_format, _ = detect_format(args.src)
     dst = convert(args.src, args.dst, to=args.to, shards=args.shards, dtype=args.dtype, overwrite=args.overwrite,
-                  progress=not args.quiet, max_shard_size=args.max_shard_size)
+                  progress=not getattr(args, "quiet", False), max_shard_size=args.max_shard_size)
     size = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
     print(f"converted {src_format} -> {args.to}: {dst} ({human_bytes(size)} in {time.perf_counter() - start:.1f} s)")
     sys.stdout.flush()
