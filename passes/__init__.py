@@ -1,0 +1,8 @@
+"""graphfix's built-in passes, registered in the ``graphfix.passes`` entry-point group.
+
+One module per job: ``collectives`` (functional-collectives), ``rope`` (real-rope),
+``sdpa`` (sdpa-attention, sdpa-context), ``kv_cache`` (static-kv-cache),
+``inference_mode`` (inference-mode), ``side_effects`` (side-effects). docs/passes.md
+describes each, and the compile-clean building blocks they swap in live in
+``graphfix.blocks``.
+"""

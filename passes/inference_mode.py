@@ -36,7 +36,7 @@ class InferenceModePass(Pass):
                                 "set model.graphfix_core_fn)")
         for name, module in model.named_modules():
             if module is not model and im.inference_mode_of(module.forward) is not None:
-                result.skipped.append((site(name), "@torch.inference_mode() on a submodule's forward is traced "
+                result.skipped.append((site(name), ("@torch.inference_mode() on a submodule's forward is traced "
                                        "inside the parent's graph: remove it and enter inference mode around the "
-                                       "model call"))
+                                       "model call")))
         return no_match(result, "@torch.inference_mode() forward")

@@ -49,8 +49,8 @@ class StaticKVCachePass(Pass):
             return
         if len(kinds) != len(attentions):
             odd = next(n for n, a in attentions if all(a is not b for _, b in kinds))
-            result.skipped.append((odd, "attention module is neither Meta's Attention nor graphfix's: every layer "
-                                   "must switch to tensor positions together"))
+            result.skipped.append((odd, ("attention module is neither Meta's Attention nor graphfix's: every layer "
+                                   "must switch to tensor positions together")))
             return
         for name, attn in kinds:
             if ml.is_meta_attention(attn):
@@ -83,8 +83,8 @@ def _report_other_caches(model: nn.Module, result: PassResult) -> None:
         if written:
             attrs = ", ".join(f"self.{a}" for a in written)
             result.skipped.append((where([p for p, _ in instances], name),
-                                   f"{type(module).__qualname__}.{name} writes {attrs} by slice at "
+                                   (f"{type(module).__qualname__}.{name} writes {attrs} by slice at "
                                    "Python-int positions (a recompile per position); graphfix rewrites only Meta's "
                                    "Attention: hold a graphfix.blocks.kv_cache.StaticKVCache, call "
                                    "update(input_pos, k, v) with an int64 tensor input_pos, and mask with "
-                                   "causal_mask(input_pos, max_seq_len)"))
+                                   "causal_mask(input_pos, max_seq_len)")))

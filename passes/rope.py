@@ -37,14 +37,14 @@ class RealRopePass(Pass):
             return
         if len(todo) != len(attentions):
             odd = [n for n, a in attentions if (n, a) not in todo]
-            result.skipped.append((site(odd[0]), f"attention is {type(dict(attentions)[odd[0]]).__name__}, not "
-                                   "Meta's Attention: RoPE tables and attention must change together"))
+            result.skipped.append((site(odd[0]), (f"attention is {type(dict(attentions)[odd[0]]).__name__}, not "
+                                   "Meta's Attention: RoPE tables and attention must change together")))
             return
         real = ml.real_freqs_table(model.params, end=model.freqs_cis.shape[0]).to(model.freqs_cis.device)
         diff = (torch.view_as_real(model.freqs_cis.to(torch.complex64)) - real).abs().max().item()
         if model.freqs_cis.shape != real.shape[:-1] or diff > 1e-6:
-            result.skipped.append(("<root>", f"freqs_cis does not match ModelArgs (max diff {diff:.2e}): the "
-                                   "table was built with other parameters than model.params"))
+            result.skipped.append(("<root>", (f"freqs_cis does not match ModelArgs (max diff {diff:.2e}): the "
+                                   "table was built with other parameters than model.params")))
             return
         for name, attn in todo:
             if ml.is_meta_attention(attn):
@@ -65,6 +65,6 @@ def _report_other_complex_rope(model: nn.Module, result: PassResult) -> None:
             continue
         if any(isinstance(n, ast.Call) and sr.resolve(fn, n.func) in complex_ops for n in ast.walk(tree)):
             result.skipped.append((where([p for p, _ in instances], name),
-                                   f"{type(module).__qualname__}.{name} uses complex RoPE that graphfix "
+                                   (f"{type(module).__qualname__}.{name} uses complex RoPE that graphfix "
                                    "has no matcher for: use graphfix.blocks.rope.rope_tables + "
-                                   "apply_rotary_interleaved (same layout as view_as_complex pairs)"))
+                                   "apply_rotary_interleaved (same layout as view_as_complex pairs)")))

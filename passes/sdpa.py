@@ -115,6 +115,6 @@ def _report_other_manual_attention(model: nn.Module, result: PassResult) -> None
                                                        for n in ast.walk(tree))
         if matmuls >= 2 and any(c in softmaxes for c in calls):
             result.skipped.append((where([p for p, _ in instances]),
-                                   f"{type(module).__qualname__}.forward computes softmax between matmuls; "
+                                   (f"{type(module).__qualname__}.forward computes softmax between matmuls; "
                                    "graphfix only rewrites Meta's Attention: call "
-                                   "graphfix.blocks.attention.sdpa(q, k, v, mask) there (native GQA)"))
+                                   "graphfix.blocks.attention.sdpa(q, k, v, mask) there (native GQA)")))

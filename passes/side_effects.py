@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
+import dataclasses
 import logging
 import time
 import types
@@ -44,18 +45,64 @@ class SideEffectsPass(Pass):
 
     def apply(self, model: nn.Module, ctx: PassContext) -> PassResult:
         result = PassResult(self.name)
-        registered: set = set(getattr(model, se.ATTR, set()))
-        done_sites: set = set(model.__dict__.get("_graphfix_reordered_sites", set()))
+        sites: list[_LoggingSite] = []
         for fn, name, instances, tree in parsed_methods(model):
             root_forward = name == "forward" and any(m is model for _, m in instances)
-            loc = where([p for p, _ in instances], name)
-            _Scan(fn, tree, root_forward, loc, result, registered, done_sites).run()
+            _Scan(fn, tree, root_forward, where([p for p, _ in instances], name), result, sites).run()
+        self._register(model, sites, result)
+        return no_match(result, "print/logging/warnings call or .item() control flow")
+
+    def _register(self, model: nn.Module, sites: list[_LoggingSite], result: PassResult) -> None:
+        """Register the functions of root-forward sites, unless that would drop a call elsewhere."""
+        registered: set = set(getattr(model, se.ATTR, set()))
+        done: set = set(model.__dict__.get("_graphfix_reordered_sites", set()))
+        # Registration is per function, not per call: registering `print` for the root forward would
+        # also make Dynamo drop every print in an inlined frame. So such functions stay unregistered.
+        dropped = {s.target: s for s in sites if not s.root}
+        for s in sites:
+            other = dropped.get(s.target)
+            if other is s:
+                result.skipped.append((s.loc, (f"line {s.node.lineno}: `{s.what}(...)` outside the root forward: "
+                                       f"{_DROPPED}; move it to the root forward or out of the model, or guard it "
+                                       "with `if not torch.compiler.is_compiling():` (eager only)")))
+            elif other is not None:
+                result.skipped.append((s.loc, (f"line {s.node.lineno}: registering {_qualname(s.target)} would also "
+                                       f"drop `{other.what}(...)` at {other.loc} line {other.node.lineno} "
+                                       "(inlined frame); move that call first")))
+            else:
+                registered.add(s.target)
+                if s.key not in done:
+                    done.add(s.key)
+                    result.rewritten += 1
+                    result.notes.append(s.note())
         if registered:
             setattr(model, se.ATTR, registered)
-            model._graphfix_reordered_sites = done_sites
+            model._graphfix_reordered_sites = done
             result.notes.append("enter graphfix.blocks.side_effects.reorder_logging(model) around compile and calls "
                                 "(registers " + ", ".join(sorted(_qualname(f) for f in registered)) + ")")
-        return no_match(result, "print/logging/warnings call or .item() control flow")
+
+
+@dataclasses.dataclass
+class _LoggingSite:
+    """A call to a function Dynamo could reorder: where, what, and whether it is in the root forward."""
+
+    loc: str
+    node: ast.Call
+    target: object
+    root: bool
+    key: str
+
+    @property
+    def what(self) -> str:
+        return ast.unparse(self.node.func)
+
+    def note(self) -> str:
+        text = f"{self.loc} line {self.node.lineno}: `{self.what}(...)` registered as reorderable (runs after the graph)"
+        formatted = [ast.unparse(v.value) for v in ast.walk(self.node) if isinstance(v, ast.FormattedValue)]
+        if formatted:
+            text += (f"; it formats {', '.join(f'`{f}`' for f in formatted)}: fine while Dynamo treats it as a "
+                     "constant, a graph break ('BUILD_STRING type error') once it is dynamic (a SymInt or tensor)")
+        return text
 
 
 def _qualname(f: object) -> str:
@@ -65,9 +112,9 @@ def _qualname(f: object) -> str:
 
 class _Scan:
     def __init__(self, fn: types.FunctionType, tree: ast.FunctionDef, root_forward: bool, loc: str,
-                 result: PassResult, registered: set, done_sites: set) -> None:
+                 result: PassResult, sites: list[_LoggingSite]) -> None:
         self.fn, self.tree, self.root_forward, self.loc = fn, tree, root_forward, loc
-        self.result, self.registered, self.done_sites = result, registered, done_sites
+        self.result, self.sites = result, sites
         self.in_branch: set[int] = set()
 
     def skip(self, node: ast.AST, reason: str) -> None:
@@ -128,26 +175,11 @@ class _Scan:
                       "tensor, or set torch._dynamo.config.capture_scalar_outputs = True if it feeds tensor ops only")
 
     def logging_call(self, node: ast.Call, target: object, unsupported: str | None) -> None:
-        what = ast.unparse(node.func)
         if unsupported:
             self.skip(node, unsupported)
             return
-        if not self.root_forward:
-            self.skip(node, f"`{what}(...)` outside the root forward: {_DROPPED}; move it to the root forward or "
-                      "out of the model, or guard it with `if not torch.compiler.is_compiling():` (eager only)")
-            return
         key = f"{self.fn.__code__.co_filename}:{node.lineno}"
-        self.registered.add(target)
-        if key in self.done_sites:
-            return
-        self.done_sites.add(key)
-        self.result.rewritten += 1
-        formatted = [ast.unparse(v.value) for v in ast.walk(node) if isinstance(v, ast.FormattedValue)]
-        note = f"{self.loc} line {node.lineno}: `{what}(...)` registered as reorderable (runs after the graph)"
-        if formatted:
-            note += (f"; it formats {', '.join(f'`{f}`' for f in formatted)}: fine while Dynamo treats it as a "
-                     "constant, a graph break ('BUILD_STRING type error') once it is dynamic (a SymInt or tensor)")
-        self.result.notes.append(note)
+        self.sites.append(_LoggingSite(self.loc, node, target, self.root_forward, key))
 
 
 def _scalar_calls(node: ast.AST) -> list[ast.Call]:

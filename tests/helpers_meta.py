@@ -19,19 +19,19 @@ import socket
 import torch
 import torch.distributed as dist
 
-TINY_ARGS = dict(
-    dim=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    vocab_size=128,
-    multiple_of=16,
-    norm_eps=1e-5,
-    rope_theta=500000.0,
-    use_scaled_rope=True,
-    max_batch_size=2,
-    max_seq_len=64,
-)
+TINY_ARGS = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "vocab_size": 128,
+    "multiple_of": 16,
+    "norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "use_scaled_rope": True,
+    "max_batch_size": 2,
+    "max_seq_len": 64,
+}
 """The tiny configuration the tests use (dim 64, 2 layers, 4 heads / 2 KV heads, vocab 128)."""
 
 
@@ -159,3 +159,126 @@ def run_decode(forward, prompt: torch.Tensor, steps: int, feed: list[torch.Tenso
         outs.append(forward(nxt, pos))
         pos += 1
     return outs, fed
+
+
+META_PASSES = ("functional-collectives", "real-rope", "sdpa-attention", "static-kv-cache", "inference-mode")
+"""The passes that give a Meta ``Transformer`` graphfix's contract (``graphfix_step`` etc.), in order."""
+
+
+def pass_classes() -> dict:
+    """The built-in pass classes by name (imported directly, not through entry points)."""
+    from passes.collectives import FunctionalCollectivesPass
+    from passes.inference_mode import InferenceModePass
+    from passes.kv_cache import StaticKVCachePass
+    from passes.rope import RealRopePass
+    from passes.sdpa import SdpaAttentionPass, SdpaContextPass
+    from passes.side_effects import SideEffectsPass
+
+    classes = (FunctionalCollectivesPass, RealRopePass, SdpaAttentionPass, SdpaContextPass, StaticKVCachePass,
+               InferenceModePass, SideEffectsPass)
+    return {c.name: c for c in classes}
+
+
+def apply_passes(model, names=META_PASSES, ctx=None) -> list:
+    """Apply the named passes in order; returns their ``PassResult``s."""
+    from graphfix.pass_manager import PassContext
+
+    ctx = ctx or PassContext()
+    classes = pass_classes()
+    return [classes[n]().apply(model, ctx) for n in names]
+
+
+def max_decode_diff(ref_model, model, prompt: torch.Tensor, steps: int = 8) -> float:
+    """Largest logit difference between two models over a prefill and ``steps`` decode steps on the same tokens."""
+    ref, fed = run_decode(ref_model.forward, prompt, steps)
+    out, _ = run_decode(model.forward, prompt, steps, fed)
+    return max((a - b).abs().max().item() for a, b in zip(ref, out))
+
+
+def parameters_by_name(model) -> dict[str, torch.nn.Parameter]:
+    """``{name: parameter object}``, to check that a pass moved parameters rather than copied them."""
+    return dict(model.named_parameters())
+
+
+def assert_parameters_moved(before: dict[str, torch.nn.Parameter], model) -> None:
+    """Every parameter is the same object under the same name, and nothing was added."""
+    after = parameters_by_name(model)
+    assert set(after) == set(before), set(after) ^ set(before)
+    for name, p in before.items():
+        assert after[name] is p, f"{name} was copied, not moved"
+
+
+def meta_generate_greedy(forward, prompts: list[list[int]], max_seq_len: int, max_gen_len: int,
+                         pad_id: int = -1, stop_tokens=()) -> torch.Tensor:
+    """The token loop of ``llama_models.llama3.generation.Llama3.generate`` (temperature 0, text only).
+
+    Same calls as Meta's: a batch padded with ``pad_id`` to one length, a prefill of
+    the shortest prompt, then ``forward(tokens[:, prev_pos:cur_pos], prev_pos)`` one
+    position at a time, prompt tokens kept where a longer prompt still has them.
+    Kept here because importing generation.py needs PIL, termcolor and tiktoken.
+    """
+    bsz = len(prompts)
+    min_prompt_len = min(len(t) for t in prompts)
+    max_prompt_len = max(len(t) for t in prompts)
+    total_len = min(max_gen_len + max_prompt_len, max_seq_len)
+    tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long)
+    for k, t in enumerate(prompts):
+        tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
+    eos_reached = torch.tensor([False] * bsz)
+    input_text_mask = tokens != pad_id
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long)
+    prev_pos = 0
+    with torch.inference_mode():  # generate() is decorated with it
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            next_token = torch.argmax(logits[:, -1], dim=-1).reshape(-1)
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop)
+            prev_pos = cur_pos
+            if all(eos_reached):
+                break
+    return tokens
+
+
+def attention_pair(model, layer: int = 0):
+    """Meta's ``Attention`` of ``layer`` and a graphfix ``MetaAttention`` moved from it, with its own cache copy."""
+    from graphfix.blocks.meta_llama import MetaAttention
+
+    attn = model.layers[layer].attention
+    converted = MetaAttention.from_meta(attn)
+    converted.cache_k, converted.cache_v = attn.cache_k.clone(), attn.cache_v.clone()
+    return attn, converted
+
+
+def meta_mask(seqlen: int, start_pos: int = 0) -> torch.Tensor | None:
+    """The additive mask Meta's ``Transformer.forward`` passes to its layers."""
+    if seqlen == 1:
+        return None
+    mask = torch.triu(torch.full((seqlen, seqlen), float("-inf")), diagonal=1)
+    return torch.hstack([torch.zeros((seqlen, start_pos)), mask])
+
+
+def attention_max_diff(model, attn, converted, *, real_freqs: bool = False, static_cache: bool = False) -> float:
+    """Largest output difference of Meta's ``attn`` and ``converted`` over a prefill of 5 and chunks of 1 and 2.
+
+    ``converted`` gets what its parts expect: the real table for real RoPE, tensor
+    positions and ``causal_mask`` for a static cache.
+    """
+    from graphfix.blocks.kv_cache import causal_mask
+
+    torch.manual_seed(0)
+    diffs = []
+    for seqlen, start in ((5, 0), (1, 5), (2, 6)):
+        x = torch.randn(attn.cache_k.shape[0], seqlen, model.params.dim)
+        freqs = model.freqs_cis[start : start + seqlen]
+        with torch.no_grad():
+            ref = attn(x, start, freqs, meta_mask(seqlen, start))
+            table = torch.view_as_real(freqs) if real_freqs else freqs
+            if static_cache:
+                pos = torch.arange(start, start + seqlen)
+                out = converted(x, pos, table, causal_mask(pos, converted.kv_cache.max_seq_len))
+            else:
+                out = converted(x, start, table, meta_mask(seqlen, start))
+        diffs.append((out - ref).abs().max().item())
+    return max(diffs)

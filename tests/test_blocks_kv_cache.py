@@ -14,7 +14,7 @@ def test_update_writes_at_positions_and_keeps_addresses():
     k_ptr, v_ptr = cache.k_cache.data_ptr(), cache.v_cache.data_ptr()
     k = torch.randn(2, 2, 3, 4)
     v = torch.randn(2, 2, 3, 4)
-    k_all, v_all = cache.update(torch.tensor([5, 6, 7]), k, v)
+    k_all, _ = cache.update(torch.tensor([5, 6, 7]), k, v)
     assert k_all.shape == (2, 2, 16, 4)
     assert torch.equal(cache.k_cache[:, :, 5:8], k) and torch.equal(cache.v_cache[:, :, 5:8], v)
     assert cache.k_cache[:, :, :5].abs().sum() == 0

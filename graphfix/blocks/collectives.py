@@ -151,8 +151,8 @@ class ParallelEmbedding(_ParallelBase):
 
 def _embedding_kwargs(m: nn.Module) -> dict[str, Any]:
     # Exactly the attributes fairscale passes to F.embedding.
-    return dict(padding_idx=m.padding_idx, max_norm=m.max_norm, norm_type=m.norm_type,
-                scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse)
+    return {"padding_idx": m.padding_idx, "max_norm": m.max_norm, "norm_type": m.norm_type,
+                "scale_grad_by_freq": m.scale_grad_by_freq, "sparse": m.sparse}
 
 
 # ---------------------------------------------------------------------------

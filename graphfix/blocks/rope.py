@@ -12,7 +12,7 @@ The inverse frequencies are computed with the same float32 expression as Meta's
 ``precompute_freqs_cis`` and Hugging Face's ``compute_default_rope_parameters``, and
 the angles with the same ``outer(t, inv_freq)``: the tables are cos/sin of the
 same float32 angles as the ``torch.polar`` ones (equal up to the last bit of the
-cos/sin kernels, 6e-8; tests/test_blocks_rope.py).
+cos/sin kernels: within 1e-7, tests/test_blocks_rope.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,69 @@
+"""Pass static-kv-cache: Meta's attribute caches at an int start_pos -> StaticKVCache at tensor positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphfix.blocks.kv_cache import StaticKVCache
+from graphfix.blocks.meta_llama import has_tensor_core
+from graphfix.pass_manager import PassContext
+from passes.kv_cache import HF_NOTE, StaticKVCachePass
+from tests.helpers_meta import (
+    assert_parameters_moved,
+    attention_max_diff,
+    attention_pair,
+    build_meta_transformer,
+    max_decode_diff,
+    parameters_by_name,
+    run_decode,
+)
+
+CTX = PassContext()
+
+
+def test_attention_module_alone_prefill_and_decode():
+    model = build_meta_transformer(0)
+    attn, converted = attention_pair(model)
+    converted.use_static_cache(torch.float32, torch.device("cpu"))
+    assert isinstance(converted.kv_cache, StaticKVCache) and not hasattr(converted, "cache_k")
+    assert attention_max_diff(model, attn, converted, static_cache=True) <= 1e-5
+
+
+def test_whole_meta_model():
+    ref_model = build_meta_transformer(0)
+    model = build_meta_transformer(0)
+    before = parameters_by_name(model)
+    keys = set(model.state_dict())
+    result = StaticKVCachePass().apply(model, CTX)
+    assert result.rewritten == 2 and not result.skipped
+    assert has_tensor_core(model) and model.graphfix_cache_len == 64
+    cache = model.layers[0].attention.kv_cache
+    assert cache.k_cache.shape == (2, 2, 64, 16)  # (max_batch, kv_heads, max_seq_len, head_dim) from ModelArgs
+    assert_parameters_moved(before, model)
+    assert set(model.state_dict()) == keys  # caches are non-persistent: Meta checkpoints still load strictly
+    ptr = cache.k_cache.data_ptr()
+    assert max_decode_diff(ref_model, model, torch.randint(0, 128, (2, 6)), steps=8) <= 1e-5
+    assert cache.k_cache.data_ptr() == ptr
+    assert StaticKVCachePass().apply(model, CTX).rewritten == 0
+
+
+def test_sliding_window_option():
+    model = build_meta_transformer(0)
+    StaticKVCachePass().apply(model, PassContext(options={"sliding_window": 4}))
+    assert model.graphfix_sliding_window == 4
+    ref_model = build_meta_transformer(0)
+    prompt = torch.randint(0, 128, (1, 3))
+    ref, fed = run_decode(ref_model.forward, prompt, 3)
+    out, _ = run_decode(model.forward, prompt, 3, fed)
+    # positions 0..3 see at most 4 keys: identical to full attention; position 4 and later differ
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(ref[:2], out[:2]))
+    assert (ref[2] - out[2]).abs().max() > 1e-3
+
+
+def test_hf_model_is_left_to_the_runtime():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    result = StaticKVCachePass().apply(transformers.LlamaForCausalLM(config), CTX)
+    assert result.rewritten == 0 and result.notes == [HF_NOTE]
