@@ -30,23 +30,22 @@ class RealRopePass(Pass):
 
     def _meta(self, model: nn.Module, result: PassResult) -> None:
         attentions = [(f"layers.{i}.attention", layer.attention) for i, layer in enumerate(model.layers)]
-        todo = [(n, a) for n, a in attentions if ml.is_meta_attention(a) or getattr(a, "rope", None) == "complex"]
-        if not model.freqs_cis.is_complex():
-            if todo:  # cannot happen through graphfix; a hand-edited model
-                result.skipped.append(("<root>", "freqs_cis is real but attention modules still expect complex"))
+        odd = [n for n, a in attentions if not (ml.is_meta_attention(a) or isinstance(a, ml.MetaAttention))]
+        if odd:
+            result.skipped.append((site(odd[0]), ("attention is not Meta's Attention: RoPE tables and every layer's "
+                                   "attention must change together")))
             return
-        if len(todo) != len(attentions):
-            odd = [n for n, a in attentions if (n, a) not in todo]
-            result.skipped.append((site(odd[0]), (f"attention is {type(dict(attentions)[odd[0]]).__name__}, not "
-                                   "Meta's Attention: RoPE tables and attention must change together")))
+        if not model.freqs_cis.is_complex():  # already real
             return
         real = ml.real_freqs_table(model.params, end=model.freqs_cis.shape[0]).to(model.freqs_cis.device)
-        diff = (torch.view_as_real(model.freqs_cis.to(torch.complex64)) - real).abs().max().item()
-        if model.freqs_cis.shape != real.shape[:-1] or diff > 1e-6:
+        same_shape = model.freqs_cis.shape == real.shape[:-1]
+        diff = (torch.view_as_real(model.freqs_cis.to(torch.complex64)) - real).abs().max().item() if same_shape \
+            else float("inf")
+        if diff > 1e-6:
             result.skipped.append(("<root>", (f"freqs_cis does not match ModelArgs (max diff {diff:.2e}): the "
                                    "table was built with other parameters than model.params")))
             return
-        for name, attn in todo:
+        for name, attn in attentions:
             if ml.is_meta_attention(attn):
                 attn = ml.MetaAttention.from_meta(attn)
                 replace_submodule(model, name, attn)

@@ -207,5 +207,4 @@ def install_tensor_core(model: nn.Module, sliding_window: int | None = None) -> 
     model.graphfix_sliding_window = sliding_window
     model.graphfix_step = types.MethodType(_own_copy(graphfix_step), model)
     model.forward = types.MethodType(meta_forward, model)
-    for name in ("graphfix_forward_core",):  # a generic inference-mode split is superseded
-        model.__dict__.pop(name, None)
+    model.__dict__.pop("graphfix_forward_core", None)  # a generic inference-mode split is superseded
