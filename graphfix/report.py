@@ -23,6 +23,8 @@ class RunStats:
 
     calls: int = 0
     graphs: int = 0
+    graphs_per_prefill: int = 0
+    graphs_per_decode: int = 0
     graph_breaks: int = 0
     compiled_frames: int = 0
     recompiles: int = 0

@@ -1,0 +1,75 @@
+"""Run Meta's reference Llama code (``llama_models`` on fairscale) in this process.
+
+Meta's ``Transformer`` needs a torch.distributed group and fairscale's model
+parallel state even on one process; this module sets up both (gloo, world size
+1) when nothing is set up yet, and builds the model from ``params.json``
+values and a state dict loaded safely (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphfix.errors import InputError, UnsupportedModelError
+
+
+def ensure_model_parallel(world_size: int = 1) -> None:
+    """Initialise a gloo process group and fairscale model parallelism if not done yet."""
+    import torch.distributed as dist
+
+    try:
+        import fairscale.nn.model_parallel.initialize as fs_init
+    except ImportError as exc:
+        raise UnsupportedModelError("Meta checkpoints need fairscale and llama-models",
+                                    hint="pip install 'graphfix[meta]'") from exc
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=world_size)
+    if not fs_init.model_parallel_is_initialized():
+        fs_init.initialize_model_parallel(world_size)
+
+
+def read_meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The model-parallel-1 state dict of a Meta checkpoint folder (shards merged)."""
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise InputError(f"{path} has params.json but no consolidated.*.pth", hint="copy the checkpoint files too")
+    if len(shards) == 1:
+        try:
+            return torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise InputError(f"{shards[0]}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+    try:
+        from graphfix.convert.formats.meta import read_merged_state_dict  # type: ignore[import-not-found]
+    except ImportError as exc:  # pragma: no cover - the converter ships with graphfix
+        raise UnsupportedModelError(f"{path} has {len(shards)} model-parallel shards",
+                                    hint="merge them with graphfix convert first") from exc
+    return read_merged_state_dict(path)
+
+
+def build_meta_transformer(params: dict[str, Any], state: dict[str, torch.Tensor] | None = None, *,
+                           dtype: torch.dtype = torch.float32, max_seq_len: int = 512,
+                           max_batch_size: int = 1) -> nn.Module:
+    """Meta's ``llama_models.llama3.model.Transformer`` with ``state`` loaded into it."""
+    ensure_model_parallel()
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.model import Transformer
+
+    args = ModelArgs(**{"max_seq_len": max_seq_len, "max_batch_size": max_batch_size, **params})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Transformer(args)
+    finally:
+        torch.set_default_dtype(previous)
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or [k for k in unexpected if "rope.freqs" not in k]:
+            raise InputError(f"checkpoint does not match params.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
