@@ -251,13 +251,19 @@ def capture_dynamo() -> Iterator[Capture]:
     torch._dynamo.reset()
     loggers = [logging.getLogger(n) for n in (GRAPH_BREAK_LOGGER, *RECOMPILE_LOGGERS)]
     warn_loggers = [logging.getLogger(n) for n in WARNING_LOGGERS]
-    saved = [(lg, lg.level, lg.propagate) for lg in loggers]
+    # Dynamo's own warnings (the same breaks, as prose) are collected, not printed over the report.
+    saved = [(lg, lg.level, lg.propagate) for lg in loggers + warn_loggers[-1:]]
     torch._logging.set_logs(graph_breaks=True, recompiles=True)
     for lg in loggers:
         lg.addHandler(handler)
         lg.propagate = False
     for lg in warn_loggers:
         lg.addHandler(handler)
+    dynamo_logger = warn_loggers[-1]
+    torch_handlers = [h for h in dynamo_logger.handlers if h is not handler]
+    for h in torch_handlers:
+        dynamo_logger.removeHandler(h)
+    dynamo_logger.propagate = False
     dedup = getattr(torch._dynamo.utils, "graph_break_dup_warning_checker", None)
     if dedup is not None:
         # Dynamo prints a repeated break once; graphfix counts every occurrence and needs each stack.
@@ -270,6 +276,8 @@ def capture_dynamo() -> Iterator[Capture]:
         for lg, level, propagate in saved:
             lg.setLevel(level)
             lg.propagate = propagate
+        for h in torch_handlers:
+            dynamo_logger.addHandler(h)
         if dedup is not None:
             del dedup.add
         torch._logging.set_logs()

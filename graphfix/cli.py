@@ -60,7 +60,8 @@ def add_report_parser(sub: Any) -> None:
     p = sub.add_parser("report", help="diagnose graph breaks, recompiles and fallbacks over prefill + decode")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="HF dir, config.json, .gguf, Meta folder, 'smollm2' or package.module:function")
-    p.add_argument("--backend", default="aot_eager", choices=["eager", "aot_eager", "inductor"])
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "aot_eager", "inductor"],
+                   help="auto: aot_eager with weights, eager on the meta device")
     p.add_argument("--inductor", action="store_true", help="also compile with inductor to list ATen fallbacks")
     p.add_argument("--meta-device", action="store_true", help="build from config.json on the meta device, no weights")
     p.add_argument("--prefill", type=int, default=8, help="prompt length for the prefill (default 8)")
@@ -129,7 +130,12 @@ def emit_reports(reports: list[Any], args: argparse.Namespace, extra: Sequence[t
             raise GraphfixError(f"unknown report format {fmt!r}", hint=f"choose from {', '.join(RENDERERS)}")
     baseline = load_baseline(args.baseline) if args.baseline else None
     subject: Any = reports[0] if len(reports) == 1 else reports
-    write_output(RENDERERS[args.format](subject), args.output)
+    if args.format == "text" and not args.output:
+        from graphfix.render.text import render_text, want_color
+
+        write_output(render_text(subject, color=want_color(sys.stdout)), None)
+    else:
+        write_output(RENDERERS[args.format](subject), args.output)
     for fmt, path in extra:
         write_output(RENDERERS[fmt](subject), path)
     if args.write_baseline:
@@ -143,8 +149,8 @@ def emit_reports(reports: list[Any], args: argparse.Namespace, extra: Sequence[t
     )
     if args.write_baseline and not args.baseline:
         return EXIT_OK  # recording a baseline accepts today's findings
-    for reason in gate.reasons:
-        print(f"graphfix: {reason}", file=sys.stderr)
+    if not args.quiet or not gate.passed:
+        print(gate.summary(), file=sys.stderr)
     return gate.exit_code
 
 
