@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+from collections.abc import Iterable
 from importlib import metadata
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 from torch import nn
 

@@ -9,7 +9,7 @@ guard. The first rule that matches wins, so specific causes (fairscale's
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from graphfix.findings import Category, Location
 

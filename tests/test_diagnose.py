@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from graphfix.diagnose import diagnose
-from graphfix.findings import Category, Kind
+from graphfix.findings import Category
 from graphfix.report import Report
 from tests.fixtures import synthetic
 from tests.meta_models import strip_fairscale, tiny_meta_transformer
@@ -85,7 +85,7 @@ def test_synthetic_prefill_to_decode_recompiles(synthetic_report: Report) -> Non
 
 def test_meta_reference_fairscale_breaks() -> None:
     report = diagnose(tiny_meta_transformer(), decode_steps=16, backend="eager")
-    import fairscale.nn.model_parallel.mappings as mappings
+    from fairscale.nn.model_parallel import mappings
 
     line = _line_of(mappings._reduce, "mark_dirty")
     hits = [f for f in report.graph_breaks if f.location.file == mappings.__file__ and f.location.line == line]
@@ -140,7 +140,14 @@ def test_meta_complex_rope_inductor_fallbacks() -> None:
 
 
 def _tiny_hf(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
