@@ -305,8 +305,9 @@ def _find_file(rel: str) -> str | None:
 def _add_recompiles(findings: OrderedDict, recompiles: list[cap_mod.RawRecompile], index: ModuleIndex,
                     fixes: dict[Category, str], root: Location | None) -> None:
     for event in recompiles:
-        if cap_mod.is_internal(event.location.file) and root is not None:
-            event.location = root  # Dynamo's own wrapper (e.g. around a decorated forward): blame the forward
+        if root is not None and (cap_mod.is_internal(event.location.file) or _is_root_wrapper(event.location, index)):
+            # Dynamo's or a library's decorator around the model's forward: blame the forward itself.
+            event.location = root
         guard = event.guards[0] if event.guards else "(guard not reported)"
         where = guard_location(guard) or event.location
         category = classify_recompile(guard, event.phase)
@@ -329,6 +330,17 @@ def _add_recompiles(findings: OrderedDict, recompiles: list[cap_mod.RawRecompile
             )
 
         _merge(findings, key, make, event.phase)
+
+
+def _is_root_wrapper(location: Location, index: ModuleIndex) -> bool:
+    """True for the code of a decorator wrapping the root module's forward (transformers' ``wrapper``)."""
+    fn = getattr(index.root_class, "forward", None)
+    while fn is not None:
+        code = getattr(fn, "__code__", None)
+        if code is not None and code.co_filename == location.file and code.co_firstlineno == location.line:
+            return getattr(fn, "__wrapped__", None) is not None
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 def _add_limits(findings: OrderedDict, limits: list[cap_mod.RawLimit], index: ModuleIndex,

@@ -36,6 +36,7 @@ class ModuleIndex:
         self.paths_by_class: dict[type, list[str]] = defaultdict(list)
         self.spans_by_file: dict[str, list[_Span]] = defaultdict(list)
         seen: set[type] = set()
+        self.root_class = type(model)
         for path, module in model.named_modules():
             self.paths_by_class[type(module)].append(path)
             for cls in type(module).__mro__:
