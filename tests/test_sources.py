@@ -1,0 +1,65 @@
+"""Every MODEL form ``graphfix report`` accepts loads to a model that the diagnosis can drive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphfix import sources
+from graphfix.cli import main
+from graphfix.diagnose import diagnose
+
+
+def _tiny_llama_dir(tmp_path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    return out
+
+
+def test_hf_directory(tmp_path: Path) -> None:
+    loaded = sources.load(str(_tiny_llama_dir(tmp_path)))
+    assert loaded.source == "hf" and loaded.model.device.type == "cpu"
+    report = diagnose(loaded.model, decode_steps=16, backend="eager")
+    assert not report.graph_breaks and report.recompiles
+
+
+def test_hf_directory_on_meta_device(tmp_path: Path) -> None:
+    loaded = sources.load(str(_tiny_llama_dir(tmp_path)), meta_device=True)
+    assert next(loaded.model.parameters()).device.type == "meta"
+
+
+def test_meta_checkpoint_folder(tmp_path: Path) -> None:
+    from graphfix.convert import convert
+
+    meta_dir = convert(_tiny_llama_dir(tmp_path), tmp_path / "meta", to="meta", progress=False)
+    loaded = sources.load(str(meta_dir))
+    assert loaded.source == "meta"
+    assert type(loaded.model).__module__ == "llama_models.llama3.model"
+    report = diagnose(loaded.model, decode_steps=16, backend="eager", fullgraph_check=False)
+    assert any(f.category.value == "autograd_function_ctx" for f in report.graph_breaks)
+
+
+def test_callable_with_inputs() -> None:
+    loaded = sources.load("tests.fixtures.bad_models:broken_forward")
+    assert loaded.inputs and loaded.source == "callable"
+
+
+@pytest.mark.slow
+def test_real_smollm2_full_report(tmp_path: Path) -> None:
+    out = tmp_path / "smollm2.json"
+    code = main(["-q", "report", "smollm2", "--format", "json", "--output", str(out), "--max-recompiles", "2"])
+    data = json.loads(out.read_text())
+    assert code == 0
+    assert data["model"] == "SmolLM2-135M-Instruct" and data["source"] == "gguf"
+    assert data["counts"]["graph_break"] == 0 and data["counts"]["compile_failure"] == 0
+    assert data["stats"]["graphs_per_decode"] == 1
+    assert {f["category"] for f in data["findings"]} == {"dynamic_cache_or_position"}
+    assert all(f["module_paths"] == ["(root)"] for f in data["findings"])
