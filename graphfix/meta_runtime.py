@@ -18,19 +18,29 @@ from torch import nn
 from graphfix.errors import InputError, UnsupportedModelError
 
 
-def ensure_model_parallel(world_size: int = 1) -> None:
-    """Initialise a gloo process group and fairscale model parallelism if not done yet."""
+def ensure_model_parallel(world_size: int = 1, rank: int = 0, *, port: int | None = None) -> None:
+    """Initialise a gloo process group and fairscale model parallelism if not done yet.
+
+    One process (world size 1, no port given) gets an in-memory store: no TCP port,
+    no ``MASTER_PORT`` written to the environment, so child processes that start
+    their own groups never collide with this one. Several processes rendezvous
+    over TCP on ``port`` (or the inherited ``MASTER_ADDR``/``MASTER_PORT``).
+    """
     import torch.distributed as dist
 
     try:
         import fairscale.nn.model_parallel.initialize as fs_init
     except ImportError as exc:
         raise UnsupportedModelError("Meta checkpoints need fairscale and llama-models",
-                                    hint="pip install 'graphfix[meta]'") from exc
+                                    hint="pip install fairscale; pip install --no-deps llama-models==0.3.0") from exc
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=world_size)
+        if world_size == 1 and port is None:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if port is not None:
+                os.environ["MASTER_PORT"] = str(port)
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(world_size)
 

@@ -13,11 +13,9 @@ Used by the pass tests and by other tests (optimize, verify, convert).
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 
 import torch
-import torch.distributed as dist
 
 TINY_ARGS = {
     "dim": 64,
@@ -43,17 +41,9 @@ def _free_port() -> int:
 
 def init_model_parallel(world_size: int = 1, rank: int = 0, port: int | None = None) -> None:
     """A gloo process group and fairscale model parallelism of ``world_size``, if not set up yet."""
-    from fairscale.nn.model_parallel import initialize as fs_init
+    from graphfix.meta_runtime import ensure_model_parallel
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if port is not None:
-            os.environ["MASTER_PORT"] = str(port)
-        else:
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(world_size)
+    ensure_model_parallel(world_size, rank, port=port)
 
 
 def model_args(**overrides):

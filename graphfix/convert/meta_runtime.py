@@ -12,7 +12,6 @@ llama-models).
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -30,18 +29,9 @@ def free_port() -> int:
 
 def init_model_parallel(world_size: int = 1, rank: int = 0, *, port: int | None = None) -> None:
     """Initialise torch.distributed (gloo) and fairscale's model parallel groups, once per process."""
-    import fairscale.nn.model_parallel.initialize as fs_init
-    import torch.distributed as dist
+    from graphfix.meta_runtime import ensure_model_parallel
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if port is not None:
-            os.environ["MASTER_PORT"] = str(port)
-        elif "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(world_size)
+    ensure_model_parallel(world_size, rank, port=port)
 
 
 def load_meta_transformer(folder: str | Path, *, max_seq_len: int = 128, max_batch_size: int = 1,
