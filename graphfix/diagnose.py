@@ -61,11 +61,13 @@ def diagnose(
     """
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
-    auto_backend = backend == "auto"
-    if auto_backend:
-        # Without weights (meta device) there is nothing for AOT autograd to find that Dynamo does not;
-        # plain Dynamo halves the time of a 70B architecture. With weights, aot_eager also catches hard failures.
-        backend = "eager" if _device_of(model).type == "meta" else "aot_eager"
+    # backend "auto": the loop runs on plain Dynamo (breaks and recompiles are Dynamo's), and a separate
+    # hard-failure run compiles the prefill with aot_eager (AOT autograd is where e.g. inference mode fails).
+    # On the meta device there are no weights and the AOT run is skipped.
+    failure_backend = None
+    if backend == "auto":
+        backend = "eager"
+        failure_backend = None if _device_of(model).type == "meta" else "aot_eager"
     if driver is None:
         driver = CallsDriver(_normalize_calls(inputs)) if inputs is not None else auto_driver(
             model, prefill_tokens, decode_steps
@@ -129,6 +131,15 @@ def diagnose(
             _add_failure(findings, failure2, index, fixes, root_loc, mode="fullgraph=True")
         else:
             report.notes.append(f"fullgraph=True compiled prefill + {steps} decode steps without error")
+
+    if failure_backend is not None and failure is None:
+        say(f"hard-failure check: compiling the prefill with {failure_backend}")
+        with cap_mod.capture_dynamo() as cap4:
+            compiled = torch.compile(model, backend=cap4.backend(failure_backend))
+            failure4 = _run(driver, compiled, model, cap4, None, steps=0)
+        if failure4 is not None:
+            _add_failure(findings, failure4, index, fixes, root_loc, mode=failure_backend)
+        report.backend = f"eager + {failure_backend} (prefill)"
 
     if use_inductor and backend != "inductor":
         say("compiling with inductor to find ATen fallbacks")
