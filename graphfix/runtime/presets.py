@@ -1,0 +1,80 @@
+"""Architectures by name, built with random weights directly on the device (no checkpoint files).
+
+``random_hf_model("llama-2-7b", "cuda", torch.bfloat16)`` builds the Hugging Face
+model on the meta device, converts the (meta) parameters to the dtype, allocates
+them on the device with ``to_empty`` and fills them in place: normal(0, 0.02) for
+matrices, 1 for norm weights. Nothing is read from disk, and the host never holds
+the weights. The rotary embedding's ``inv_freq`` buffers (not parameters) are
+rebuilt on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from graphfix.errors import InputError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+    "llama-2-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                    "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+    "llama-3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                   "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0},
+    "llama-2-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+    # small shapes for smoke runs of the benchmark itself
+    "tiny": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "vocab_size": 1024, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+             "rope_theta": 10000.0},
+}
+
+
+def preset_config(name: str, **overrides: Any) -> Any:
+    from transformers import LlamaConfig
+
+    if name not in PRESETS:
+        raise InputError(f"unknown architecture {name!r}", hint=f"one of {', '.join(PRESETS)} or a checkpoint folder")
+    cfg = LlamaConfig(**{**PRESETS[name], **overrides})
+    cfg.tie_word_embeddings = False
+    return cfg
+
+
+def param_count(name: str, **overrides: Any) -> int:
+    """Parameters of a preset, computed from its shapes (nothing is built)."""
+    c = {**PRESETS[name], **overrides}
+    d, f, v, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    hd = d // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    per_layer = d * (d + 2 * kv) + d * d + 3 * d * f + 2 * d
+    return n * per_layer + 2 * v * d + d
+
+
+@torch.no_grad()
+def random_hf_model(name: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+                    **overrides: Any) -> torch.nn.Module:
+    """An HF ``LlamaForCausalLM`` of the preset's shapes with random weights made on ``device``."""
+    from transformers import LlamaForCausalLM
+
+    cfg = preset_config(name, **overrides)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for pname, p in model.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    rotary = type(model.model.rotary_emb)
+    with torch.device(device):
+        model.model.rotary_emb = rotary(config=model.config)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model.eval()
