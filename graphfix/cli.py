@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands that live beside their own code (convert, optimize, ...)."""
     hooks = []
-    for module_name in ("graphfix.convert.cli", "graphfix.optimize_cli"):
+    for module_name in ("graphfix.convert.cli", "graphfix.optimize_cli", "graphfix.generate_cli"):
         try:
             module = __import__(module_name, fromlist=["add_parser"])
         except ImportError:

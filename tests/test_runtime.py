@@ -8,7 +8,7 @@ zero recompiles after warmup; parameters are moved, not copied; Meta models thro
 the ``graphfix_step`` adapter and through ``from_meta``.
 
 Compiled runs use the ``aot_eager`` backend (the engine's graphs, without Inductor's
-code generation, to stay fast on CPU); ``GRAPHFIX_INDUCTOR_TESTS=1`` adds one run
+code generation, to stay fast on CPU); one slow test adds a run
 with Inductor (about a minute on two cores).
 """
 
@@ -242,7 +242,7 @@ def test_meta_adapter_and_from_meta_equal_metas_greedy_loop():
     assert Generator(dec, compile=False).generate(prompts, 8).tokens == expected
 
 
-@pytest.mark.skipif(os.environ.get("GRAPHFIX_INDUCTOR_TESTS") != "1", reason="set GRAPHFIX_INDUCTOR_TESTS=1 (slow)")
+@pytest.mark.slow
 def test_inductor_on_cpu_equals_hf(llama):
     model, refs = llama
     gen = Generator(from_hf(model, max_batch_size=2, max_seq_len=64, share=True), backend="inductor")
