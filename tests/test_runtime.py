@@ -14,7 +14,6 @@ with Inductor (about a minute on two cores).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
