@@ -1,0 +1,181 @@
+"""``graphfix.optimize`` on Hugging Face causal LMs: drop-in ``generate``, no break, no recompile, same tokens.
+
+Tiny random models (hidden 64, 2 layers, 4 heads, vocab 128) of each covered
+architecture, compiled with ``aot_eager`` (the CPU default, inductor, compiles the
+same graphs but takes ~40 s a model here). The real SmolLM2-135M (GGUF) is the slow
+test; it compiles with the ``eager`` backend: Dynamo's graphs, breaks and recompiles
+are the same, and its inductor build (2 minutes cold) is what
+benchmarks/bench_smollm2_cpu.py measures, with the same tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from graphfix import hf_runtime
+from graphfix.optimize import optimize
+from graphfix.verify import verify
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": 128, "max_position_embeddings": 256}
+GEN = {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
+
+
+def _llama2():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=4))  # multi-head attention
+
+
+def _llama3():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    return LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=2, rope_scaling=scaling, rope_theta=500000.0))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**TINY, num_key_value_heads=2, sliding_window=6))
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**TINY, num_key_value_heads=2))
+
+
+BUILDERS = {"llama2-mha": _llama2, "llama3-gqa-scaled-rope": _llama3, "mistral-sliding-window": _mistral,
+            "qwen2-qkv-bias": _qwen2}
+DIAGNOSED = ("llama3-gqa-scaled-rope", "mistral-sliding-window")
+"""The before/after diagnoses cost ~10 s a model here: two architectures show them, all are verified."""
+
+
+def _build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return BUILDERS[name]().eval()
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def optimized(request):
+    """(name, original model, optimized result, prompt, the original's generate() tokens)."""
+    original = _build(request.param)
+    prompt = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = original.generate(prompt, **GEN)
+    result = optimize(_build(request.param), backend="aot_eager", max_seq_len=64, diagnose_steps=2,
+                      diagnose=request.param in DIAGNOSED)
+    return request.param, original, result, prompt, expected
+
+
+def test_verified_with_one_graph_per_phase_and_no_recompile(optimized):
+    name, _, result, _, _ = optimized
+    v = result.verification
+    assert result.verified and v.ok, result.summary()
+    assert v.graph_breaks == 0 and v.recompiles == 0 and v.compile_failures == 0
+    assert v.graphs == {"prefill": 1, "decode": 1}
+    assert v.strict_decode_steps >= 32  # steps 2..32 of the first run and all of the second under fail_on_recompile
+    assert result.parity.tokens_match and result.parity.greedy_steps == 33
+    assert result.parity.relative_error <= 1e-4
+    if name in DIAGNOSED:
+        assert result.after.stats.graph_breaks == 0 and result.before.stats.graph_breaks == 0
+        assert result.before.stats.recompiles >= 2  # prefill -> decode, and the DynamicCache growing
+        assert [p.name for p in result.passes] == ["static-kv-cache"]  # named by the before diagnosis
+        assert result.passes[0].rewritten == 0 and "StaticCache" in result.passes[0].notes[0]
+    else:
+        assert result.passes == [] and result.before.notes == ["not diagnosed (diagnose=False)"]
+
+
+def test_generate_is_a_drop_in(optimized):
+    name, _, result, prompt, expected = optimized
+    model = result.model
+    rt = hf_runtime.runtime_of(model)
+    graphs, decodes = rt.graphs(), rt.compiled_calls["decode"]
+    with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+        out = model.generate(prompt, **GEN)  # another prompt length than optimize's: prefill is dynamic
+    assert torch.equal(out, expected), name
+    assert rt.graphs() == graphs
+    assert rt.compiled_calls["decode"] - decodes == 23 and not rt.eager_calls.get("cache")
+
+
+def test_caller_cache_runs_eagerly_with_a_warning(optimized):
+    from transformers import DynamicCache
+
+    _, _, result, prompt, expected = optimized
+    model = result.model
+    rt = hf_runtime.runtime_of(model)
+    before = rt.eager_calls.get("cache", 0)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **GEN)
+    assert torch.equal(out, expected)
+    assert rt.eager_calls["cache"] - before == 24
+    if before == 0:
+        assert any(issubclass(w.category, hf_runtime.EagerFallbackWarning) for w in caught)
+
+
+def test_longer_than_max_seq_len_falls_back(optimized):
+    name, original, result, prompt, _ = optimized
+    if name != "llama3-gqa-scaled-rope":
+        pytest.skip("one architecture is enough")
+    rt = hf_runtime.runtime_of(result.model)
+    kwargs = dict(GEN, max_new_tokens=60, min_new_tokens=60)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", hf_runtime.EagerFallbackWarning)
+        out = result.model.generate(prompt, **kwargs)
+        assert torch.equal(out, original.generate(prompt, **kwargs))
+    assert rt.eager_calls.get("length") == 1
+
+
+def test_plain_forward_and_verify_again(optimized):
+    name, original, result, prompt, _ = optimized
+    if name != "qwen2-qkv-bias":
+        pytest.skip("one architecture is enough")
+    rt = hf_runtime.runtime_of(result.model)
+    with torch.no_grad():
+        assert torch.allclose(result.model(prompt).logits, original(prompt).logits, atol=1e-5)  # no cache: eager
+        # A loop of its own with the runtime's cache: other keyword names than generate's, so a variant of its own.
+        cache, ids, ref = rt.cache_for(1), prompt, original(prompt, use_cache=True)
+        out = result.model(input_ids=ids, past_key_values=cache)
+        for _ in range(4):
+            assert torch.allclose(out.logits[:, -1], ref.logits[:, -1], atol=1e-4)
+            ids = ref.logits[:, -1:].argmax(-1)
+            ref = original(ids, past_key_values=ref.past_key_values, use_cache=True)
+            out = result.model(input_ids=ids, past_key_values=cache, return_dict=False)[0]
+            out = type(ref)(logits=out)
+    assert rt.recompiles() == 0  # each keyword set has a callable of its own, compiled once
+    again = verify(result, decode_steps=8, measure_speed=False)
+    assert again.ok and again.parity.greedy_steps == 9
+
+
+def test_summary_table_is_aligned(optimized):
+    name, _, result, _, _ = optimized
+    if name != "mistral-sliding-window":
+        pytest.skip("one architecture is enough")
+    text = result.summary()
+    rows = [ln for ln in text.splitlines()[1:10]]
+    assert rows[0].split() == ["before", "after"]
+    assert {len(r) for r in rows[:6]} == {len(rows[0])}  # right-aligned columns end together
+    assert "sliding window 6" in " ".join(result.notes)
+    data = result.to_dict()
+    assert data["schema"] == "graphfix.optimize" and data["schema_version"] == 1 and data["verified"] is True
+    assert data["verification"]["graphs"] == {"prefill": 1, "decode": 1}
+
+
+@pytest.mark.slow
+def test_smollm2_64_greedy_tokens_identical():
+    from graphfix import sources
+
+    model = sources.load("smollm2").model
+    result = optimize(model, backend="eager", max_seq_len=96, decode_steps=63, diagnose=False, verify=False)
+    assert result.compiled and result.before.notes == ["not diagnosed (diagnose=False)"]
+    v = verify(result, measure_speed=False)
+    assert v.ok, v.failures
+    assert v.parity.greedy_steps == 64 and v.parity.tokens_match
+    assert v.parity.relative_error <= 1e-4
+    assert v.graphs == {"prefill": 1, "decode": 1} and v.recompiles == 0 and v.graph_breaks == 0
