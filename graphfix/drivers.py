@@ -84,7 +84,7 @@ class HFDriver:
             model: nn.Module | None = None) -> list[torch.Tensor]:
         from transformers import DynamicCache
 
-        model = model if model is not None else _unwrap(fn)
+        model = model if model is not None else unwrap_module(fn)
         ids = self.prompt if self.prompt is not None else prompt_tokens(model, self.prefill_tokens, self.batch)
         device = ids.device
         cache = DynamicCache(config=model.config)
@@ -135,7 +135,7 @@ class MetaDriver:
 
     def run(self, fn: Callable[..., Any], on_phase: PhaseHook | None = None, steps: int | None = None,
             model: nn.Module | None = None) -> list[torch.Tensor]:
-        model = model if model is not None else _unwrap(fn)
+        model = model if model is not None else unwrap_module(fn)
         ids = self.prompt if self.prompt is not None else prompt_tokens(model, self.prefill_tokens, self.batch)
         n_steps = self.decode_steps if steps is None else steps
         limit = max_seq_len(model)
@@ -190,7 +190,7 @@ def max_seq_len(model: nn.Module) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _unwrap(fn: Any) -> nn.Module:
+def unwrap_module(fn: Any) -> nn.Module:
     """The eager module behind a compiled module (``torch.compile(model)`` keeps it as ``_orig_mod``)."""
     module = getattr(fn, "_orig_mod", fn)
     if not isinstance(module, nn.Module):

@@ -37,8 +37,8 @@ from torch._dynamo.decorators import skip as skip_frame
 from transformers import StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 
-from graphfix.blocks.meta_llama import _own_copy
-from graphfix.drivers import HFDriver, _unwrap, prompt_tokens
+from graphfix.codeobj import own_code
+from graphfix.drivers import HFDriver, prompt_tokens, unwrap_module
 
 ATTR = "graphfix_runtime"
 """The model attribute holding the installed ``HFRuntime``."""
@@ -154,7 +154,7 @@ class HFRuntime:
         key = (phase, tuple(sorted(kwargs)))
         found = self.variants.get(key)
         if found is None:
-            step = _own_copy(_make_step(self.original_forward))
+            step = own_code(_make_step(self.original_forward))
             if phase == "decode":
                 mode = "reduce-overhead" if self.cuda_graphs else None
                 fn = torch.compile(step, backend=self.backend, fullgraph=True, dynamic=False, mode=mode)
@@ -390,7 +390,7 @@ class StaticCacheDriver(HFDriver):
 
     def run(self, fn: Callable[..., Any], on_phase: Callable[[str], None] | None = None, steps: int | None = None,
             model: nn.Module | None = None) -> list[torch.Tensor]:
-        model = model if model is not None else _unwrap(fn)
+        model = model if model is not None else unwrap_module(fn)
         rt = runtime_of(model)
         ids = self.prompt if self.prompt is not None else prompt_tokens(model, self.prefill_tokens, self.batch)
         cache = rt.new_cache(ids.shape[0])

@@ -40,7 +40,7 @@ from torch import nn
 from torch._dynamo.decorators import skip as skip_frame
 
 from graphfix.blocks import meta_llama, side_effects
-from graphfix.blocks.meta_llama import _own_copy
+from graphfix.codeobj import own_code
 from graphfix.diagnose import diagnose
 from graphfix.drivers import is_hf_causal_lm, prompt_tokens, takes_start_pos
 from graphfix.errors import InputError, UnsupportedModelError
@@ -502,7 +502,7 @@ def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool) ->
         state.disable = rt.uncompile
     elif meta_llama.has_tensor_core(model):
         step = model.graphfix_step.__func__
-        prefill, decode = _own_copy(step), _own_copy(step)
+        prefill, decode = own_code(step), own_code(step)
         mode = "reduce-overhead" if cuda_graphs else None
         compiled = _MetaCompiled(
             prefill=torch.compile(types.MethodType(prefill, model), backend=backend, fullgraph=True),
@@ -514,13 +514,13 @@ def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool) ->
         state.code = {"prefill": prefill.__code__, "decode": decode.__code__}
         state.disable = functools.partial(meta_llama.set_compiled_core, model, None)
     elif "graphfix_forward_core" in model.__dict__:
-        core = _own_copy(model.graphfix_forward_core.__func__)
+        core = own_code(model.graphfix_forward_core.__func__)
         model.graphfix_core_fn = torch.compile(types.MethodType(core, model), backend=backend, fullgraph=True)
         state.code = {"forward": core.__code__}
         state.disable = functools.partial(setattr, model, "graphfix_core_fn", None)
     else:
         previous = model.__dict__.get("forward")
-        forward = _own_copy(model.forward.__func__)
+        forward = own_code(model.forward.__func__)
         compiled_forward = torch.compile(types.MethodType(forward, model), backend=backend, fullgraph=True)
         model.forward = functools.partial(_generic_call, model, compiled_forward)
         state.code = {"forward": forward.__code__}

@@ -65,7 +65,7 @@ def _first_lines(text: str, n: int) -> str:
     return "\n".join(lines[:n])
 
 
-def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _uncompiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The original module or function behind a ``torch.compile`` wrapper."""
     import torch
 
@@ -95,7 +95,7 @@ def graph_breaks(model_or_fn: Callable[..., Any], *example_inputs: Any, **exampl
     import torch
     from torch._dynamo.utils import counters
 
-    target = _unwrap(model_or_fn)
+    target = _uncompiled(model_or_fn)
     unimplemented_before = dict(counters["unimplemented"])
     out = torch._dynamo.explain(target)(*example_inputs, **example_kwargs)
     sites: dict[tuple[str, int, str], GraphBreak] = {}
@@ -145,7 +145,7 @@ def assert_no_graph_breaks(model_or_fn: Callable[..., Any], *example_inputs: Any
     """
     import torch
 
-    name = getattr(_unwrap(model_or_fn), "__qualname__", None) or type(model_or_fn).__name__
+    name = getattr(_uncompiled(model_or_fn), "__qualname__", None) or type(model_or_fn).__name__
     try:
         found = graph_breaks(model_or_fn, *example_inputs, **example_kwargs)
     except torch._dynamo.exc.TorchDynamoException as exc:
@@ -194,7 +194,7 @@ def assert_no_recompiles(
     if reset:
         torch._dynamo.reset()
     compiled = fn if _is_compiled(fn) else torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
-    name = getattr(_unwrap(fn), "__qualname__", None) or type(fn).__name__
+    name = getattr(_uncompiled(fn), "__qualname__", None) or type(fn).__name__
 
     _call(compiled, items[0])
     for i, item in enumerate(items[1:], start=2):

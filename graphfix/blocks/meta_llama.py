@@ -37,6 +37,7 @@ from graphfix.blocks.attention import manual_attention, sdpa
 from graphfix.blocks.inference_mode import inference_mode_of
 from graphfix.blocks.kv_cache import StaticKVCache, causal_mask
 from graphfix.blocks.rope import RopeScaling, apply_rotary_interleaved, rope_tables
+from graphfix.codeobj import own_code
 
 
 def meta_model_module() -> types.ModuleType | None:
@@ -183,14 +184,6 @@ def meta_forward(self: nn.Module, tokens: torch.Tensor, start_pos: int) -> torch
         return (self.graphfix_step if core is None else core)(tokens, input_pos)
 
 
-def _own_copy(fn: types.FunctionType) -> types.FunctionType:
-    """``fn`` with a code object of its own: Dynamo keeps its compile cache (and its recompile limit,
-    8 entries) per code object, so every model gets its own instead of sharing one across instances."""
-    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__qualname__, copy.__doc__, copy.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
-    return copy
-
-
 def inference_mode_state(model: nn.Module) -> str:
     """Where ``model``'s forward enters inference mode: ``inside`` the core, ``outside`` it, or ``none``."""
     state = model.__dict__.get("graphfix_inference_mode")
@@ -205,6 +198,6 @@ def install_tensor_core(model: nn.Module, sliding_window: int | None = None) -> 
     model.graphfix_inference_mode = inference_mode_state(model)
     model.graphfix_cache_len = caches[0].max_seq_len
     model.graphfix_sliding_window = sliding_window
-    model.graphfix_step = types.MethodType(_own_copy(graphfix_step), model)
+    model.graphfix_step = types.MethodType(own_code(graphfix_step), model)  # a compile cache per model
     model.forward = types.MethodType(meta_forward, model)
     model.__dict__.pop("graphfix_forward_core", None)  # a generic inference-mode split is superseded
