@@ -70,42 +70,71 @@ def prompt_tokens(model: nn.Module, length: int, batch: int = 1, seed: int = 0) 
     return ids.to(device)
 
 
+def greedy_loop(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, steps: int,
+                on_phase: PhaseHook | None = None) -> list[torch.Tensor]:
+    """A prefill of ``ids``, then ``steps`` greedy decode steps, without autograd.
+
+    ``call(ids)`` runs the model on the new tokens (the prompt, then one token a step) and
+    returns the logits; the next call gets the greedy token of the last position. Returns
+    the greedy token of every call. ``on_phase`` is told ``prefill``, ``decode:1``, ... first.
+    """
+    tokens: list[torch.Tensor] = []
+    with torch.no_grad():
+        for step in range(steps + 1):
+            if on_phase:
+                on_phase("prefill" if step == 0 else f"decode:{step}")
+            ids = _greedy(call(ids))
+            tokens.append(ids)
+    return tokens
+
+
 @dataclasses.dataclass
-class HFDriver:
-    """Hugging Face causal LM: the same inputs ``generate()`` passes, with a ``DynamicCache``."""
+class PromptDriver:
+    """A prompt (``prompt``, or ``prefill_tokens`` pseudo-random ids of ``batch`` rows) and ``decode_steps``."""
 
     prefill_tokens: int = 8
     decode_steps: int = 16
     batch: int = 1
-    description: str = "hf-dynamic-cache"
+    description: str = ""
     prompt: torch.Tensor | None = None
+
+    def start(self, fn: Callable[..., Any], model: nn.Module | None,
+              steps: int | None) -> tuple[nn.Module, torch.Tensor, int]:
+        """``(model, prompt ids, decode steps)`` of a run of ``fn`` (the model or its compiled form)."""
+        model = model if model is not None else unwrap_module(fn)
+        ids = self.prompt if self.prompt is not None else prompt_tokens(model, self.prefill_tokens, self.batch)
+        return model, ids, self.decode_steps if steps is None else steps
+
+
+@dataclasses.dataclass
+class HFDriver(PromptDriver):
+    """Hugging Face causal LM: the same inputs ``generate()`` passes, with a ``DynamicCache``."""
+
+    description: str = "hf-dynamic-cache"
 
     def run(self, fn: Callable[..., Any], on_phase: PhaseHook | None = None, steps: int | None = None,
             model: nn.Module | None = None) -> list[torch.Tensor]:
         from transformers import DynamicCache
 
-        model = model if model is not None else unwrap_module(fn)
-        ids = self.prompt if self.prompt is not None else prompt_tokens(model, self.prefill_tokens, self.batch)
+        model, ids, n_steps = self.start(fn, model, steps)
         device = ids.device
         cache = DynamicCache(config=model.config)
         if device.type == "meta":
             _preinit_cache(cache, model, ids.shape[0])
         mask = torch.ones_like(ids)
-        total = ids.shape[1]
-        tokens: list[torch.Tensor] = []
-        n_steps = self.decode_steps if steps is None else steps
-        with torch.no_grad():
-            for step in range(n_steps + 1):
-                if on_phase:
-                    on_phase("prefill" if step == 0 else f"decode:{step}")
-                cache_position = torch.arange(total - ids.shape[1], total, device=device)
-                kwargs = {} if device.type == "meta" else {"attention_mask": mask}  # an all-ones mask: same math
-                out = fn(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cache_position, **kwargs)
-                ids = _greedy(out.logits)
-                tokens.append(ids)
-                total += 1
-                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        return tokens
+        total = 0
+
+        def call(new: torch.Tensor) -> torch.Tensor:
+            nonlocal mask, total
+            if total:
+                mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+            total += new.shape[1]
+            cache_position = torch.arange(total - new.shape[1], total, device=device)
+            kwargs = {} if device.type == "meta" else {"attention_mask": mask}  # an all-ones mask: same math
+            return fn(input_ids=new, past_key_values=cache, use_cache=True, cache_position=cache_position,
+                      **kwargs).logits
+
+        return greedy_loop(call, ids, n_steps, on_phase)
 
 
 def _preinit_cache(cache: Any, model: nn.Module, batch: int) -> None:
@@ -124,37 +153,29 @@ def _preinit_cache(cache: Any, model: nn.Module, batch: int) -> None:
 
 
 @dataclasses.dataclass
-class MetaDriver:
+class MetaDriver(PromptDriver):
     """Meta reference style: ``forward(tokens, start_pos: int)`` with caches kept in the modules."""
 
-    prefill_tokens: int = 8
-    decode_steps: int = 16
-    batch: int = 1
     description: str = "meta-start-pos"
-    prompt: torch.Tensor | None = None
 
     def run(self, fn: Callable[..., Any], on_phase: PhaseHook | None = None, steps: int | None = None,
             model: nn.Module | None = None) -> list[torch.Tensor]:
-        model = model if model is not None else unwrap_module(fn)
-        ids = self.prompt if self.prompt is not None else prompt_tokens(model, self.prefill_tokens, self.batch)
-        n_steps = self.decode_steps if steps is None else steps
+        model, ids, n_steps = self.start(fn, model, steps)
         limit = max_seq_len(model)
         if limit is not None and ids.shape[1] + n_steps > limit:
             raise InputError(
                 f"prompt of {ids.shape[1]} tokens plus {n_steps} decode steps exceeds the model's cache of {limit}",
                 hint="use a shorter prompt, fewer steps, or build the model with a larger max_seq_len",
             )
-        tokens: list[torch.Tensor] = []
         pos = 0
-        with torch.no_grad():
-            for step in range(n_steps + 1):
-                if on_phase:
-                    on_phase("prefill" if step == 0 else f"decode:{step}")
-                logits = fn(ids, pos)
-                pos += ids.shape[1]
-                ids = _greedy(logits)
-                tokens.append(ids)
-        return tokens
+
+        def call(new: torch.Tensor) -> torch.Tensor:
+            nonlocal pos
+            logits = fn(new, pos)
+            pos += new.shape[1]
+            return logits
+
+        return greedy_loop(call, ids, n_steps, on_phase)
 
 
 @dataclasses.dataclass

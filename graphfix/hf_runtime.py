@@ -38,7 +38,7 @@ from transformers import StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 
 from graphfix.codeobj import own_code
-from graphfix.drivers import HFDriver, prompt_tokens, unwrap_module
+from graphfix.drivers import HFDriver, greedy_loop
 
 ATTR = "graphfix_runtime"
 """The model attribute holding the installed ``HFRuntime``."""
@@ -390,17 +390,7 @@ class StaticCacheDriver(HFDriver):
 
     def run(self, fn: Callable[..., Any], on_phase: Callable[[str], None] | None = None, steps: int | None = None,
             model: nn.Module | None = None) -> list[torch.Tensor]:
-        model = model if model is not None else unwrap_module(fn)
-        rt = runtime_of(model)
-        ids = self.prompt if self.prompt is not None else prompt_tokens(model, self.prefill_tokens, self.batch)
-        cache = rt.new_cache(ids.shape[0])
-        tokens = []
-        n_steps = self.decode_steps if steps is None else steps
-        with torch.no_grad():
-            for step in range(n_steps + 1):
-                if on_phase:
-                    on_phase("prefill" if step == 0 else f"decode:{step}")
-                out = fn(input_ids=ids, past_key_values=cache, use_cache=True)
-                ids = out.logits[:, -1:].argmax(-1)
-                tokens.append(ids)
-        return tokens
+        model, ids, n_steps = self.start(fn, model, steps)
+        cache = runtime_of(model).new_cache(ids.shape[0])
+        return greedy_loop(lambda new: fn(input_ids=new, past_key_values=cache, use_cache=True).logits, ids, n_steps,
+                           on_phase)
