@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
+from graphfix.blocks import meta_llama as ml
 from graphfix.blocks import source_rewrite as sr
 from graphfix.pass_manager import PassResult
 
@@ -18,6 +19,20 @@ def replace_submodule(root: nn.Module, qualified_name: str, new: nn.Module) -> N
     parent_name, _, child = qualified_name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     parent._modules[child] = new  # keeps the position in ModuleList/Sequential; same as setattr for a named child
+
+
+def layer_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(module path, attention)`` of every layer of Meta's ``Transformer`` (``layers.{i}.attention``)."""
+    return [(f"layers.{i}.attention", layer.attention) for i, layer in enumerate(model.layers)]
+
+
+def as_meta_attention(root: nn.Module, qualified_name: str, module: nn.Module) -> nn.Module:
+    """``module``, or, when it is Meta's own ``Attention``, the ``MetaAttention`` put in its place
+    (its projections moved, not copied) for a pass to set its RoPE, attention or cache."""
+    if ml.is_meta_attention(module):
+        module = ml.MetaAttention.from_meta(module)
+        replace_submodule(root, qualified_name, module)
+    return module
 
 
 def site(name: str) -> str:

@@ -10,7 +10,7 @@ from torch import nn
 from graphfix.blocks import meta_llama as ml
 from graphfix.findings import Category
 from graphfix.pass_manager import Pass, PassContext, PassResult
-from passes._common import no_match, parsed_methods, replace_submodule, where
+from passes._common import as_meta_attention, layer_attentions, no_match, parsed_methods, where
 
 HF_NOTE = "HF caches are replaced by the runtime's StaticCache"
 
@@ -42,7 +42,7 @@ class StaticKVCachePass(Pass):
         return no_match(result, "module-attribute KV cache graphfix can rewrite")
 
     def _meta(self, model: nn.Module, ctx: PassContext, result: PassResult) -> None:
-        attentions = [(f"layers.{i}.attention", layer.attention) for i, layer in enumerate(model.layers)]
+        attentions = layer_attentions(model)
         kinds = [(n, a) for n, a in attentions
                  if ml.is_meta_attention(a) or (isinstance(a, ml.MetaAttention) and a.kv_cache is None)]
         if not kinds:  # already static
@@ -53,9 +53,7 @@ class StaticKVCachePass(Pass):
                                    "must switch to tensor positions together")))
             return
         for name, attn in kinds:
-            if ml.is_meta_attention(attn):
-                attn = ml.MetaAttention.from_meta(attn)
-                replace_submodule(model, name, attn)
+            attn = as_meta_attention(model, name, attn)
             weight = attn.wq.weight
             attn.use_static_cache(ctx.dtype or weight.dtype, ctx.device or weight.device)
             result.rewritten += 1

@@ -11,7 +11,7 @@ from graphfix.blocks import meta_llama as ml
 from graphfix.blocks import source_rewrite as sr
 from graphfix.findings import Category
 from graphfix.pass_manager import Pass, PassContext, PassResult
-from passes._common import no_match, parsed_methods, replace_submodule, site, where
+from passes._common import as_meta_attention, layer_attentions, no_match, parsed_methods, site, where
 
 
 class RealRopePass(Pass):
@@ -29,7 +29,7 @@ class RealRopePass(Pass):
         return no_match(result, "complex RoPE graphfix can rewrite")
 
     def _meta(self, model: nn.Module, result: PassResult) -> None:
-        attentions = [(f"layers.{i}.attention", layer.attention) for i, layer in enumerate(model.layers)]
+        attentions = layer_attentions(model)
         odd = [n for n, a in attentions if not (ml.is_meta_attention(a) or isinstance(a, ml.MetaAttention))]
         if odd:
             result.skipped.append((site(odd[0]), ("attention is not Meta's Attention: RoPE tables and every layer's "
@@ -46,9 +46,7 @@ class RealRopePass(Pass):
                                    "table was built with other parameters than model.params")))
             return
         for name, attn in attentions:
-            if ml.is_meta_attention(attn):
-                attn = ml.MetaAttention.from_meta(attn)
-                replace_submodule(model, name, attn)
+            attn = as_meta_attention(model, name, attn)
             attn.rope = "interleaved"
             result.rewritten += 1
         model.freqs_cis = real

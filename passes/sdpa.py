@@ -13,7 +13,7 @@ from graphfix.blocks import meta_llama as ml
 from graphfix.blocks import source_rewrite as sr
 from graphfix.findings import Category
 from graphfix.pass_manager import Pass, PassContext, PassResult
-from passes._common import no_match, parsed_methods, replace_submodule, rewrite_methods, where
+from passes._common import as_meta_attention, no_match, parsed_methods, rewrite_methods, where
 
 _FLAGS = {  # torch.backends.cuda.sdp_kernel flag -> backend
     "enable_flash": "FLASH_ATTENTION",
@@ -92,9 +92,7 @@ class SdpaAttentionPass(Pass):
     def apply(self, model: nn.Module, ctx: PassContext) -> PassResult:
         result = PassResult(self.name)
         for name, module in list(model.named_modules()):
-            if ml.is_meta_attention(module):
-                module = ml.MetaAttention.from_meta(module)
-                replace_submodule(model, name, module)
+            module = as_meta_attention(model, name, module)
             if isinstance(module, ml.MetaAttention) and module.attention == "manual":
                 module.attention = "sdpa"
                 result.rewritten += 1
