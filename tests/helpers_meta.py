@@ -231,14 +231,29 @@ def meta_generate_greedy(forward, prompts: list[list[int]], max_seq_len: int, ma
     return tokens
 
 
-def attention_pair(model, layer: int = 0):
-    """Meta's ``Attention`` of ``layer`` and a graphfix ``MetaAttention`` moved from it, with its own cache copy."""
+def attention_pair(seed: int = 0, layer: int = 0):
+    """``(model, attn, converted)``: a tiny Meta ``Transformer``, its ``Attention`` of ``layer`` and a graphfix
+    ``MetaAttention`` moved from it, with its own cache copy."""
     from graphfix.blocks.meta_llama import MetaAttention
 
+    model = build_meta_transformer(seed)
     attn = model.layers[layer].attention
     converted = MetaAttention.from_meta(attn)
     converted.cache_k, converted.cache_v = attn.cache_k.clone(), attn.cache_v.clone()
-    return attn, converted
+    return model, attn, converted
+
+
+def apply_beside_reference(pass_, ctx=None, seed: int = 0, **overrides):
+    """``(reference, model, result)``: ``pass_`` applied to a tiny Meta ``Transformer`` and an untouched twin
+    built the same way; the pass must have moved the model's parameters, not copied them."""
+    from graphfix.pass_manager import PassContext
+
+    reference = build_meta_transformer(seed, **overrides)
+    model = build_meta_transformer(seed, **overrides)
+    before = parameters_by_name(model)
+    result = pass_.apply(model, ctx or PassContext())
+    assert_parameters_moved(before, model)
+    return reference, model, result
 
 
 def meta_mask(seqlen: int, start_pos: int = 0) -> torch.Tensor | None:

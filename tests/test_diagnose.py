@@ -22,6 +22,7 @@ from graphfix.diagnose import diagnose
 from graphfix.findings import Category
 from graphfix.report import Report
 from tests.fixtures import synthetic
+from tests.fixtures.tiny_hf import tiny_hf
 from tests.meta_models import strip_fairscale, tiny_meta_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,30 +140,11 @@ def test_meta_complex_rope_inductor_fallbacks() -> None:
     assert all(f.module_paths == ["layers.*.attention"] for f in fallbacks if f.location.line == line)
 
 
-def _tiny_hf(kind: str):
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
-    if kind == "mistral":
-        return MistralForCausalLM(MistralConfig(sliding_window=8, **common)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
-
-
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_hf_models_have_no_breaks_but_dynamic_cache_recompiles(kind: str) -> None:
     # A 4-token prompt lets Mistral's 8-token sliding window fill up during decode.
-    report = diagnose(_tiny_hf(kind), decode_steps=16, prefill_tokens=4, backend="eager")
+    window = {"sliding_window": 8} if kind == "mistral" else {}
+    report = diagnose(tiny_hf(kind, max_position_embeddings=128, **window), decode_steps=16, prefill_tokens=4, backend="eager")
     assert not report.graph_breaks
     assert not report.compile_failures
     assert report.recompiles, "DynamicCache recompiles after the prefill"

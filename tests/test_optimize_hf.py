@@ -19,47 +19,25 @@ import torch
 from graphfix import hf_runtime
 from graphfix.optimize import optimize
 from graphfix.verify import runner_for, verify
+from tests.fixtures.tiny_hf import tiny_hf
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "vocab_size": 128, "max_position_embeddings": 256}
 GEN = {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
 
-
-def _llama2():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=4))  # multi-head attention
-
-
-def _llama3():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
-    return LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=2, rope_scaling=scaling, rope_theta=500000.0))
-
-
-def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    return MistralForCausalLM(MistralConfig(**TINY, num_key_value_heads=2, sliding_window=6))
-
-
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(Qwen2Config(**TINY, num_key_value_heads=2))
-
-
-BUILDERS = {"llama2-mha": _llama2, "llama3-gqa-scaled-rope": _llama3, "mistral-sliding-window": _mistral,
-            "qwen2-qkv-bias": _qwen2}
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+BUILDERS = {  # (kind, config overrides of tests.fixtures.tiny_hf)
+    "llama2-mha": ("llama", {"num_key_value_heads": 4}),  # multi-head attention
+    "llama3-gqa-scaled-rope": ("llama", {"rope_scaling": LLAMA3_SCALING, "rope_theta": 500000.0}),
+    "mistral-sliding-window": ("mistral", {"sliding_window": 6}),
+    "qwen2-qkv-bias": ("qwen2", {}),
+}
 DIAGNOSED = ("llama3-gqa-scaled-rope", "mistral-sliding-window")
 """The before/after diagnoses cost ~10 s a model here: two architectures show them, all are verified."""
 
 
 def _build(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return BUILDERS[name]().eval()
+    kind, overrides = BUILDERS[name]
+    return tiny_hf(kind, seed, **overrides)
 
 
 @functools.cache

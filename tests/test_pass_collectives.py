@@ -12,8 +12,8 @@ from graphfix.blocks.source_rewrite import original_method, rewritten_source
 from graphfix.pass_manager import PassContext
 from passes.collectives import FunctionalCollectivesPass
 from tests.helpers_meta import (
+    apply_beside_reference,
     assert_parameters_moved,
-    build_meta_transformer,
     init_model_parallel,
     max_decode_diff,
     parameters_by_name,
@@ -61,13 +61,9 @@ def test_module_alone_equal_outputs_moved_parameters_idempotent():
 
 
 def test_whole_meta_model():
-    ref_model = build_meta_transformer(0)
-    model = build_meta_transformer(0)
-    before = parameters_by_name(model)
-    result = FunctionalCollectivesPass().apply(model, CTX)
+    ref_model, model, result = apply_beside_reference(FunctionalCollectivesPass(), CTX)
     assert result.rewritten == 2 * 7 + 2  # 7 parallel linears per layer, embedding, output
     assert not any(type(m).__module__.startswith("fairscale") for m in model.modules())
-    assert_parameters_moved(before, model)
     assert max_decode_diff(ref_model, model, torch.randint(0, 128, (2, 6)), steps=4) == 0.0
     assert FunctionalCollectivesPass().apply(model, CTX).rewritten == 0
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from graphfix.blocks.kv_cache import StaticKVCache
 from graphfix.blocks.meta_llama import has_tensor_core
 from graphfix.pass_manager import PassContext
 from passes.kv_cache import HF_NOTE, StaticKVCachePass
+from tests.fixtures.tiny_hf import tiny_hf
 from tests.helpers_meta import (
-    assert_parameters_moved,
+    apply_beside_reference,
     attention_max_diff,
     attention_pair,
     build_meta_transformer,
     max_decode_diff,
-    parameters_by_name,
     run_decode,
 )
 
@@ -23,25 +22,20 @@ CTX = PassContext()
 
 
 def test_attention_module_alone_prefill_and_decode():
-    model = build_meta_transformer(0)
-    attn, converted = attention_pair(model)
+    model, attn, converted = attention_pair()
     converted.use_static_cache(torch.float32, torch.device("cpu"))
     assert isinstance(converted.kv_cache, StaticKVCache) and not hasattr(converted, "cache_k")
     assert attention_max_diff(model, attn, converted, static_cache=True) <= 1e-5
 
 
 def test_whole_meta_model():
-    ref_model = build_meta_transformer(0)
-    model = build_meta_transformer(0)
-    before = parameters_by_name(model)
-    keys = set(model.state_dict())
-    result = StaticKVCachePass().apply(model, CTX)
+    ref_model, model, result = apply_beside_reference(StaticKVCachePass(), CTX)
     assert result.rewritten == 2 and not result.skipped
     assert has_tensor_core(model) and model.graphfix_cache_len == 64
     cache = model.layers[0].attention.kv_cache
     assert cache.k_cache.shape == (2, 2, 64, 16)  # (max_batch, kv_heads, max_seq_len, head_dim) from ModelArgs
-    assert_parameters_moved(before, model)
-    assert set(model.state_dict()) == keys  # caches are non-persistent: Meta checkpoints still load strictly
+    # caches are non-persistent: Meta checkpoints still load strictly
+    assert set(model.state_dict()) == set(ref_model.state_dict())
     ptr = cache.k_cache.data_ptr()
     assert max_decode_diff(ref_model, model, torch.randint(0, 128, (2, 6)), steps=8) <= 1e-5
     assert cache.k_cache.data_ptr() == ptr
@@ -62,8 +56,5 @@ def test_sliding_window_option():
 
 
 def test_hf_model_is_left_to_the_runtime():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
-    result = StaticKVCachePass().apply(transformers.LlamaForCausalLM(config), CTX)
+    result = StaticKVCachePass().apply(tiny_hf("llama"), CTX)
     assert result.rewritten == 0 and result.notes == [HF_NOTE]

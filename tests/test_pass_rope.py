@@ -8,12 +8,11 @@ import torch
 from graphfix.pass_manager import PassContext
 from passes.rope import RealRopePass
 from tests.helpers_meta import (
-    assert_parameters_moved,
+    apply_beside_reference,
     attention_max_diff,
     attention_pair,
     build_meta_transformer,
     max_decode_diff,
-    parameters_by_name,
 )
 
 meta_model = pytest.importorskip("llama_models.llama3.model")
@@ -21,8 +20,7 @@ CTX = PassContext()
 
 
 def test_attention_module_alone():
-    model = build_meta_transformer(0)
-    attn, converted = attention_pair(model)
+    model, attn, converted = attention_pair()
     converted.rope = "interleaved"
     assert converted.wq is attn.wq
     assert attention_max_diff(model, attn, converted, real_freqs=True) <= 1e-6
@@ -30,14 +28,10 @@ def test_attention_module_alone():
 
 @pytest.mark.parametrize("use_scaled_rope", [True, False])
 def test_whole_meta_model(use_scaled_rope):
-    ref_model = build_meta_transformer(0, use_scaled_rope=use_scaled_rope)
-    model = build_meta_transformer(0, use_scaled_rope=use_scaled_rope)
-    before = parameters_by_name(model)
-    result = RealRopePass().apply(model, CTX)
+    ref_model, model, result = apply_beside_reference(RealRopePass(), CTX, use_scaled_rope=use_scaled_rope)
     assert result.rewritten == 2 and not result.skipped
     assert not model.freqs_cis.is_complex() and model.freqs_cis.shape == (128, 8, 2)
     assert all(layer.attention.rope == "interleaved" for layer in model.layers)
-    assert_parameters_moved(before, model)
     assert max_decode_diff(ref_model, model, torch.randint(0, 128, (2, 6)), steps=6) <= 1e-5
     again = RealRopePass().apply(model, CTX)
     assert again.rewritten == 0 and again.notes

@@ -12,33 +12,21 @@ from torch import nn
 from graphfix.blocks.source_rewrite import rewritten_source
 from graphfix.pass_manager import PassContext
 from passes.sdpa import SdpaAttentionPass, SdpaContextPass
-from tests.helpers_meta import (
-    assert_parameters_moved,
-    attention_max_diff,
-    attention_pair,
-    build_meta_transformer,
-    max_decode_diff,
-    parameters_by_name,
-)
+from tests.helpers_meta import apply_beside_reference, attention_max_diff, attention_pair, max_decode_diff
 
 CTX = PassContext()
 
 
 def test_attention_module_alone_prefill_and_decode():
-    model = build_meta_transformer(0)
-    attn, converted = attention_pair(model)
+    model, attn, converted = attention_pair()
     converted.attention = "sdpa"
     assert attention_max_diff(model, attn, converted) <= 1e-5
 
 
 def test_whole_meta_model():
-    ref_model = build_meta_transformer(0)
-    model = build_meta_transformer(0)
-    before = parameters_by_name(model)
-    result = SdpaAttentionPass().apply(model, CTX)
+    ref_model, model, result = apply_beside_reference(SdpaAttentionPass(), CTX)
     assert result.rewritten == 2 and not result.skipped
     assert all(layer.attention.attention == "sdpa" for layer in model.layers)
-    assert_parameters_moved(before, model)
     assert max_decode_diff(ref_model, model, torch.randint(0, 128, (2, 6)), steps=6) <= 1e-5
     assert SdpaAttentionPass().apply(model, CTX).rewritten == 0
 

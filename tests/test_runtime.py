@@ -14,44 +14,29 @@ with Inductor (about a minute on two cores).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from graphfix.errors import InputError
 from graphfix.runtime import Generator, MetaStepModel, SamplingParams, from_hf, from_meta
 from graphfix.runtime.llama import LlamaDecoder
+from tests.fixtures.tiny_hf import tiny_hf as fixtures_tiny_hf
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4, 100, 22, 9, 8, 1, 17, 44]]
 NEW = 10
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 256}
 
 
 def tiny_hf(kind: str = "llama", seed: int = 0, **overrides):
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "mistral": (MistralConfig, MistralForCausalLM)}
-    config_cls, model_cls = classes[kind]
-    kwargs = {**TINY, **overrides}
+    """``tests.fixtures.tiny_hf`` with llama3 RoPE scaling for ``llama`` and large weights."""
     if kind == "llama":
-        kwargs.setdefault("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                              "original_max_position_embeddings": 32})
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs))
+        overrides.setdefault("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 32})
+    model = fixtures_tiny_hf(kind, seed, **overrides)
     with torch.no_grad():  # large weights: well separated logits, so greedy tokens are stable across kernels
         for p in model.parameters():
             p.normal_(0, 0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    return model.eval()
+    return model
 
 
 def hf_greedy(model, prompt: list[int], new: int = NEW) -> list[int]:

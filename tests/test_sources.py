@@ -6,21 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from graphfix import sources
 from graphfix.cli import main
 from graphfix.diagnose import diagnose
+from tests.fixtures.tiny_hf import tiny_hf
 
 
 def _tiny_llama_dir(tmp_path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
     out = tmp_path / "hf"
-    model.save_pretrained(out)
+    tiny_hf("llama", max_position_embeddings=2048).save_pretrained(out)  # LlamaConfig's default length
     return out
 
 
