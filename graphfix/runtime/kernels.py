@@ -1,21 +1,40 @@
-"""An optional Triton GEMV for batch-1 decode: ``graphfix::gemv(x[1, K], W[N, K]) -> [1, N]``.
+"""Triton GEMV kernels for batch-1 decode: ``graphfix::gemv`` and ``graphfix::fused_gemv``.
 
 A decode step at batch 1 is a chain of matrix-vector products that stream every
 weight once: their speed is the achieved read bandwidth. On an H100 (torch 2.11,
 cuBLAS "nvjet" kernels) the decode's linears alone ran at 2.57 TB/s, 0.86 of the
-card's 2.98 TB/s copy bandwidth (docs/benchmarks.md). This kernel is the
-experiment against that: each program owns ``BLOCK_N`` output rows and walks
-``K`` in ``BLOCK_K`` tiles of 16-byte loads (weights marked evict-first, so they do
-not push the activations out of L2), accumulating in float32; the tile sizes are
-autotuned per ``(N, K)`` on first use.
+card's 2.98 TB/s copy bandwidth (docs/benchmarks.md). The GEMV here is the answer
+to that: each program owns ``BLOCK_N`` output rows and walks ``K`` in ``BLOCK_K``
+tiles of 16-byte loads (weights marked evict-first, so they do not push the
+activations out of L2), accumulating in float32; tile sizes are autotuned per shape.
 
-It is registered with ``torch.library.triton_op``, so ``torch.compile`` (fullgraph,
-CUDA graphs) keeps it as a kernel call in the graph. ``use_triton_gemv(model)``
-switches a model's bias-free ``nn.Linear`` modules to ``GemvLinear``, which calls it
-only for one row on CUDA in bf16/fp16 and falls back to ``F.linear`` otherwise
-(prefill, larger batches, CPU, no Triton). Nothing moves: same modules, same
-parameters.
+``fused_gemv`` folds the small element-wise kernels around a linear into the GEMV,
+because at batch 1 each of them costs a launch and a round trip through memory
+(about a third of the gap to the bandwidth floor in the H100 profile):
+
+- prologue ``norm_weight``: RMSNorm of ``x``. Each program gathers the float32 sum of
+  squares of the one input row (L2-resident) in the same pass that streams the weights
+  and scales its dot products by ``rsqrt(mean(x^2) + eps)`` at the end. A first version
+  normalized ``x`` before the pass, with eager's bf16 rounding of ``x * rstd``: the
+  pre-pass delayed every program's weight stream and made the GEMVs 5% slower on an
+  H100. So this prologue is not bit-exact with eager RMSNorm (its intermediate is not
+  rounded to the dtype); ``kernel_check`` bounds the difference;
+- prologue ``silu``: ``x`` is ``[gate | up]`` (the fused ``w13`` output) and the
+  GEMV input is ``silu(gate) * up``, each rounded to the dtype as eager does;
+- epilogue ``bias`` and ``residual``: ``(x @ w.T + bias).to(dtype) + residual``.
+
+``fused_linear`` is what the decoder calls: the Triton op for one row on CUDA in
+bf16/fp16, and ``fused_linear_reference`` (the same arithmetic in eager ops)
+everywhere else, so the model's code path is the same on CPU and GPU and the CPU
+tests exercise it. Both ops are registered with ``torch.library.triton_op``, so
+``torch.compile`` (fullgraph, CUDA graphs) keeps them as kernel calls in the graph.
+``use_triton_gemv(model)`` switches a model's bias-free ``nn.Linear`` modules to
+``GemvLinear`` (plain GEMV, no fusion); nothing moves.
 """
+
+from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,60 +43,133 @@ from torch import nn
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: GemvLinear is then plain nn.Linear
+except ImportError:  # CPU-only installs: the reference implementations run instead
     triton = None
     tl = None
 
 HAS_TRITON = triton is not None
-
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton's interpreter (CPU tests): it cannot time configurations, so one fixed small tile is used."""
+INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
 
 CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (8, 256, 4, 4), (16, 256, 4, 4), (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3),
+    (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 128, 4, 4),
+    (32, 256, 8, 3), (64, 128, 8, 3),
 ]
+FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def fused_linear_reference(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+                           eps: float = 0.0, silu: bool = False, bias: torch.Tensor | None = None,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The arithmetic of ``fused_gemv`` in eager ops, in the order the Hugging Face and Meta models use."""
+    if silu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm_weight is not None:
+        xf = x.float()
+        x = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    out = F.linear(x, weight, bias)
+    return out if residual is None else residual + out
+
 
 if HAS_TRITON:
 
-    def _gemv_body(x_ptr, w_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr):
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, b_ptr, res_ptr, N, K, stride_wn, eps,
+                     NORM: tl.constexpr, SILU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         mask_n = rn < N
+        dtype = out_ptr.dtype.element_ty
+        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: sum of squares, gathered in the main loop
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
-        x_ptrs = x_ptr + rk
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             if EVEN_K:
+                mask_k = rk < BLOCK_K
                 w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
-                xv = tl.load(x_ptrs)
             else:
                 mask_k = k + rk < K
                 w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_first")
-                xv = tl.load(x_ptrs, mask=mask_k, other=0.0)
-            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+            if SILU:  # x = [gate | up]: silu(gate) * up, each rounded to the dtype like eager
+                g = tl.load(x_ptr + k + rk, mask=mask_k, other=0.0).to(tl.float32)
+                u = tl.load(x_ptr + K + k + rk, mask=mask_k, other=0.0).to(tl.float32)
+                a = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+                xv = (a * u).to(dtype).to(tl.float32)
+            else:
+                xv = tl.load(x_ptr + k + rk, mask=mask_k, other=0.0).to(tl.float32)
+            if NORM:
+                sq += xv * xv
+                xv = xv * tl.load(nw_ptr + k + rk, mask=mask_k, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * xv[None, :]
             w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
         out = tl.sum(acc, axis=1)
-        tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+        if NORM:  # w . (nw * x) * rstd: the statistics come with the same pass over x, no pre-pass before streaming
+            out = out * (1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)).to(tl.float32)
+        if BIAS:
+            out += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            out = out.to(dtype).to(tl.float32) + tl.load(res_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn, out.to(dtype), mask=mask_n)
 
-    gemv_kernel = triton.jit(_gemv_body)
     gemv_kernel_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in CONFIGS],
-        key=["N", "K"],
-    )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(gemv_kernel))
+        key=["N", "K", "NORM", "SILU", "BIAS", "RESIDUAL"],
+    )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemv_kernel))
 
-    @torch.library.triton_op("graphfix::gemv", mutates_args={})
-    def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``x @ w.T`` for one row ``x`` (``(1, K)``) and ``w`` ``(N, K)`` with unit stride along K."""
+    def _launch(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
+                bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
         n, k = w.shape
-        x = x.reshape(1, k).contiguous()
+        x = x.reshape(-1).contiguous()
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+        res = residual.reshape(-1).contiguous() if residual is not None else out
+        nw = norm_weight if norm_weight is not None else out
+        b = bias if bias is not None else out
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-        torch.library.wrap_triton(gemv_kernel_tuned)[grid](x, w, out, n, k, w.stride(0))
+        flags = {"NORM": norm_weight is not None, "SILU": silu, "BIAS": bias is not None,
+                 "RESIDUAL": residual is not None}
+        if INTERPRET:
+            tile = dict(INTERPRET_CONFIG, EVEN_K=k % INTERPRET_CONFIG["BLOCK_K"] == 0)
+            torch.library.wrap_triton(_gemv_kernel)[grid(tile)](x, w, out, nw, b, res, n, k, w.stride(0), eps,
+                                                               **flags, **tile)
+        else:
+            torch.library.wrap_triton(gemv_kernel_tuned)[grid](x, w, out, nw, b, res, n, k, w.stride(0), eps,
+                                                                **flags)
         return out
+
+    @torch.library.triton_op("graphfix::gemv", mutates_args={})
+    def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T`` for one row ``x`` (``(1, K)``) and ``w`` ``(N, K)`` with unit stride along K."""
+        return _launch(x, w, None, 0.0, False, None, None)
+
+    @torch.library.triton_op("graphfix::fused_gemv", mutates_args={})
+    def fused_gemv(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
+                   bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+        """``fused_linear_reference`` for one row, as one kernel: returns ``(1, N)``."""
+        return _launch(x, w, norm_weight, eps, silu, bias, residual)
+
+
+def triton_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the Triton GEMV serves this call: one row, CUDA, bf16/fp16, unit stride along K."""
+    return (HAS_TRITON and x.is_cuda and x.dtype == weight.dtype and weight.dtype in FUSED_DTYPES
+            and weight.stride(1) == 1 and x.shape[:-1].numel() == 1)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+                 eps: float = 0.0, silu: bool = False, bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(prologue(x)) + epilogue``: one Triton kernel where it applies, the eager reference elsewhere."""
+    if triton_gemv_applies(x, weight):
+        out = torch.ops.graphfix.fused_gemv(x, weight, norm_weight, eps, silu, bias, residual)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return fused_linear_reference(x, weight, norm_weight=norm_weight, eps=eps, silu=silu, bias=bias,
+                                  residual=residual)
 
 
 class GemvLinear(nn.Linear):
@@ -85,8 +177,7 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (HAS_TRITON and x.is_cuda and self.bias is None and x.dtype == w.dtype
-                and w.dtype in (torch.bfloat16, torch.float16) and w.stride(1) == 1 and x.shape[:-1].numel() == 1):
+        if self.bias is None and triton_gemv_applies(x, w):
             return torch.ops.graphfix.gemv(x, w).view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w, self.bias)
 

@@ -40,6 +40,8 @@ from graphfix.blocks.rope import (
     rope_tables,
 )
 from graphfix.errors import InputError, UnsupportedModelError
+from graphfix.runtime.attention_kernel import decode_attention
+from graphfix.runtime.kernels import fused_linear
 
 CACHE_ALIGN = 64
 """Cache lengths are rounded up to a multiple of this (aligned attention-bias rows for the fused SDPA kernels)."""
@@ -197,6 +199,19 @@ class Attention(nn.Module):
             return apply_rotary_half(x, cos, sin)
         return apply_rotary_interleaved(x, cos, sin)
 
+    def rotate_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor,
+                         kv_len: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotate q and k, write k and v into the cache: ``q`` ``(B, T, H, D)`` and the cache ``(B, KV, S, D)``."""
+        bsz, seqlen, _ = q.shape
+        q = self._rope(q.view(bsz, seqlen, self.n_heads, self.head_dim), cos, sin)
+        k = self._rope(k.view(bsz, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        keys, values = self.kv_cache.update_rows(input_pos, k, v)
+        if kv_len is not None:  # a static prefix of the cache: the caller keeps every position below kv_len
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        return q, keys, values
+
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -204,12 +219,7 @@ class Attention(nn.Module):
             q, k, v = self.wqkv(x).split(self.split, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = self._rope(q.view(bsz, seqlen, self.n_heads, self.head_dim), cos, sin)
-        k = self._rope(k.view(bsz, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        keys, values = self.kv_cache.update_rows(input_pos, k, v)
-        if kv_len is not None:  # a static prefix of the cache: the caller keeps every position below kv_len
-            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        q, keys, values = self.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
         # Grouped-query heads folded into query rows: query head h = j * n_rep + r uses KV head j,
         # so (B, T, KV, n_rep, D) -> (B, KV, n_rep * T, D) attends to (B, KV, S, D) without expanding K/V.
         n_rep = self.n_heads // self.n_kv_heads
@@ -251,6 +261,34 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), input_pos, cos, sin, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def decode_fused(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     kv_len: int | None = None, fuse_linears: bool = True) -> torch.Tensor:
+        """One token per row with the decode kernels: the same arithmetic as ``forward``, in five kernels.
+
+        RMSNorm into the q/k/v and gate/up GEMVs, the residual adds into the o and down GEMVs,
+        SiLU·mul into the down GEMV, and split-KV attention with the mask taken from the
+        positions (``graphfix.runtime.kernels``, ``graphfix.runtime.attention_kernel``; their
+        eager references elsewhere than CUDA). Needs the fused ``wqkv``/``w13`` layout.
+        ``fuse_linears=False``: only the attention kernel; norms, SiLU and adds stay separate.
+        """
+        attn, ffn = self.attention, self.feed_forward
+        bsz = x.shape[0]
+        if not fuse_linears:  # the split-KV attention alone; the linears stay modules (GemvLinear, cuBLAS)
+            q, k, v = attn.wqkv(self.attention_norm(x)).split(attn.split, dim=-1)
+            q, keys, values = attn.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
+            y = decode_attention(q.view(bsz, attn.n_heads, attn.head_dim), keys, values, input_pos[:, 0], attn.window)
+            h = x + attn.wo(y.view(bsz, 1, -1))
+            gate, up = ffn.w13(self.ffn_norm(h)).chunk(2, dim=-1)
+            return h + ffn.w2(F.silu(gate) * up)
+        qkv = fused_linear(x, attn.wqkv.weight, norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps,
+                           bias=attn.wqkv.bias)
+        q, k, v = qkv.split(attn.split, dim=-1)
+        q, keys, values = attn.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
+        y = decode_attention(q.view(bsz, attn.n_heads, attn.head_dim), keys, values, input_pos[:, 0], attn.window)
+        h = fused_linear(y.view(bsz, 1, -1), attn.wo.weight, bias=attn.wo.bias, residual=x)
+        gate_up = fused_linear(h, ffn.w13.weight, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps)
+        return fused_linear(gate_up, ffn.w2.weight, silu=True, residual=h)
+
 
 class LlamaDecoder(nn.Module):
     """A Llama-family decoder implementing ``StepModel`` (see ``graphfix.runtime.protocol``).
@@ -273,6 +311,7 @@ class LlamaDecoder(nn.Module):
         self.output = _meta_linear(cfg.dim, cfg.vocab_size, False)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.decode_kernels = False
 
     def allocate(self, max_batch_size: int, max_seq_len: int) -> LlamaDecoder:
         """Allocate the KV caches (``max_seq_len`` rounded up to ``CACHE_ALIGN``) and the RoPE tables."""
@@ -321,15 +360,34 @@ class LlamaDecoder(nn.Module):
         h = self.tok_embeddings(tokens)
         cos = self.rope_cos[input_pos].unsqueeze(2)
         sin = self.rope_sin[input_pos].unsqueeze(2)
+        kernels = bool(self.decode_kernels) and tokens.shape[0] * tokens.shape[1] == 1  # GEMVs: one row
+        fuse_linears = self.decode_kernels == "all"
         masks: dict[int | None, torch.Tensor] = {}
         for layer in self.layers:
+            if kernels:
+                h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears)
+                continue
             window = layer.attention.window
             if window not in masks:
                 masks[window] = self._mask(input_pos, window, h.dtype, kv_len)
             h = layer(h, input_pos, cos, sin, masks[window], kv_len)
         if logits_index is not None:
             h = h.gather(1, logits_index.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
+        if kernels and fuse_linears:
+            return fused_linear(h, self.output.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
         return self.output(self.norm(h))
+
+    def use_decode_kernels(self, enabled: bool = True, fuse_linears: bool = True) -> LlamaDecoder:
+        """Run batch-1 decode steps through ``Block.decode_fused`` (five kernels a layer); needs ``fuse=True``.
+
+        ``fuse_linears=False``: the split-KV attention kernel only. Prefill and larger
+        batches (GEMMs, where cuBLAS wins) keep the standard path. Compiled graphs made before the switch keep what they traced.
+        """
+        if enabled and not self.fused:
+            raise InputError("the decode kernels need the fused q/k/v and gate/up layout",
+                             hint="build the decoder with fuse=True")
+        self.decode_kernels: str | bool = ("all" if fuse_linears else "attention") if enabled else False
+        return self
 
     forward = step
 

@@ -97,23 +97,75 @@ def correctness(device: torch.device, kind: str) -> dict[str, Any]:
     return out
 
 
-def variants(device: torch.device, layers: int, budget: Budget, new: int = 128) -> list[dict[str, Any]]:
+def decode_kernels_parity(device: torch.device, kind: str) -> dict[str, Any]:
+    """The decode kernels (fp16, where they apply) against the standard path.
+
+    One step's logits on the same cache; then greedy tokens of three engines against the
+    eager standard path: the kernels run eagerly (the kernels' own effect), and the
+    standard path and the kernels compiled (Inductor, CUDA graphs, no recompile after
+    warmup: the compiler's effect). Random tiny fp16 models have close logits, so a
+    late divergence in rounding is expected; an early one is a bug.
+    """
     from graphfix.runtime import Generator, from_hf
+
+    new = 24
+    model = _tiny_hf(kind, device).half()
+    dec = from_hf(model, max_batch_size=2, max_seq_len=128, share=True)
+    tokens, pos = torch.tensor([[7]], device=device), torch.tensor([[9]], device=device)
+
+    def greedy(gen: Any) -> list[list[int]]:
+        return [gen.generate([p], new).tokens[0] for p in PROMPTS]
+
+    with torch.no_grad():
+        dec.step(torch.tensor([list(range(10))], device=device), torch.arange(10, device=device)[None])
+        plain_logits = dec.step(tokens, pos).float()
+        kernel_logits = dec.use_decode_kernels().step(tokens, pos).float()  # same cache, same position
+        refs = greedy(Generator(dec.use_decode_kernels(False), compile=False))
+        eager_kernels = greedy(Generator(dec.use_decode_kernels(), compile=False))
+    compiled_plain = Generator(dec.use_decode_kernels(False))
+    compiled_plain.warmup(batch_sizes=(1,))
+    compiled_kernels = Generator(dec.use_decode_kernels())
+    compiled_kernels.warmup(batch_sizes=(1,))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = {"eager_kernels": eager_kernels, "compiled_standard": greedy(compiled_plain),
+               "compiled_kernels": greedy(compiled_kernels)}
+    err = ((kernel_logits - plain_logits).norm() / plain_logits.norm()).item()
+
+    def first_difference(rows: list[list[int]]) -> int | None:
+        firsts = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), None) for g, r in zip(rows, refs)]
+        found = [f for f in firsts if f is not None]
+        return min(found) if found else None
+
+    return {"model": kind, "dtype": "float16", "logits_rel_error": err, "tokens_per_prompt": new,
+            "first_difference_from_eager_standard": {k: first_difference(v) for k, v in got.items()}}
+
+
+def variants(device: torch.device, layers: int, budget: Budget, new: int = 128,
+             only: list[str] | None = None) -> list[dict[str, Any]]:
+    from graphfix.runtime import Generator, from_hf
+    from graphfix.runtime.kernels import use_triton_gemv
     from graphfix.runtime.presets import random_hf_model
 
     model = random_hf_model("llama-2-7b", device, torch.bfloat16, num_hidden_layers=layers)
     ids = [[101, 2000, 3000, 4000, 5000]]
     rows = []
-    plan = [("fused", True, {}), ("unfused", False, {}), ("fused+cdt", True, {"coordinate_descent_tuning": True}),
+    plan = [("fused", True, {}), ("gemv", True, {}), ("kernels", True, {}), ("unfused", False, {}),
+            ("fused+cdt", True, {"coordinate_descent_tuning": True}),
             ("fused+max_autotune", True, {"max_autotune": True, "coordinate_descent_tuning": True})]
     last_compile = 20.0
     for name, fuse, opts in plan:
+        if only and name not in only:
+            continue
         need = (3 if "max_autotune" in opts else 1.3) * last_compile + 10
         if not budget.fits(need):
             rows.append({"variant": name, "skipped": f"{budget.left():.0f} s left, about {need:.0f} s needed"})
             continue
         try:
             dec = from_hf(model, 1, 256, fuse=fuse, share=True)
+            if name == "gemv":
+                use_triton_gemv(dec)
+            elif name == "kernels":
+                dec.use_decode_kernels()
             gen = Generator(dec, inductor_options=opts)
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -135,12 +187,25 @@ def variants(device: torch.device, layers: int, budget: Budget, new: int = 128) 
     return rows
 
 
+def _checked(label: str, check: Any) -> dict[str, Any]:
+    """``check()``'s result, or its failure with the trace; printed either way."""
+    try:
+        res = check()
+    except Exception as exc:  # noqa: BLE001 - any failure is the check's result, recorded with its trace
+        res = {"error": f"{type(exc).__name__}: {exc}"[:800], "trace": traceback.format_exc()[-3000:]}
+    print(f"[selfcheck] {label}: {json.dumps({k: v for k, v in res.items() if k != 'trace'})}", flush=True)
+    if "trace" in res:
+        print(res["trace"], flush=True)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", dest="json_path")
     p.add_argument("--budget", type=float, default=200.0)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--variants", help="comma list: fused, gemv, kernels, unfused, fused+cdt, fused+max_autotune")
     args = p.parse_args(argv)
     budget = Budget(args.budget)
     device = torch.device(args.device)
@@ -166,23 +231,28 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "qwen2" and not budget.fits(120):
             doc[f"correctness_{kind}"] = {"skipped": "budget"}
             continue
-        try:
-            res = correctness(device, kind)
-            ok &= all(res[k] for k in ("eager_equal_hf", "batch2_equal_hf", "batch1_equal_hf", "reuse_equal",
-                                       "seeded_sampling_repeatable", "top_k1_equals_greedy"))
-            ok &= res["eos_row0_len"] == res["eos_row0_expected_len"]
-        except Exception as exc:  # noqa: BLE001 - any failure is the check's result, recorded with its trace
-            res = {"error": f"{type(exc).__name__}: {exc}"[:800], "trace": traceback.format_exc()[-3000:]}
-            ok = False
+        res = _checked(f"correctness {kind}", lambda kind=kind: correctness(device, kind))
+        ok &= "error" not in res and all(res[k] for k in (
+            "eager_equal_hf", "batch2_equal_hf", "batch1_equal_hf", "reuse_equal", "seeded_sampling_repeatable",
+            "top_k1_equals_greedy")) and res["eos_row0_len"] == res["eos_row0_expected_len"]
         doc[f"correctness_{kind}"] = res
-        print(f"[selfcheck] correctness {kind}: {json.dumps({k: v for k, v in res.items() if k != 'trace'})}",
-              flush=True)
-        if "trace" in res:
-            print(res["trace"], flush=True)
+        flush()
+    if device.type == "cuda":
+        from graphfix.runtime import kernel_check
+
+        rows = kernel_check.run("cuda", "bfloat16")
+        doc["kernel_check"] = rows
+        ok &= all(r["ok"] for r in rows)
+        print(f"[selfcheck] kernel_check bf16: worst {max(r['rel_error'] for r in rows):.2e}, "
+              f"{sum(r['ok'] for r in rows)}/{len(rows)} within tolerance", flush=True)
+        for kind in ("llama", "qwen2"):
+            res = _checked(f"decode kernels {kind}", lambda kind=kind: decode_kernels_parity(device, kind))
+            ok &= "error" not in res and res["logits_rel_error"] < 5e-3
+            doc[f"decode_kernels_{kind}"] = res
         flush()
     doc["correct"] = ok
     if device.type == "cuda":
-        doc["variants"] = variants(device, args.layers, budget)
+        doc["variants"] = variants(device, args.layers, budget, only=args.variants.split(",") if args.variants else None)
     flush()
     print(f"[selfcheck] done, correct={ok}, {budget.left():.0f} s of budget left", flush=True)
     return 0 if ok else 1

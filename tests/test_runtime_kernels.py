@@ -1,0 +1,93 @@
+"""The decode kernels: ``LlamaDecoder.use_decode_kernels`` and the Triton kernels behind it, on CPU.
+
+The decoder's kernel path (``Block.decode_fused``: RMSNorm folded into the GEMVs,
+residual adds and SiLU·mul into them, split-KV attention with the mask taken from the
+positions) runs the eager references on CPU, so its structure and arithmetic are
+checked here against the standard path and Hugging Face. The Triton kernels themselves
+run in Triton's interpreter on CPU tensors (``graphfix.runtime.kernel_check --interpret``);
+on a GPU the same check runs compiled (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from graphfix.errors import InputError
+from graphfix.runtime import Generator, from_hf
+from graphfix.runtime.attention_kernel import BLOCK_S, decode_attention_reference, split_plan
+from tests.test_runtime import PROMPTS, hf_greedy, tiny_hf
+
+NEW = 12
+
+
+@pytest.mark.parametrize("kind,overrides,fuse_linears", [("llama", {}, True), ("llama", {}, False), ("qwen2", {}, True),
+                                                         ("mistral", {"sliding_window": 4}, True)])
+def test_decode_kernels_path_gives_hf_greedy_tokens_and_the_same_logits(kind, overrides, fuse_linears):
+    model = tiny_hf(kind, **overrides)
+    refs = [hf_greedy(model, p, NEW) for p in PROMPTS]
+    dec = from_hf(model, max_batch_size=2, max_seq_len=64, share=True)
+    tokens, pos = torch.tensor([[7], [9]]), torch.tensor([[20], [3]])
+    with torch.no_grad():
+        plain = Generator(dec, compile=False).generate(PROMPTS, NEW).tokens
+        before = dec.step(tokens, pos)
+        dec.use_decode_kernels(fuse_linears=fuse_linears)
+        after = dec.step(tokens, pos)
+        fused = Generator(dec, compile=False).generate(PROMPTS, NEW).tokens
+    assert plain == refs and fused == refs
+    assert dec.decode_kernels == ("all" if fuse_linears else "attention")
+    assert torch.allclose(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_kernels_compile_fullgraph_without_recompiles():
+    model = tiny_hf("llama")
+    refs = [hf_greedy(model, p, NEW) for p in PROMPTS]
+    dec = from_hf(model, max_batch_size=2, max_seq_len=64, share=True).use_decode_kernels()
+    gen = Generator(dec, backend="aot_eager", kv_buckets=(16, 32))
+    gen.warmup(batch_sizes=(1, 2))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert gen.generate(PROMPTS, NEW).tokens == refs
+        assert gen.generate(PROMPTS[:1], NEW).tokens == refs[:1]
+
+
+def test_decode_kernels_need_the_fused_layout():
+    dec = from_hf(tiny_hf("llama"), max_batch_size=1, max_seq_len=32, fuse=False)
+    with pytest.raises(InputError, match="fused"):
+        dec.use_decode_kernels()
+    assert dec.use_decode_kernels(False).decode_kernels is False
+
+
+@pytest.mark.parametrize("heads,kv_len", [(32, 256), (32, 2048), (256, 64), (1, 40), (8, 4096)])
+def test_split_plan_covers_the_cache_in_aligned_chunks(heads, kv_len):
+    splits, chunk = split_plan(heads, kv_len)
+    assert chunk % BLOCK_S == 0 and splits * chunk >= kv_len > (splits - 1) * chunk
+    assert heads * splits <= max(heads, 256 + heads)  # about TARGET_PROGRAMS blocks, never fewer than the heads
+
+
+def test_attention_reference_masks_by_position_and_window():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    pos = torch.tensor([5, 15])
+    out = decode_attention_reference(q, k, v, pos, window=3)
+    for b, p in enumerate(pos.tolist()):  # row b sees slots p-2 .. p of its KV head
+        for h in range(4):
+            keys, values = k[b, h // 2, p - 2: p + 1], v[b, h // 2, p - 2: p + 1]
+            weights = torch.softmax(keys @ q[b, h] / 8 ** 0.5, dim=0)
+            assert torch.allclose(out[b, h], weights @ values, atol=1e-6)
+
+
+def test_triton_kernels_in_the_interpreter_match_the_references():
+    import triton  # noqa: F401 - a test dependency (pyproject's [test] extra): its absence is a failure, not a skip
+
+    proc = subprocess.run([sys.executable, "-m", "graphfix.runtime.kernel_check", "--interpret"],
+                          check=False, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"gemv", "fused_gemv", "decode_attention"}
+    assert any(r.get("window") for r in rows) and any(r.get("splits", 1) > 2 for r in rows)
+    assert all(r["ok"] and r["rel_error"] < 1e-4 for r in rows)
