@@ -214,7 +214,7 @@ class Generator:
                  prefill: str = "dynamic", buckets: Sequence[int] = DEFAULT_BUCKETS, max_prefill_chunk: int = 2048,
                  cuda_graphs: bool = True, inductor_options: dict[str, Any] | None = None,
                  stream_interval: int = 8, check_interval: int = 16, max_eos: int = 8,
-                 kv_buckets: Sequence[int] | None = None) -> None:
+                 kv_buckets: Sequence[int] | None = None, graph_prefill: Sequence[int] = (16,)) -> None:
         if prefill not in ("dynamic", "buckets"):
             raise ValueError(f"prefill must be 'dynamic' or 'buckets', got {prefill!r}")
         self.model = model
@@ -229,6 +229,7 @@ class Generator:
         if kv_buckets and supports_kv_len(model):
             self.kv_buckets = sorted({min(int(b), seq) for b in kv_buckets} | {seq})
         self.cuda_graphs = cuda_graphs and compile and backend == "inductor" and self.device.type == "cuda"
+        self.graph_prefill = {int(n) for n in graph_prefill} if compile and prefill == "dynamic" else set()
         self.inductor_options = dict(inductor_options or {})
         self.stream_interval = max(1, stream_interval)
         self.check_interval = max(1, check_interval)
@@ -262,6 +263,8 @@ class Generator:
             if kind == "prefill":
                 dynamic = None if self.prefill_mode == "dynamic" else False  # dynamic: mark_dynamic on T only
                 fn = self._compiled(_make_prefill(self.model, self._use_index), False, dynamic)
+            elif kind == "prefill-graph":
+                fn = self._compiled(_make_prefill(self.model, self._use_index), self.cuda_graphs)
             elif kind == "first":
                 fn = self._compiled(_make_first(key[2]), False)
             else:
@@ -319,11 +322,16 @@ class Generator:
         last_idx = torch.tensor([n - 1 for n in lengths], dtype=torch.long).to(self.device, non_blocking=True)
         state.lengths.copy_(last_idx + 1)
         last = None
+        graphed = len(plan) == 1 and plan[0][1] in self.graph_prefill
         for start, size in plan:
             tokens = padded[:, start:start + size].clone()  # never a view: views add guards on their base
             pos = torch.arange(start, start + size, device=self.device).clamp_(max=seq - 1)
             pos = pos.unsqueeze(0).expand(batch, size).contiguous()
             gather = (last_idx - start).clamp(0, size - 1)
+            if graphed:  # its logits live in the graph's pool until the next replay: used at once by "first"
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self._fn(("prefill-graph", batch, size))(tokens, pos, gather)
             key = ("prefill", batch, size if self.prefill_mode == "buckets" else "dynamic")
             if self.compile and self.prefill_mode == "dynamic":
                 bound = max(seq, self.max_prefill_chunk) + PAD_MULTIPLE
@@ -372,6 +380,7 @@ class Generator:
             self._fn(("first", batch, mode))(logits, state.tokens, state.pos, state.done, state.out, state.step,
                                               state.lengths, state.seeds, state.temperature, state.top_k,
                                               state.top_p, state.eos)
+            del logits  # a CUDA-graphed prefill's output: the next replay reuses its memory
             t1 = self._clock.mark()
             longest = max(len(r) for r in rows)
             args = state.args()
@@ -448,6 +457,7 @@ class Generator:
         seq = self.model.max_seq_len
         if prompt_lengths is None:
             prompt_lengths = self.buckets if self.prefill_mode == "buckets" else [min(32, seq - WARMUP_NEW_TOKENS)]
+            prompt_lengths = [*prompt_lengths, *(n for n in sorted(self.graph_prefill) if n not in prompt_lengths)]
         for mode in modes:
             if mode not in MODES:
                 raise ValueError(f"unknown sampling mode {mode!r}; one of {MODES}")
@@ -459,7 +469,9 @@ class Generator:
         def run(batch: int, length: int, mode: str, label: str) -> None:
             length = max(1, min(int(length), seq - new))
             t = time.perf_counter()
-            self.generate([[0] * length] * batch, new, sampling=params[mode])
+            # a CUDA-graphed prefill is run, then recorded, then replayed: three requests reach its replay
+            for _ in range(3 if self._chunk_len(length) in self.graph_prefill and length <= self._chunk_len(length) else 1):
+                self.generate([[0] * length] * batch, new, sampling=params[mode])
             timings[f"batch{batch}/{label}/{mode}"] = time.perf_counter() - t
 
         for batch in batch_sizes:
