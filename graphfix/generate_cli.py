@@ -47,6 +47,9 @@ def add_parser(subparsers: Any) -> None:
                    help="torch.compile backend (default: inductor on cuda, aot_eager on cpu)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--triton-gemv", action="store_true", help="batch-1 decode linears through graphfix's Triton GEMV")
+    p.add_argument("--decode-kernels", action="store_true",
+                   help="batch-1 decode through graphfix's Triton kernels (norm/SiLU/residual folded into the GEMVs, "
+                        "split-KV attention); their eager references off CUDA")
     p.add_argument("--unfused", action="store_true", help="keep q/k/v and gate/up as separate linears")
     p.add_argument("--max-seq-len", type=int, default=None, help="cache length (default: longest prompt + new tokens)")
     p.add_argument("--cache-dir", default=None, help="persistent compile cache (warm starts)")
@@ -146,6 +149,8 @@ def run_generate(args: argparse.Namespace) -> int:
     step_model = build_step_model(model, len(rows), seq, fuse=not args.unfused)
     if args.triton_gemv:
         use_triton_gemv(step_model)
+    if args.decode_kernels:
+        step_model.use_decode_kernels()
     gen = Generator(step_model, compile=args.compile, backend=backend, cuda_graphs=not args.no_cuda_graphs)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:

@@ -39,6 +39,11 @@ def test_generate_from_an_hf_folder_equals_hf_greedy(hf_dir, capsys):
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["tokens"] == refs and out["text"] == [None, None]
+    # batch 1 through the decode kernels' path (their eager references on CPU)
+    args = _parse(["-q", "generate", str(path), "--prompt-ids", "5,7,9,11", "--max-new-tokens", "6", "--device", "cpu",
+                   "--dtype", "fp32", "--no-compile", "--json", "--decode-kernels"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == refs[:1]
 
 
 def test_generate_bad_inputs_are_input_errors(hf_dir):

@@ -43,7 +43,7 @@ import torch
 SCHEMA = "graphfix.bench_decode/1"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SYSTEMS = ("copy", "graphfix", "hf-static", "hf-eager")
-VARIANTS = ("fused", "gemv", "unfused")
+VARIANTS = ("fused", "gemv", "kernels", "attention", "unfused")
 QUICK = {"model": "llama-2-7b", "batch_sizes": "1", "prompt_len": 5, "new_tokens": 200,
          "systems": "copy,graphfix,hf-static", "ttft_lengths": "", "variants": "fused", "warm_start": False}
 FULL = {"model": "llama-2-7b", "batch_sizes": "1,8", "prompt_len": 5, "new_tokens": 200,
@@ -359,6 +359,12 @@ def child_warm(args) -> int:
     device = torch.device(args.device)
     model = _load_model(args, device)
     dec = from_hf(model, max_batch_size=max(_ints(args.batch_sizes)), max_seq_len=_max_seq(args), fuse=True)
+    if args.variants in ("gemv", "attention"):  # the parent measured this variant first: the cache holds its graphs
+        from graphfix.runtime.kernels import use_triton_gemv
+
+        use_triton_gemv(dec)
+    if args.variants in ("kernels", "attention"):
+        dec.use_decode_kernels(fuse_linears=args.variants == "kernels")
     gen = _generator(dec, args)
     _sync(device)
     t1 = _now()
@@ -459,7 +465,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ttft-lengths", help="comma list of prompt lengths for time to first token (default 512,2048)")
     p.add_argument("--variants", help="graphfix variants, the first measured first: fused (cuBLAS), gemv (fused + "
-                   "the Triton GEMV of graphfix.runtime.kernels for batch 1), unfused (default all three)")
+                   "the Triton GEMV of graphfix.runtime.kernels for batch 1), kernels (fused + the decode kernels: norm/SiLU/"
+                   "residual folded into Triton GEMVs and split-KV attention, batch 1), attention (gemv + the split-KV "
+                   "attention only), unfused (default all five)")
     p.add_argument("--warm-start", dest="warm_start", action="store_true", default=None,
                    help="measure a second process's warmup with the compile cache")
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false")
@@ -508,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.cache_dir:
         args.cache_dir = tempfile.mkdtemp(prefix="graphfix-bench-cache-")
     from graphfix.runtime import CompileCache, from_hf
-    from graphfix.runtime.kernels import HAS_TRITON, use_triton_gemv
+    from graphfix.runtime.kernels import HAS_TRITON, use_cublas, use_triton_gemv
 
     CompileCache(args.cache_dir).activate()
     import transformers
@@ -550,6 +558,39 @@ def run(args: argparse.Namespace) -> int:
                                    args.profile))
         return gen
 
+    def prepare_variant(variant: str, dec) -> Any:
+        """Switch ``dec`` to ``variant`` (or build the unfused decoder); ``None`` when it cannot run (recorded)."""
+        use_cublas(dec)
+        dec.use_decode_kernels(False)
+        if variant == "fused":
+            return dec
+        if variant == "unfused":
+            return from_hf(model, max_batch_size=1, max_seq_len=seq, fuse=False, share=True)
+        if variant not in VARIANTS:
+            res.skip(f"graphfix {variant}", "unknown variant")
+            return None
+        if not HAS_TRITON or device.type != "cuda":
+            res.skip(f"graphfix {variant}", "needs triton and CUDA")
+            return None
+        if variant == "gemv":
+            use_triton_gemv(dec)
+            err = res.doc["gemv_rel_error"] = check_gemv(dec, device)
+            if not err < 2e-2:
+                res.skip("graphfix gemv", f"relative error {err:.2e} against F.linear")
+                return None
+            return dec
+        from graphfix.runtime import kernel_check
+
+        rows = res.doc["kernel_check"] = kernel_check.run(device.type, str(dec.output.weight.dtype)[len("torch."):])
+        bad = [r for r in rows if not r["ok"]]
+        if bad:
+            res.skip("graphfix kernels", "kernel_check failed: " + json.dumps(bad)[:300])
+            return None
+        if variant == "attention":
+            use_triton_gemv(dec)
+        dec.use_decode_kernels(fuse_linears=variant == "kernels")
+        return dec
+
     def compile_estimate(scale: float = 1.0) -> float:
         return scale * (max(cold.values()) if cold else 150.0)
 
@@ -558,14 +599,17 @@ def run(args: argparse.Namespace) -> int:
     if want_gf:
         dec = from_hf(model, max_batch_size=max(batches), max_seq_len=seq, fuse=True, share=True)
         res.doc["weight_bytes_per_step"] = dec.weight_bytes()
-        gen = graphfix_variant("fused", dec)
+        first = prepare_variant(variants[0], dec) if variants else dec
+        if first is not dec:
+            raise SystemExit(f"bench_decode: the first variant must run on the fused decoder, not {variants[0]!r}")
+        gen = graphfix_variant(variants[0], dec)
         res.doc["megacache_bytes"] = CompileCache(args.cache_dir).save()
         # 2. time to first token on the same graphs (prefill is dynamic; the cache holds the longest prompt)
         for n in ttft_lengths:
             ids = _prompts(1, n, vocab, seed=n).tolist()
             gen.generate(ids, 1)
             sec = statistics.median(_timed(lambda ids=ids: gen.generate(ids, 1), device) for _ in range(5))
-            res.doc["ttft"].append({"system": "graphfix (fused)", "prompt_len": n, "seconds": sec})
+            res.doc["ttft"].append({"system": f"graphfix ({variants[0]})", "prompt_len": n, "seconds": sec})
             res.flush()
     # 3. HF static cache (compiled by transformers), batch 1
     hf_done: set[tuple[str, int]] = set()
@@ -608,33 +652,22 @@ def run(args: argparse.Namespace) -> int:
     # 4. warm start in a second process
     if want_gf and args.warm_start and cold:
         if budget.fits(compile_estimate(0.5) + 40):
-            res.doc["warm_start"] = _warm_start(args, cold["fused"])
+            res.doc["warm_start"] = _warm_start(args, cold[variants[0]], variants[0])
             res.flush()
         else:
             res.skip("warm start", "time budget")
-    # 5. other graphfix variants at batch 1
+    # 5. other graphfix variants at batch 1 (the batch-8 rows below use the last one's generator)
     if want_gf:
         for variant in variants[1:]:
-            if variant == "gemv" and not HAS_TRITON:
-                res.skip("graphfix gemv", "triton is not installed")
-                continue
             if not budget.fits(compile_estimate(1.0) + 20):
                 res.skip(f"graphfix {variant}", f"{budget.left():.0f} s left")
                 continue
             try:
-                if variant == "gemv":
-                    use_triton_gemv(dec)
-                    err = check_gemv(dec, device)
-                    res.doc["gemv_rel_error"] = err
-                    if not err < 2e-2:
-                        res.skip("graphfix gemv", f"relative error {err:.2e} against F.linear")
-                        continue
-                    gen = graphfix_variant("gemv", dec)
-                elif variant == "unfused":
-                    graphfix_variant("unfused", from_hf(model, max_batch_size=1, max_seq_len=seq, fuse=False,
-                                                        share=True))
-                else:
-                    res.skip(f"graphfix {variant}", "unknown variant")
+                ready = prepare_variant(variant, dec)
+                if ready is not None:
+                    variant_gen = graphfix_variant(variant, ready)
+                    if ready is dec:
+                        gen = variant_gen
             except Exception as exc:  # noqa: BLE001 - a failing variant is recorded in the notes, the others still run
                 res.doc["notes"].append(f"graphfix {variant} failed: {type(exc).__name__}: {str(exc)[:400]}")
                 res.flush()
@@ -647,7 +680,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         parts = _warmup(gen, args, batch, device)
         res.doc.setdefault("warmup", {})[f"batch{batch}"] = parts
-        # GemvLinear runs F.linear above one row: at batch > 1 the gemv decoder is the fused (cuBLAS) one
+        # GemvLinear and the decode kernels serve one row only: at batch > 1 every variant is the fused (cuBLAS) one
         res.add_run(bench_graphfix(dec, gen, "fused", batch, args, device, vocab, parts["total_s"], copy_gbps,
                                    profile=False))
     for system, estimate in (("hf-static", compile_estimate(1.0)), ("hf-eager", 30.0)):
@@ -664,11 +697,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warm_start(args, cold_s: float) -> dict[str, Any]:
+def _warm_start(args, cold_s: float, variant: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "graphfix.runtime.bench", "--child-warm", "--cache-dir", args.cache_dir,
            "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--batch-sizes", args.batch_sizes, "--backend", args.backend,
-           "--ttft-lengths", args.ttft_lengths or "", "--systems", "graphfix", "--variants", "fused"]
+           "--ttft-lengths", args.ttft_lengths or "", "--systems", "graphfix", "--variants", variant]
     for opt in args.inductor_option:
         cmd += ["--inductor-option", opt]
     if args.layers:
