@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from graphfix.codeobj import own_code
 from graphfix.errors import InputError
 from graphfix.runtime.protocol import StepModel, per_row_positions, supports_kv_len, supports_logits_index
 from graphfix.runtime.sampling import MODES, SamplingParams, sample
@@ -115,13 +115,6 @@ class _BatchState:
     def rewind(self) -> None:
         for t in (self.pos, self.done, self.step):
             t.zero_()
-
-
-def _own_code(fn: Callable) -> Callable:
-    """``fn`` with a code object of its own: Dynamo keeps compiled code (and its recompile limit) per
-    code object, so every (generator, batch size, shape, mode) gets its own instead of sharing one."""
-    code = fn.__code__.replace()
-    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _is_eos(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
@@ -254,7 +247,7 @@ class Generator:
                 options["triton.cudagraphs"] = True
             if options:
                 kwargs["options"] = options
-        return torch.compile(_own_code(fn), **kwargs)
+        return torch.compile(own_code(fn), **kwargs)  # per key: Dynamo caches per code object
 
     def _fn(self, key: tuple) -> Callable:
         fn = self._fns.get(key)
