@@ -91,3 +91,20 @@ def test_triton_kernels_in_the_interpreter_match_the_references():
     assert kernels == {"gemv", "fused_gemv", "decode_attention"}
     assert any(r.get("window") for r in rows) and any(r.get("splits", 1) > 2 for r in rows)
     assert all(r["ok"] and r["rel_error"] < 1e-4 for r in rows)
+
+
+def test_pdl_is_a_no_op_where_the_device_lacks_it():
+    """``pdl=True`` (the default) only changes how GEMVs launch on sm_90+; on CPU the decoder runs as before."""
+    from graphfix.runtime.kernels import fused_linear, pdl_supported
+
+    assert pdl_supported("cpu") is False
+    model = tiny_hf("llama")
+    dec = from_hf(model, max_batch_size=1, max_seq_len=32, share=True)
+    tokens, pos = torch.tensor([[5]]), torch.tensor([[2]])
+    with torch.no_grad():
+        plain = dec.use_decode_kernels(pdl=False).step(tokens, pos)
+        assert dec.use_decode_kernels().decode_pdl is False
+        assert torch.equal(dec.step(tokens, pos), plain)
+        x, w, nw = torch.randn(1, 1, 16), torch.randn(8, 16), torch.randn(16)
+        assert torch.equal(fused_linear(x, w, norm_weight=nw, eps=1e-5, pdl=True),
+                           fused_linear(x, w, norm_weight=nw, eps=1e-5))

@@ -37,7 +37,7 @@ def _rel(out: Any, ref: Any) -> float:
 def gemv_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
     import torch
 
-    from graphfix.runtime.kernels import fused_linear_reference
+    from graphfix.runtime.kernels import fused_linear_reference, pdl_supported
 
     gen = torch.Generator().manual_seed(0)
     for n, k, flags in GEMV_CASES:
@@ -53,6 +53,11 @@ def gemv_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
         ref = fused_linear_reference(x.float(), w.float(), **{key: (v.float() if isinstance(v, torch.Tensor) else v)
                                                                for key, v in kwargs.items()})
         yield {"kernel": "fused_gemv", "shape": [n, k], "flags": sorted(flags), "rel_error": _rel(out.view(1, n), ref.view(1, n))}
+        if pdl_supported(device):
+            out = torch.ops.graphfix.fused_gemv_pdl(x, w, kwargs["norm_weight"], kwargs["eps"], kwargs["silu"],
+                                                    kwargs["bias"], kwargs["residual"])
+            yield {"kernel": "fused_gemv_pdl", "shape": [n, k], "flags": sorted(flags),
+                   "rel_error": _rel(out.view(1, n), ref.view(1, n))}
         if not flags:
             plain = torch.ops.graphfix.gemv(x.view(1, k), w)
             yield {"kernel": "gemv", "shape": [n, k], "flags": [], "rel_error": _rel(plain, ref.view(1, n))}
