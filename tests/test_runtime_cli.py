@@ -80,6 +80,20 @@ def test_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path, monkeypatch):
     assert "| graphfix (fused) | 1 |" in md.read_text()
 
 
+def test_bench_hands_over_to_the_next_variant_when_one_cannot_run(tmp_path, monkeypatch):
+    """``pdl`` needs CUDA and sm_90+: on CPU it is recorded as skipped and ``fused`` becomes the measured variant."""
+    _keep_cache_env(monkeypatch)
+    js = tmp_path / "b.json"
+    args = _parse(["bench", "--device", "cpu", "--model", "tiny", "--layers", "1", "--dtype", "fp32",
+                   "--systems", "graphfix", "--variants", "pdl,fused", "--batch-sizes", "1", "--prompt-len", "3",
+                   "--new-tokens", "3", "--runs", "1", "--ttft-lengths", "", "--backend", "eager", "--no-warm-start",
+                   "--no-profile", "--time-budget", "120", "--cache-dir", str(tmp_path / "cache"), "--json", str(js)])
+    assert args.func(args) == 0
+    doc = json.loads(js.read_text())
+    assert [s["what"] for s in doc["skipped"]] == ["graphfix pdl"]
+    assert [(r["system"], r["variant"]) for r in doc["runs"]] == [("graphfix", "fused")]
+
+
 def test_compile_cache_points_torch_at_the_folder(tmp_path, monkeypatch):
     _keep_cache_env(monkeypatch)
     cache = CompileCache(tmp_path / "cc")

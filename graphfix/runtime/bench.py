@@ -14,8 +14,11 @@ that would not fit is skipped and listed under ``skipped``):
    holds the longest prompt; decode attends to a 256-slot prefix, ``kv_buckets``);
 3. HF ``generate(cache_implementation="static")`` (transformers compiles decode);
 4. warm start: a second process loads the compile cache and reports its warmup time;
-5. the other graphfix variants at batch 1 (``gemv``: the Triton GEMV; ``unfused``);
-6. larger batches (graphfix, HF static), then HF eager ``generate``.
+5. larger batches (graphfix, HF static), then HF eager ``generate``;
+6. the other graphfix variants at batch 1, with the time left (``kernels``, ``gemv``, ``unfused``...).
+
+The first variant that runs is the one the later sections use; one that fails (recorded
+under ``notes``) hands over to the next in the list.
 
 Tokens/s is ``new tokens / wall time of generate`` (prefill included), per sequence;
 ms/token is ``(t(N) - t(1)) / (N - 1)`` from the same wall times for HF, and from CUDA
@@ -43,11 +46,16 @@ import torch
 SCHEMA = "graphfix.bench_decode/1"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SYSTEMS = ("copy", "graphfix", "hf-static", "hf-eager")
-VARIANTS = ("fused", "gemv", "kernels", "attention", "unfused")
+VARIANTS = ("fused", "gemv", "kernels", "pdl", "attention", "unfused")
 QUICK = {"model": "llama-2-7b", "batch_sizes": "1", "prompt_len": 5, "new_tokens": 200,
          "systems": "copy,graphfix,hf-static", "ttft_lengths": "", "variants": "fused", "warm_start": False}
 FULL = {"model": "llama-2-7b", "batch_sizes": "1,8", "prompt_len": 5, "new_tokens": 200,
-        "systems": ",".join(SYSTEMS), "ttft_lengths": "512,2048", "variants": ",".join(VARIANTS), "warm_start": True}
+        "systems": ",".join(SYSTEMS), "ttft_lengths": "512,2048", "variants": "pdl,kernels", "warm_start": True}
+"""The whole comparison in one command within 10 minutes on one GPU: one graphfix variant measured in full (each
+costs a cold compile of 60-90 s; ``kernels`` stands in where PDL is missing, and runs last if time is left), every
+reference system, batch 1 and 8, TTFT, warm start."""
+HF_ESTIMATE_S = {"hf-static": 90.0, "hf-eager": 60.0}
+"""Seconds a batch-1 HF section takes before one was measured (compile, warm-up, 5 + 3 timed generates)."""
 
 
 def _now() -> float:
@@ -363,8 +371,8 @@ def child_warm(args) -> int:
         from graphfix.runtime.kernels import use_triton_gemv
 
         use_triton_gemv(dec)
-    if args.variants in ("kernels", "attention"):
-        dec.use_decode_kernels(fuse_linears=args.variants == "kernels")
+    if args.variants in ("kernels", "pdl", "attention"):
+        dec.use_decode_kernels(fuse_linears=args.variants != "attention", pdl=args.variants == "pdl")
     gen = _generator(dec, args)
     _sync(device)
     t1 = _now()
@@ -466,8 +474,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--ttft-lengths", help="comma list of prompt lengths for time to first token (default 512,2048)")
     p.add_argument("--variants", help="graphfix variants, the first measured first: fused (cuBLAS), gemv (fused + "
                    "the Triton GEMV of graphfix.runtime.kernels for batch 1), kernels (fused + the decode kernels: norm/SiLU/"
-                   "residual folded into Triton GEMVs and split-KV attention, batch 1), attention (gemv + the split-KV "
-                   "attention only), unfused (default all five)")
+                   "residual folded into Triton GEMVs and split-KV attention, batch 1), pdl (kernels, the GEMVs launched with programmatic dependent launch, sm_90+), attention (gemv + the split-KV "
+                   "attention only), unfused (default: pdl,kernels)")
     p.add_argument("--warm-start", dest="warm_start", action="store_true", default=None,
                    help="measure a second process's warmup with the compile cache")
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false")
@@ -588,7 +596,10 @@ def run(args: argparse.Namespace) -> int:
             return None
         if variant == "attention":
             use_triton_gemv(dec)
-        dec.use_decode_kernels(fuse_linears=variant == "kernels")
+        dec.use_decode_kernels(fuse_linears=variant in ("kernels", "pdl"), pdl=variant == "pdl")
+        if variant == "pdl" and not dec.decode_pdl:
+            res.skip("graphfix pdl", "programmatic dependent launch needs an sm_90+ GPU")
+            return None
         return dec
 
     def compile_estimate(scale: float = 1.0) -> float:
@@ -596,29 +607,51 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. graphfix, fused weights (the default layout)
     dec = gen = None
+    first_variant, other_variants = None, []
     if want_gf:
         dec = from_hf(model, max_batch_size=max(batches), max_seq_len=seq, fuse=True, share=True)
         res.doc["weight_bytes_per_step"] = dec.weight_bytes()
-        first = prepare_variant(variants[0], dec) if variants else dec
-        if first is not dec:
-            raise SystemExit(f"bench_decode: the first variant must run on the fused decoder, not {variants[0]!r}")
-        gen = graphfix_variant(variants[0], dec)
+        # the first variant that runs is the one TTFT, warm start and batch 8 use; one that fails hands over to the next
+        for i, variant in enumerate(variants):
+            try:
+                ready = prepare_variant(variant, dec)
+                if ready is None:
+                    continue
+                if ready is not dec:
+                    raise SystemExit(f"bench_decode: the first variant must run on the fused decoder, not {variant!r}")
+                gen = graphfix_variant(variant, dec)
+            except Exception as exc:  # noqa: BLE001 - recorded; the next variant takes its place
+                res.doc["notes"].append(f"graphfix {variant} failed: {type(exc).__name__}: {str(exc)[:400]}")
+                res.flush()
+                torch._dynamo.reset()
+                continue
+            first_variant, other_variants = variant, variants[i + 1:]
+            break
+        else:
+            raise SystemExit("bench_decode: no graphfix variant ran (see the notes in the JSON)")
         res.doc["megacache_bytes"] = CompileCache(args.cache_dir).save()
         # 2. time to first token on the same graphs (prefill is dynamic; the cache holds the longest prompt)
         for n in ttft_lengths:
             ids = _prompts(1, n, vocab, seed=n).tolist()
             gen.generate(ids, 1)
             sec = statistics.median(_timed(lambda ids=ids: gen.generate(ids, 1), device) for _ in range(5))
-            res.doc["ttft"].append({"system": f"graphfix ({variants[0]})", "prompt_len": n, "seconds": sec})
+            res.doc["ttft"].append({"system": f"graphfix ({first_variant})", "prompt_len": n, "seconds": sec})
             res.flush()
     # 3. HF static cache (compiled by transformers), batch 1
     hf_done: set[tuple[str, int]] = set()
+    hf_cost: dict[str, float] = {}  # measured seconds of each system's batch-1 section: the next estimate
 
-    def hf(system: str, batch: int, estimate: float) -> None:
+    def hf_estimate(system: str, batch: int) -> float:
+        base = hf_cost.get(system, HF_ESTIMATE_S[system])
+        return base * (1.5 if batch > 1 else 1.0)
+
+    def hf(system: str, batch: int) -> None:
+        estimate = hf_estimate(system, batch)
         if not budget.fits(estimate):
             res.skip(f"{system} batch {batch}", f"{budget.left():.0f} s left, about {estimate:.0f} s needed")
             return
         hf_done.add((system, batch))
+        started = _now()
         try:
             row = bench_hf(model, system, batch, args, device, vocab)
         except Exception as exc:  # noqa: BLE001 - recorded in the notes; the other systems still run
@@ -630,6 +663,7 @@ def run(args: argparse.Namespace) -> int:
             row["gb_per_s"] = row["bytes_per_step"] / (row["ms_per_token"] / 1000) / 1e9
             if copy_gbps:
                 row["fraction_of_copy_bw"] = row["gb_per_s"] / copy_gbps
+        hf_cost.setdefault(system, _now() - started)
         res.add_run(row)
         print(f"[bench] {system} batch {batch}: {row['tok_per_s']:.1f} tok/s, {row['ms_per_token']:.3f} ms/token",
               flush=True)
@@ -647,31 +681,16 @@ def run(args: argparse.Namespace) -> int:
             res.flush()
 
     if "hf-static" in systems:
-        hf("hf-static", 1, compile_estimate(1.0))
+        hf("hf-static", 1)
         hf_ttft("hf-static")
     # 4. warm start in a second process
     if want_gf and args.warm_start and cold:
         if budget.fits(compile_estimate(0.5) + 40):
-            res.doc["warm_start"] = _warm_start(args, cold[variants[0]], variants[0])
+            res.doc["warm_start"] = _warm_start(args, cold[first_variant], first_variant)
             res.flush()
         else:
             res.skip("warm start", "time budget")
-    # 5. other graphfix variants at batch 1 (the batch-8 rows below use the last one's generator)
-    if want_gf:
-        for variant in variants[1:]:
-            if not budget.fits(compile_estimate(1.0) + 20):
-                res.skip(f"graphfix {variant}", f"{budget.left():.0f} s left")
-                continue
-            try:
-                ready = prepare_variant(variant, dec)
-                if ready is not None:
-                    variant_gen = graphfix_variant(variant, ready)
-                    if ready is dec:
-                        gen = variant_gen
-            except Exception as exc:  # noqa: BLE001 - a failing variant is recorded in the notes, the others still run
-                res.doc["notes"].append(f"graphfix {variant} failed: {type(exc).__name__}: {str(exc)[:400]}")
-                res.flush()
-    # 6. larger batches: graphfix (current decoder), HF static, HF eager
+    # 5. larger batches: graphfix (first variant's decoder), HF static, HF eager
     for batch in batches:
         if batch == 1 or not want_gf:
             continue
@@ -683,14 +702,27 @@ def run(args: argparse.Namespace) -> int:
         # GemvLinear and the decode kernels serve one row only: at batch > 1 every variant is the fused (cuBLAS) one
         res.add_run(bench_graphfix(dec, gen, "fused", batch, args, device, vocab, parts["total_s"], copy_gbps,
                                    profile=False))
-    for system, estimate in (("hf-static", compile_estimate(1.0)), ("hf-eager", 30.0)):
+    for system in ("hf-static", "hf-eager"):
         if system not in systems:
             continue
         for batch in batches:
             if (system, batch) not in hf_done:
-                hf(system, batch, estimate * (1.5 if batch > 1 and system == "hf-eager" else 1.0))
+                hf(system, batch)
         if system == "hf-eager":
             hf_ttft("hf-eager")
+    # 6. other graphfix variants at batch 1, with the time left
+    if want_gf:
+        for variant in other_variants:
+            if not budget.fits(compile_estimate(1.0) + 20):
+                res.skip(f"graphfix {variant}", f"{budget.left():.0f} s left")
+                continue
+            try:
+                ready = prepare_variant(variant, dec)
+                if ready is not None:
+                    graphfix_variant(variant, ready)
+            except Exception as exc:  # noqa: BLE001 - a failing variant is recorded in the notes, the others still run
+                res.doc["notes"].append(f"graphfix {variant} failed: {type(exc).__name__}: {str(exc)[:400]}")
+                res.flush()
     res.doc["elapsed_s"] = _now() - budget.start
     res.flush()
     print(markdown(res.doc), flush=True)
