@@ -184,7 +184,7 @@ class _Collector(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - trivial
         try:
             self._sink(record)
-        except Exception:  # never let reporting break the run being reported on
+        except Exception:  # noqa: BLE001, S110 - never let reporting break the run being reported on
             pass
 
 

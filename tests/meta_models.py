@@ -7,8 +7,8 @@ from torch import nn
 
 from graphfix.meta_runtime import ensure_model_parallel
 
-TINY_ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16,
-                 use_scaled_rope=True, rope_theta=500000.0, norm_eps=1e-5)
+TINY_ARGS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128, "multiple_of": 16,
+             "use_scaled_rope": True, "rope_theta": 500000.0, "norm_eps": 1e-5}
 
 
 def tiny_meta_transformer(seed: int = 0, max_seq_len: int = 64) -> nn.Module:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from graphfix.cli import main
+from graphfix.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = "tests.fixtures.synthetic:build"
@@ -20,7 +21,7 @@ SYNTHETIC = "tests.fixtures.synthetic:build"
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "graphfix.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_non_llama_gguf_is_rejected(tmp_path: Path, capsys) -> None:
 
 
 def test_debug_shows_the_traceback() -> None:
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="/no/such/model"):
         main(["--debug", "-q", "report", "/no/such/model"])
 
 
