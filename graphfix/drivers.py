@@ -11,6 +11,7 @@ greedy token, exactly like generation does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -118,6 +119,7 @@ class HFDriver(PromptDriver):
 
         model, ids, n_steps = self.start(fn, model, steps)
         device = ids.device
+        cache_name, with_positions = cache_kwarg(model), "cache_position" in forward_params(type(model))
         cache = DynamicCache(config=model.config)
         if device.type == "meta":
             _preinit_cache(cache, model, ids.shape[0])
@@ -129,12 +131,31 @@ class HFDriver(PromptDriver):
             if total:
                 mask = torch.cat([mask, torch.ones_like(new)], dim=1)
             total += new.shape[1]
-            cache_position = torch.arange(total - new.shape[1], total, device=device)
             kwargs = {} if device.type == "meta" else {"attention_mask": mask}  # an all-ones mask: same math
-            return fn(input_ids=new, past_key_values=cache, use_cache=True, cache_position=cache_position,
-                      **kwargs).logits
+            if with_positions:  # newer forwards take none: they count positions from the cache's length
+                kwargs["cache_position"] = torch.arange(total - new.shape[1], total, device=device)
+            return fn(input_ids=new, **{cache_name: cache}, use_cache=True, **kwargs).logits
 
         return greedy_loop(call, ids, n_steps, on_phase)
+
+
+@functools.cache
+def forward_params(cls: type) -> frozenset[str]:
+    """The parameter names of ``cls.forward``, read once per class.
+
+    The class's, not the instance's: graphfix's HF runtime gives an optimized model an
+    instance ``forward(*args, **kwargs)`` that hides them.
+    """
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name ``model``'s forward takes its KV cache by: ``cache`` from transformers 5.24 on, ``past_key_values``
+    before. 5.24 still maps ``past_key_values`` to ``cache``, with a FutureWarning (removed in 5.40)."""
+    return "cache" if "cache" in forward_params(type(model)) else "past_key_values"
 
 
 def _preinit_cache(cache: Any, model: nn.Module, batch: int) -> None:

@@ -38,13 +38,17 @@ from transformers import StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 
 from graphfix.codeobj import own_code
-from graphfix.drivers import HFDriver, greedy_loop
+from graphfix.drivers import HFDriver, cache_kwarg, greedy_loop
 
 ATTR = "graphfix_runtime"
 """The model attribute holding the installed ``HFRuntime``."""
 
 _SEQ_KWARGS = ("position_ids", "token_type_ids")
 """Keyword tensors whose last dimension is the sequence length (marked dynamic in prefill)."""
+
+CACHE_KWARGS = ("cache", "past_key_values")
+"""The names a cache may come by, whatever the installed forward takes: ``generate`` and callers written for
+transformers 5.24 pass ``cache``, older ones (and 5.24's deprecated alias) ``past_key_values``."""
 
 _EAGER_KWARGS = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
 """Keyword arguments that send a call to the original forward (not what generation passes)."""
@@ -101,6 +105,8 @@ class HFRuntime:
     max_batch_size: int
     original_forward: Callable[..., Any]
     original_generate: Callable[..., Any]
+    cache_kwarg: str
+    """The name the original forward takes its cache by (``drivers.cache_kwarg``): what compiled calls pass."""
     backend: str | None = None
     """Set by ``compile``; ``None``: every call runs the original forward."""
     cuda_graphs: bool = False
@@ -223,7 +229,8 @@ def hf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if args and "input_ids" not in kwargs and len(args) == 1:
         kwargs["input_ids"], args = args[0], ()
     input_ids = kwargs.get("input_ids")
-    cache = kwargs.get("past_key_values")
+    cache_name = next((k for k in CACHE_KWARGS if kwargs.get(k) is not None), rt.cache_kwarg)
+    cache = kwargs.get(cache_name)
     reason = None
     if args or input_ids is None or any(kwargs.get(k) is not None and kwargs.get(k) is not False
                                         for k in _EAGER_KWARGS):
@@ -241,6 +248,7 @@ def hf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         rt.fallback("inputs")
         return rt.original_forward(*args, **kwargs)
     kwargs.pop("input_ids")
+    kwargs[rt.cache_kwarg] = kwargs.pop(cache_name)  # the installed forward's name: no deprecation warning
     input_ids = dense(input_ids)  # a slice of a wider buffer has other strides, which would recompile
     tuple_out = kwargs.get("return_dict") is False
     kwargs = canonical_kwargs(kwargs)
@@ -339,7 +347,7 @@ def hf_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     config = kwargs.get("generation_config") or self.generation_config
     wants_cache = (
-        kwargs.get("past_key_values") is None
+        all(kwargs.get(k) is None for k in CACHE_KWARGS)
         and kwargs.get("cache_implementation") is None
         and getattr(config, "cache_implementation", None) is None
         and kwargs.get("use_cache", getattr(config, "use_cache", True)) is not False
@@ -353,7 +361,7 @@ def hf_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         elif _requested_length(self, inputs.shape[1], kwargs) > rt.max_seq_len:
             rt.fallback("length")
         else:
-            kwargs["past_key_values"] = rt.cache_for(inputs.shape[0])
+            kwargs[rt.cache_kwarg] = rt.cache_for(inputs.shape[0])
             kwargs.setdefault("disable_compile", True)  # graphfix compiled forward already; transformers must not
     return rt.original_generate(*args, **kwargs)
 
@@ -364,7 +372,7 @@ def install(model: nn.Module, *, max_seq_len: int, max_batch_size: int) -> HFRun
     if existing is not None:
         return existing
     rt = HFRuntime(model=model, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                   original_forward=model.forward, original_generate=model.generate)
+                   original_forward=model.forward, original_generate=model.generate, cache_kwarg=cache_kwarg(model))
     model.__dict__[ATTR] = rt
     model.forward = types.MethodType(hf_forward, model)
     model.generate = types.MethodType(hf_generate, model)
@@ -391,6 +399,7 @@ class StaticCacheDriver(HFDriver):
     def run(self, fn: Callable[..., Any], on_phase: Callable[[str], None] | None = None, steps: int | None = None,
             model: nn.Module | None = None) -> list[torch.Tensor]:
         model, ids, n_steps = self.start(fn, model, steps)
-        cache = runtime_of(model).new_cache(ids.shape[0])
-        return greedy_loop(lambda new: fn(input_ids=new, past_key_values=cache, use_cache=True).logits, ids, n_steps,
-                           on_phase)
+        rt = runtime_of(model)
+        cache = rt.new_cache(ids.shape[0])
+        return greedy_loop(lambda new: fn(input_ids=new, **{rt.cache_kwarg: cache}, use_cache=True).logits, ids,
+                           n_steps, on_phase)

@@ -70,7 +70,10 @@ def classify_break(gb_type: str | None, reason: str, stack: list[Location]) -> C
     return Category.OTHER
 
 
-_POSITION_GUARD = re.compile(r"start_pos|input_pos|cache_position|position_ids|past_key_values|cumulative_length|kv_len")
+_POSITION_GUARD = re.compile(
+    r"start_pos|input_pos|cache_position|position_ids|past_key_values|\['cache'\]|cumulative_length|kv_len"
+)
+"""Guard sources that name positions or a cache (``L['cache']``: transformers 5.24's name for ``past_key_values``)."""
 
 
 def classify_recompile(guard: str, phase: str = "") -> Category:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from graphfix.convert import convert, open_checkpoint
 from graphfix.convert.layout import meta_to_hf_rope
+from graphfix.drivers import cache_kwarg
 from graphfix.errors import InputError, UnsupportedModelError
 from tests.conftest_convert import hf_logits, smollm2_gguf, tiny_hf, write_gguf
 
@@ -129,10 +130,11 @@ def smol(tmp_path_factory):
 
 def _greedy_hf(model, prompt: torch.Tensor, steps: int) -> list[int]:
     tokens, past, out = prompt, None, []
+    name = cache_kwarg(model)  # past_key_values, or cache from transformers 5.24 on (its output field too)
     with torch.no_grad():
         for _ in range(steps):  # plain argmax decoding: no generation-config rules (EOS, min length)
-            res = model(tokens, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(tokens, **{name: past}, use_cache=True)
+            past = getattr(res, name)
             out.append(int(res.logits[0, -1].argmax()))
             tokens = torch.tensor([[out[-1]]])
     return out

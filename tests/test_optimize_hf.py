@@ -117,7 +117,7 @@ def test_caller_cache_runs_eagerly_with_a_warning(optimized):
     before = rt.eager_calls.get("cache", 0)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **GEN)
+        out = model.generate(prompt, **{rt.cache_kwarg: DynamicCache(config=model.config)}, **GEN)
     assert torch.equal(out, expected)
     assert rt.eager_calls["cache"] - before == 24
     if before == 0:
@@ -144,12 +144,16 @@ def test_plain_forward_and_verify_again():
         assert torch.allclose(result.model(prompt).logits, original(prompt).logits, atol=1e-5)  # no cache: eager
         # A loop of its own with the runtime's cache: other keyword names than generate's, so a variant of its own.
         cache, ids, ref = rt.cache_for(1), prompt, original(prompt, use_cache=True)
-        out = result.model(input_ids=ids, past_key_values=cache)
+        with warnings.catch_warnings():
+            # past_key_values, deprecated from transformers 5.24 on: the runtime calls the forward with cache
+            warnings.simplefilter("error", FutureWarning)
+            out = result.model(input_ids=ids, past_key_values=cache)
+        name = rt.cache_kwarg  # past_key_values, or cache from 5.24 on (its output field too)
         for _ in range(4):
             assert torch.allclose(out.logits[:, -1], ref.logits[:, -1], atol=1e-4)
             ids = ref.logits[:, -1:].argmax(-1)
-            ref = original(ids, past_key_values=ref.past_key_values, use_cache=True)
-            out = result.model(input_ids=ids, past_key_values=cache, return_dict=False)[0]
+            ref = original(ids, **{name: getattr(ref, name)}, use_cache=True)
+            out = result.model(input_ids=ids, **{name: cache}, return_dict=False)[0]
             out = type(ref)(logits=out)
     assert rt.recompiles() == recompiles  # each keyword set has a callable of its own, compiled once
     again = verify(result, decode_steps=8, measure_speed=False)
