@@ -78,6 +78,10 @@ def test_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path, monkeypatch):
     assert row["system"] == "graphfix" and row["variant"] == "fused" and row["tok_per_s"] > 0
     assert row["kv_len"] == 64 and doc["ttft"][0]["prompt_len"] == 8
     assert "| graphfix (fused) | 1 |" in md.read_text()
+    phases = doc["warmup"]["fused"]["phases"]  # where a warmup goes: compiling or the rest
+    assert set(phases) == {"prefill_and_first", "decode"} and all(p["requests"] for p in phases.values())
+    for p in phases.values():
+        assert p["compile_s"] > 0 and p["outside_compile_s"] == pytest.approx(p["seconds"] - p["compile_s"])
 
 
 def test_bench_hands_over_to_the_next_variant_when_one_cannot_run(tmp_path, monkeypatch):

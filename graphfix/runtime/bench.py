@@ -329,35 +329,6 @@ def _generator(dec, args):
                      cuda_graphs=not args.no_cuda_graphs, kv_buckets=KV_BUCKETS)
 
 
-def _warmup(gen, args, batch: int, device: torch.device) -> dict[str, Any]:
-    """Cold compile of what a request of this shape needs: prefill + first token, then decode."""
-    _sync(device)
-    t = _now()
-    gen.warmup(batch_sizes=(batch,), prompt_lengths=[args.prompt_len], decode=False)
-    _sync(device)
-    t1 = _now()
-    gen.warmup(batch_sizes=(batch,), prompt_lengths=[args.prompt_len], kv_lengths=[args.prompt_len + args.new_tokens])
-    _sync(device)
-    t2 = _now()
-    return {"prefill_and_first_s": t1 - t, "decode_s": t2 - t1, "total_s": t2 - t}
-
-
-def check_gemv(dec, device: torch.device) -> float:
-    """Largest relative error of the Triton GEMV against F.linear over the decoder's linear shapes."""
-    import torch.nn.functional as F
-
-    worst, seen = 0.0, set()
-    for m in dec.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.shape not in seen:
-            seen.add(m.weight.shape)
-            x = torch.randn(1, 1, m.in_features, device=device, dtype=m.weight.dtype)
-            with torch.no_grad():
-                ref = F.linear(x.float(), m.weight.float())
-                out = m(x).float()
-            worst = max(worst, ((out - ref).norm() / ref.norm()).item())
-    return worst
-
-
 COMPILE_TIME_KEYS = {"_compile.compile_inner": "dynamo_and_backend_s", "bytecode_tracing": "dynamo_tracing_s",
                      "OutputGraph.call_user_compiler": "backend_s", "compile_fx_inner": "inductor_s",
                      "build_guards": "guards_s"}
@@ -374,6 +345,44 @@ def compile_time_summary() -> dict[str, float]:
         return {}
     timers = dict(zip(names, values))
     return {label: float(timers[key]) for key, label in COMPILE_TIME_KEYS.items() if key in timers}
+
+
+def _warmup(gen, args, batch: int, device: torch.device) -> dict[str, Any]:
+    """Cold compile of what a request of this shape needs: prefill + first token, then decode.
+
+    Per phase it also keeps each warm-up request's seconds (``Generator.warmup``'s timings) and
+    the seconds Dynamo's timers counted in it: the rest is running, autotuning, CUDA-graph recording.
+    """
+    phases: dict[str, Any] = {}
+    t = _now()
+    for phase, kwargs in (("prefill_and_first", {"decode": False}),
+                          ("decode", {"kv_lengths": [args.prompt_len + args.new_tokens]})):
+        _sync(device)
+        before, started = compile_time_summary().get("dynamo_and_backend_s", 0.0), _now()
+        requests = gen.warmup(batch_sizes=(batch,), prompt_lengths=[args.prompt_len], **kwargs)
+        _sync(device)
+        seconds = _now() - started
+        compiled = compile_time_summary().get("dynamo_and_backend_s", 0.0) - before
+        phases[phase] = {"seconds": seconds, "compile_s": compiled, "outside_compile_s": seconds - compiled,
+                         "requests": requests}
+    return {"prefill_and_first_s": phases["prefill_and_first"]["seconds"], "decode_s": phases["decode"]["seconds"],
+            "total_s": _now() - t, "phases": phases}
+
+
+def check_gemv(dec, device: torch.device) -> float:
+    """Largest relative error of the Triton GEMV against F.linear over the decoder's linear shapes."""
+    import torch.nn.functional as F
+
+    worst, seen = 0.0, set()
+    for m in dec.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.shape not in seen:
+            seen.add(m.weight.shape)
+            x = torch.randn(1, 1, m.in_features, device=device, dtype=m.weight.dtype)
+            with torch.no_grad():
+                ref = F.linear(x.float(), m.weight.float())
+                out = m(x).float()
+            worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+    return worst
 
 
 def child_warm(args) -> int:
@@ -581,7 +590,9 @@ def run(args: argparse.Namespace) -> int:
         parts["compile_times_so_far"] = compile_time_summary()
         cold[variant] = parts["total_s"]
         res.doc.setdefault("warmup", {})[variant] = parts
-        print(f"[bench] graphfix {variant}: cold warmup {parts}", flush=True)
+        print(f"[bench] graphfix {variant}: cold warmup {parts['total_s']:.1f} s ("
+              + ", ".join(f"{k} {v['seconds']:.1f} s, {v['compile_s']:.1f} s of it compiling"
+                          for k, v in parts["phases"].items()) + ")", flush=True)
         res.add_run(bench_graphfix(dec, gen, variant, 1, args, device, vocab, parts["total_s"], copy_gbps,
                                    args.profile))
         return gen
