@@ -216,3 +216,21 @@ def test_meta_reference_world_size_2_over_gloo(tmp_path: Path) -> None:
     hits = [f for f in report.graph_breaks if f.category == Category.AUTOGRAD_FUNCTION_CTX]
     assert hits and max(f.occurrences for f in hits) >= 5
     assert any(f.location.file.endswith("fairscale/nn/model_parallel/mappings.py") for f in hits)
+
+
+def test_a_compile_failure_leaves_the_thread_dispatch_state_as_it_was() -> None:
+    """The inference-mode failure used to leave dispatch-key guards in its traceback's frames; freed later by the
+    garbage collector, they switched the Python dispatcher on and every later compile in the process failed."""
+    import gc
+
+    def state() -> tuple[str, str]:
+        return repr(torch._C._dispatch_tls_local_include_set()), repr(torch._C._dispatch_tls_local_exclude_set())
+
+    before = state()
+    report = diagnose(strip_fairscale(tiny_meta_transformer()), decode_steps=2, backend="aot_eager")
+    assert [f.category for f in report.compile_failures] == [Category.INFERENCE_MODE]
+    del report
+    gc.collect()
+    assert state() == before
+    after = diagnose(strip_fairscale(tiny_meta_transformer()), decode_steps=2, backend="eager")
+    assert not after.compile_failures
