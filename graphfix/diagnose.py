@@ -14,7 +14,6 @@ a category and the pass that fixes it.
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import resource
 import sys
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from graphfix import capture as cap_mod
+from graphfix.dispatch_state import compile_failure_contained
 from graphfix.drivers import CallsDriver, Driver, auto_driver
 from graphfix.errors import GraphfixError, ModelRunError
 from graphfix.findings import Category, Finding, Kind, Location, Severity
@@ -199,64 +199,17 @@ def _run(driver: Driver, compiled: Any, model: nn.Module, cap: cap_mod.Capture, 
         if scanner is not None:
             scanner.phase = phase
 
-    dispatch_state = DispatchTLS.save()
     try:
-        driver.run(compiled, on_phase=on_phase, steps=steps, model=model)  # type: ignore[call-arg]
+        with compile_failure_contained():
+            driver.run(compiled, on_phase=on_phase, steps=steps, model=model)  # type: ignore[call-arg]
     except GraphfixError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the model raises under compile is a finding, returned
         exc.graphfix_phase = cap.phase  # type: ignore[attr-defined]
-        release_frames(exc)
-        dispatch_state.restore()
         return exc
     return None
 
 
-def release_frames(exc: BaseException) -> None:
-    """Clear the locals of the frames ``exc`` (and what it chains) holds now, keeping files and lines.
-
-    A failure inside torch.compile can leave dispatch-key guards alive in the frames of its
-    traceback. Each one, when destroyed, sets the thread's dispatch keys back to what they were
-    when it was made: mid-compile, with the Python dispatcher on. Left to the garbage collector,
-    that happened at any later moment, and every compile after it in the process died with
-    "Hit PythonDispatcher dispatch key but PythonDispatcherTLS was not set" (one diagnosis
-    after a Meta model's inference-mode failure, in the test suite). Destroyed here, at a known
-    point, their effect is undone by ``DispatchTLS.restore`` right after.
-    """
-    chain: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        err = todo.pop()
-        if err is None or any(err is seen for seen in chain):
-            continue
-        chain.append(err)
-        inner = getattr(err, "inner_exception", None)
-        todo += [err.__cause__, err.__context__, inner if isinstance(inner, BaseException) else None]
-    for err in chain:
-        traceback.clear_frames(err.__traceback__)
-
-
-@dataclasses.dataclass
-class DispatchTLS:
-    """The thread's included and excluded dispatch keys, saved before a compile run and put back after a failure."""
-
-    included: Any
-    excluded: Any
-
-    @classmethod
-    def save(cls) -> DispatchTLS:
-        return cls(torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
-
-    def restore(self) -> None:
-        now_in, now_ex = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
-        for key in torch._C.DispatchKey.__members__.values():
-            try:
-                if now_in.has(key) != self.included.has(key):
-                    torch._C._dispatch_tls_set_dispatch_key_included(key, self.included.has(key))
-                if now_ex.has(key) != self.excluded.has(key):
-                    torch._C._dispatch_tls_set_dispatch_key_excluded(key, self.excluded.has(key))
-            except RuntimeError:  # alias keys (Autograd, CompositeImplicit...) are not per-thread state
-                continue
 
 
 class _NullContext:

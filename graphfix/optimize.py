@@ -42,6 +42,7 @@ from torch._dynamo.decorators import skip as skip_frame
 from graphfix.blocks import meta_llama, side_effects
 from graphfix.codeobj import own_code
 from graphfix.diagnose import diagnose
+from graphfix.dispatch_state import compile_failure_contained
 from graphfix.drivers import is_hf_causal_lm, prompt_tokens, takes_start_pos
 from graphfix.errors import InputError, UnsupportedModelError
 from graphfix.pass_manager import PassContext, PassResult, available_passes
@@ -578,7 +579,7 @@ def _warm_up(state: OptimizedState, runner: Any, prompt: torch.Tensor) -> tuple[
     """Compile prefill and decode with one run of a prefill and one decode step: (seconds, the error if any)."""
     started = time.perf_counter()
     try:
-        with side_effects.reorder_logging(state.model):
+        with side_effects.reorder_logging(state.model), compile_failure_contained():
             runner.run(state.model, prompt, 1)
     except Exception as exc:  # noqa: BLE001 - a break under fullgraph=True or a compile error: reported
         return round(time.perf_counter() - started, 3), exc

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphfix.dispatch_state import compile_failure_contained
 from graphfix.errors import GraphfixError, InputError
 
 SCHEMA = "graphfix.verify"
@@ -326,7 +327,8 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
 
     def attempt(label: str, fn: Callable[[], Trace]) -> Trace | None:
         try:
-            return fn()
+            with compile_failure_contained():
+                return fn()
         except Exception as exc:  # noqa: BLE001 - a break, a recompile, a compile error: all are findings
             record(label, exc)
             return None

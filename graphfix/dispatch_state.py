@@ -1,0 +1,80 @@
+"""Keep a failed compile from leaving the thread's dispatch keys switched on.
+
+A failure inside ``torch.compile`` can leave dispatch-key guards alive in the frames of its
+traceback. Each one, when destroyed, sets the thread's dispatch keys back to what they were
+when it was made: mid-compile, with the Python dispatcher on. Destroyed whenever the
+exception is freed (at the end of an ``except`` block, or by the garbage collector from a
+report that kept it), they left the process in a state where every later compile died with
+"Hit PythonDispatcher dispatch key but PythonDispatcherTLS was not set". graphfix compiles
+models that fail on purpose (that is what it diagnoses), so every place that catches a
+compile failure runs it inside ``compile_failure_contained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+def release_frames(exc: BaseException) -> None:
+    """Clear the locals of the frames ``exc`` (and what it chains) holds now, keeping files and lines.
+
+    A failure inside torch.compile can leave dispatch-key guards alive in the frames of its
+    traceback. Each one, when destroyed, sets the thread's dispatch keys back to what they were
+    when it was made: mid-compile, with the Python dispatcher on. Left to the garbage collector,
+    that happened at any later moment, and every compile after it in the process died with
+    "Hit PythonDispatcher dispatch key but PythonDispatcherTLS was not set" (one diagnosis
+    after a Meta model's inference-mode failure, in the test suite). Destroyed here, at a known
+    point, their effect is undone by ``DispatchTLS.restore`` right after.
+    """
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or any(err is seen for seen in chain):
+            continue
+        chain.append(err)
+        inner = getattr(err, "inner_exception", None)
+        todo += [err.__cause__, err.__context__, inner if isinstance(inner, BaseException) else None]
+    for err in chain:
+        traceback.clear_frames(err.__traceback__)
+
+
+@dataclasses.dataclass
+class DispatchTLS:
+    """The thread's included and excluded dispatch keys, saved before a compile run and put back after a failure."""
+
+    included: Any
+    excluded: Any
+
+    @classmethod
+    def save(cls) -> DispatchTLS:
+        return cls(torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+    def restore(self) -> None:
+        now_in, now_ex = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+        for key in torch._C.DispatchKey.__members__.values():
+            try:
+                if now_in.has(key) != self.included.has(key):
+                    torch._C._dispatch_tls_set_dispatch_key_included(key, self.included.has(key))
+                if now_ex.has(key) != self.excluded.has(key):
+                    torch._C._dispatch_tls_set_dispatch_key_excluded(key, self.excluded.has(key))
+            except RuntimeError:  # alias keys (Autograd, CompositeImplicit...) are not per-thread state
+                continue
+
+
+@contextmanager
+def compile_failure_contained() -> Iterator[None]:
+    """Run a compile; if it raises, free the failure's frames now and put the dispatch keys back, then re-raise."""
+    saved = DispatchTLS.save()
+    try:
+        yield
+    except Exception as exc:
+        release_frames(exc)
+        saved.restore()
+        raise
