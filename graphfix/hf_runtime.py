@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -366,6 +367,23 @@ def hf_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return rt.original_generate(*args, **kwargs)
 
 
+def _with_signature_of(original: Callable[..., Any], call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` (a ``(*args, **kwargs)`` callable) presenting ``original``'s name, docstring and signature.
+
+    ``generate`` reads ``inspect.signature(model.forward)`` to decide what to pass: with a bare
+    ``(*args, **kwargs)`` it passed no ``logits_to_keep`` (so prefill made logits for every prompt
+    position, not just the last), no ``position_ids`` and, without one from the caller, no
+    attention mask. The original's signature keeps ``generate`` calling the optimized model
+    exactly as it calls the original.
+    """
+
+    @skip_frame  # like hf_forward: the compiled calls live inside, diagnosis must not trace this frame
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return call(*args, **kwargs)
+
+    return functools.update_wrapper(forward, original)
+
+
 def install(model: nn.Module, *, max_seq_len: int, max_batch_size: int) -> HFRuntime:
     """Install the runtime on ``model`` (instance ``forward`` and ``generate``); idempotent."""
     existing = model.__dict__.get(ATTR)
@@ -374,7 +392,7 @@ def install(model: nn.Module, *, max_seq_len: int, max_batch_size: int) -> HFRun
     rt = HFRuntime(model=model, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                    original_forward=model.forward, original_generate=model.generate, cache_kwarg=cache_kwarg(model))
     model.__dict__[ATTR] = rt
-    model.forward = types.MethodType(hf_forward, model)
+    model.forward = _with_signature_of(rt.original_forward, types.MethodType(hf_forward, model))
     model.generate = types.MethodType(hf_generate, model)
     return rt
 

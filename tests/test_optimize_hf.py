@@ -108,6 +108,16 @@ def test_generate_is_a_drop_in(optimized):
     assert rt.compiled_calls["decode"] - decodes == 23 and rt.eager_calls == eager
 
 
+def test_forward_keeps_the_original_signature(optimized):
+    """``generate`` decides from ``inspect.signature(model.forward)`` whether to pass ``logits_to_keep`` (prefill
+    logits for the last position only), ``position_ids`` and an attention mask: it must see the original's."""
+    import inspect
+
+    _, original, result, _, _ = optimized
+    assert inspect.signature(result.model.forward) == inspect.signature(original.forward)
+    assert result.model._supports_logits_to_keep() == original._supports_logits_to_keep()
+
+
 def test_caller_cache_runs_eagerly_with_a_warning(optimized):
     from transformers import DynamicCache
 
