@@ -210,8 +210,6 @@ def _run(driver: Driver, compiled: Any, model: nn.Module, cap: cap_mod.Capture, 
     return None
 
 
-
-
 class _NullContext:
     def __enter__(self) -> None:
         return None

@@ -22,15 +22,10 @@ import torch
 
 
 def release_frames(exc: BaseException) -> None:
-    """Clear the locals of the frames ``exc`` (and what it chains) holds now, keeping files and lines.
+    """Clear the locals of the frames ``exc`` (and what it chains) holds, now, keeping files and lines.
 
-    A failure inside torch.compile can leave dispatch-key guards alive in the frames of its
-    traceback. Each one, when destroyed, sets the thread's dispatch keys back to what they were
-    when it was made: mid-compile, with the Python dispatcher on. Left to the garbage collector,
-    that happened at any later moment, and every compile after it in the process died with
-    "Hit PythonDispatcher dispatch key but PythonDispatcherTLS was not set" (one diagnosis
-    after a Meta model's inference-mode failure, in the test suite). Destroyed here, at a known
-    point, their effect is undone by ``DispatchTLS.restore`` right after.
+    This destroys the leftover guards at a known point (see the module docstring), so that
+    ``DispatchTLS.restore`` right after undoes what they set.
     """
     chain: list[BaseException] = []
     todo: list[BaseException | None] = [exc]

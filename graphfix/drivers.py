@@ -143,8 +143,8 @@ class HFDriver(PromptDriver):
 def forward_params(cls: type) -> frozenset[str]:
     """The parameter names of ``cls.forward``, read once per class.
 
-    The class's, not the instance's: graphfix's HF runtime gives an optimized model an
-    instance ``forward(*args, **kwargs)`` that hides them.
+    The class's, not the instance's: once graphfix's HF runtime is installed, the instance's
+    ``forward`` is graphfix's wrapper, and the class's is what transformers defines.
     """
     try:
         return frozenset(inspect.signature(cls.forward).parameters)

@@ -26,8 +26,10 @@ because at batch 1 each of them costs a launch and a round trip through memory
 ``fused_linear`` is what the decoder calls: the Triton op for one row on CUDA in
 bf16/fp16, and ``fused_linear_reference`` (the same arithmetic in eager ops)
 everywhere else, so the model's code path is the same on CPU and GPU and the CPU
-tests exercise it. Both ops are registered with ``torch.library.triton_op``, so
-``torch.compile`` (fullgraph, CUDA graphs) keeps them as kernel calls in the graph.
+tests exercise it. ``gemv`` and ``fused_gemv`` are registered with
+``torch.library.triton_op``, so ``torch.compile`` (fullgraph, CUDA graphs) keeps them as
+kernel calls in the graph; ``fused_gemv_pdl``, the same kernel launched with programmatic
+dependent launch, is an opaque ``custom_op`` (Inductor's launcher has no PDL attribute).
 ``use_triton_gemv(model)`` switches a model's bias-free ``nn.Linear`` modules to
 ``GemvLinear`` (plain GEMV, no fusion); nothing moves.
 """
@@ -78,6 +80,13 @@ def fused_linear_reference(x: torch.Tensor, weight: torch.Tensor, *, norm_weight
 if HAS_TRITON:
 
     @triton.jit
+    def _weight_tile(w_ptrs, mask_n, k, rk, K, EVEN_K: tl.constexpr):
+        """The ``BLOCK_N x BLOCK_K`` weight tile at column ``k``, streamed once (evict-first)."""
+        if EVEN_K:
+            return tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
+        return tl.load(w_ptrs, mask=mask_n[:, None] & (k + rk < K)[None, :], other=0.0, eviction_policy="evict_first")
+
+    @triton.jit
     def _gemv_tile(acc, sq, w, x_ptr, nw_ptr, k, rk, K, dtype: tl.constexpr, NORM: tl.constexpr,
                    SILU: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
         """One ``BLOCK_K`` step: the prologue on the input slice, then ``acc += w * x``."""
@@ -113,21 +122,14 @@ if HAS_TRITON:
         # The first weight tile is loaded before anything the previous kernel writes: with programmatic
         # dependent launch (PDL) this program starts while that kernel drains, streams its first tile, and
         # only then waits for the previous grid's results (griddepcontrol.wait) before it reads x or the residual.
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & (rk < K)[None, :], other=0.0, eviction_policy="evict_first")
+        w = _weight_tile(w_ptrs, mask_n, 0, rk, K, EVEN_K)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         acc, sq = _gemv_tile(acc, sq, w, x_ptr, nw_ptr, 0, rk, K, dtype, NORM, SILU, EVEN_K, BLOCK_K)
         for k in range(BLOCK_K, K, BLOCK_K):
             w_ptrs += BLOCK_K
-            if EVEN_K:
-                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & (k + rk < K)[None, :], other=0.0,
-                            eviction_policy="evict_first")
+            w = _weight_tile(w_ptrs, mask_n, k, rk, K, EVEN_K)
             acc, sq = _gemv_tile(acc, sq, w, x_ptr, nw_ptr, k, rk, K, dtype, NORM, SILU, EVEN_K, BLOCK_K)
         out = tl.sum(acc, axis=1)
         if NORM:  # w . (nw * x) * rstd: the statistics come with the same pass over x, no pre-pass before streaming
