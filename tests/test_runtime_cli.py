@@ -82,6 +82,7 @@ def test_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path, monkeypatch):
     assert set(phases) == {"prefill_and_first", "decode"} and all(p["requests"] for p in phases.values())
     for p in phases.values():
         assert p["compile_s"] > 0 and p["outside_compile_s"] == pytest.approx(p["seconds"] - p["compile_s"])
+        assert p["compile_timers"]["dynamo_and_backend_s"] == p["compile_s"]
 
 
 def test_bench_hands_over_to_the_next_variant_when_one_cannot_run(tmp_path, monkeypatch):

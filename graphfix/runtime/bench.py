@@ -332,7 +332,7 @@ def _generator(dec, args):
 COMPILE_TIME_KEYS = {"_compile.compile_inner": "dynamo_and_backend_s", "bytecode_tracing": "dynamo_tracing_s",
                      "OutputGraph.call_user_compiler": "backend_s", "compile_fx_inner": "inductor_s",
                      "build_guards": "guards_s"}
-"""Dynamo's own timers (``torch._dynamo.utils.compile_times``), summed over the process: where a warmup goes."""
+"""Dynamo's own timers (``torch._dynamo.utils.compile_times``, process totals): ``_warmup`` keeps each phase's share."""
 
 
 def compile_time_summary() -> dict[str, float]:
@@ -358,13 +358,14 @@ def _warmup(gen, args, batch: int, device: torch.device) -> dict[str, Any]:
     for phase, kwargs in (("prefill_and_first", {"decode": False}),
                           ("decode", {"kv_lengths": [args.prompt_len + args.new_tokens]})):
         _sync(device)
-        before, started = compile_time_summary().get("dynamo_and_backend_s", 0.0), _now()
+        before, started = compile_time_summary(), _now()
         requests = gen.warmup(batch_sizes=(batch,), prompt_lengths=[args.prompt_len], **kwargs)
         _sync(device)
         seconds = _now() - started
-        compiled = compile_time_summary().get("dynamo_and_backend_s", 0.0) - before
+        timers = {k: v - before.get(k, 0.0) for k, v in compile_time_summary().items()}
+        compiled = timers.get("dynamo_and_backend_s", 0.0)
         phases[phase] = {"seconds": seconds, "compile_s": compiled, "outside_compile_s": seconds - compiled,
-                         "requests": requests}
+                         "compile_timers": timers, "requests": requests}
     return {"prefill_and_first_s": phases["prefill_and_first"]["seconds"], "decode_s": phases["decode"]["seconds"],
             "total_s": _now() - t, "phases": phases}
 
@@ -385,6 +386,17 @@ def check_gemv(dec, device: torch.device) -> float:
     return worst
 
 
+def apply_variant(dec, variant: str) -> None:
+    """Switch the fused decoder ``dec`` to ``variant``'s kernels (no checks): the one place parent and child agree on."""
+    from graphfix.runtime.kernels import use_cublas, use_triton_gemv
+
+    use_cublas(dec)
+    if variant in ("gemv", "attention"):
+        use_triton_gemv(dec)
+    dec.use_decode_kernels(variant in ("kernels", "pdl", "attention"), fuse_linears=variant != "attention",
+                           pdl=variant == "pdl")
+
+
 def child_warm(args) -> int:
     """Build the same model, load the compile cache, warm up, first request: print JSON timings."""
     t0 = _now()
@@ -394,12 +406,7 @@ def child_warm(args) -> int:
     device = torch.device(args.device)
     model = _load_model(args, device)
     dec = from_hf(model, max_batch_size=max(_ints(args.batch_sizes)), max_seq_len=_max_seq(args), fuse=True)
-    if args.variants in ("gemv", "attention"):  # the parent measured this variant first: the cache holds its graphs
-        from graphfix.runtime.kernels import use_triton_gemv
-
-        use_triton_gemv(dec)
-    if args.variants in ("kernels", "pdl", "attention"):
-        dec.use_decode_kernels(fuse_linears=args.variants != "attention", pdl=args.variants == "pdl")
+    apply_variant(dec, args.variants)  # the parent measured this variant first: the cache holds its graphs
     gen = _generator(dec, args)
     _sync(device)
     t1 = _now()
@@ -407,7 +414,6 @@ def child_warm(args) -> int:
     ids = _prompts(1, args.prompt_len, dec.config.vocab_size, seed=1).tolist()
     first = _timed(lambda: gen.generate(ids, 1), device)
     print(json.dumps({"startup_and_build_s": t1 - t0, "warmup_s": parts["total_s"], "warmup_parts": parts,
-                      "compile_times": compile_time_summary(),
                       "first_request_s": first, "process_to_first_token_s": _now() - t0, **info}))
     return 0
 
@@ -500,10 +506,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ttft-lengths", help="comma list of prompt lengths for time to first token (default 512,2048)")
-    p.add_argument("--variants", help="graphfix variants, the first measured first: fused (cuBLAS), gemv (fused + "
-                   "the Triton GEMV of graphfix.runtime.kernels for batch 1), kernels (fused + the decode kernels: norm/SiLU/"
-                   "residual folded into Triton GEMVs and split-KV attention, batch 1), pdl (kernels, the GEMVs launched with programmatic dependent launch, sm_90+), attention (gemv + the split-KV "
-                   "attention only), unfused (default: pdl,kernels)")
+    p.add_argument("--variants", help="graphfix variants, the first that runs measured in full: fused (cuBLAS), "
+                   "gemv (fused + the Triton GEMV of graphfix.runtime.kernels for batch 1), kernels (fused + the "
+                   "decode kernels: norm/SiLU/residual folded into Triton GEMVs and split-KV attention, batch 1), "
+                   "pdl (kernels, the GEMVs launched with programmatic dependent launch, sm_90+), attention (gemv + "
+                   "the split-KV attention only), unfused (default: pdl,kernels)")
     p.add_argument("--warm-start", dest="warm_start", action="store_true", default=None,
                    help="measure a second process's warmup with the compile cache")
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false")
@@ -552,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.cache_dir:
         args.cache_dir = tempfile.mkdtemp(prefix="graphfix-bench-cache-")
     from graphfix.runtime import CompileCache, from_hf
-    from graphfix.runtime.kernels import HAS_TRITON, use_cublas, use_triton_gemv
+    from graphfix.runtime.kernels import HAS_TRITON
 
     CompileCache(args.cache_dir).activate()
     import transformers
@@ -587,7 +594,6 @@ def run(args: argparse.Namespace) -> int:
     def graphfix_variant(variant: str, dec) -> Any:
         gen = _generator(dec, args)
         parts = _warmup(gen, args, 1, device)
-        parts["compile_times_so_far"] = compile_time_summary()
         cold[variant] = parts["total_s"]
         res.doc.setdefault("warmup", {})[variant] = parts
         print(f"[bench] graphfix {variant}: cold warmup {parts['total_s']:.1f} s ("
@@ -599,8 +605,7 @@ def run(args: argparse.Namespace) -> int:
 
     def prepare_variant(variant: str, dec) -> Any:
         """Switch ``dec`` to ``variant`` (or build the unfused decoder); ``None`` when it cannot run (recorded)."""
-        use_cublas(dec)
-        dec.use_decode_kernels(False)
+        apply_variant(dec, "fused")  # back to cuBLAS and the standard path first
         if variant == "fused":
             return dec
         if variant == "unfused":
@@ -611,8 +616,8 @@ def run(args: argparse.Namespace) -> int:
         if not HAS_TRITON or device.type != "cuda":
             res.skip(f"graphfix {variant}", "needs triton and CUDA")
             return None
+        apply_variant(dec, variant)
         if variant == "gemv":
-            use_triton_gemv(dec)
             err = res.doc["gemv_rel_error"] = check_gemv(dec, device)
             if not err < 2e-2:
                 res.skip("graphfix gemv", f"relative error {err:.2e} against F.linear")
@@ -625,9 +630,6 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             res.skip("graphfix kernels", "kernel_check failed: " + json.dumps(bad)[:300])
             return None
-        if variant == "attention":
-            use_triton_gemv(dec)
-        dec.use_decode_kernels(fuse_linears=variant in ("kernels", "pdl"), pdl=variant == "pdl")
         if variant == "pdl" and not dec.decode_pdl:
             res.skip("graphfix pdl", "programmatic dependent launch needs an sm_90+ GPU")
             return None
