@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from graphfix.runtime.bench import copy_bandwidth
+from graphfix.runtime.bench import copy_bandwidth, cuda_graph_ms
 from graphfix.runtime.presets import PRESETS
 
 
@@ -69,27 +69,9 @@ def _chain(w: dict, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _graph_ms(step: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, reps: int) -> tuple[float, torch.Tensor]:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # autotuning and first launches outside the capture
-            step(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step(x)
-    for _ in range(3):
-        graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return sorted(times)[len(times) // 2], out.clone()
+    """``step(x)`` as one CUDA graph: ms per replay (median of 5 timings) and a copy of its output."""
+    ms, out = cuda_graph_ms(lambda: step(x), reps, repeats=5)
+    return ms, out.clone()
 
 
 LINEAR_FLAGS = {"qkv": ("n1", False, False), "o": (None, False, True), "w13": ("n2", False, False),

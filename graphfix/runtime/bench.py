@@ -203,41 +203,53 @@ def bench_hf(model, system: str, batch: int, args, device: torch.device, vocab: 
     return row
 
 
+def cuda_graph_ms(fn: Any, reps: int = 20, repeats: int = 1) -> tuple[float, Any]:
+    """Milliseconds per replay of ``fn()`` captured as one CUDA graph (median of ``repeats`` timings), and its output.
+
+    ``fn`` runs twice on a side stream first, so autotuning and first launches stay out of the capture.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for _ in range(3):
+        graph.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        a.record()
+        for _ in range(reps):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return statistics.median(times), out
+
+
 def matmul_only_ms(dec, batch: int, device: torch.device, reps: int = 20) -> float | None:
     """Milliseconds of one decode step's linear layers alone, back to back in a CUDA graph."""
     if device.type != "cuda":
         return None
-    cfg = dec.config
-    inputs = {}
+    inputs: dict[int, torch.Tensor] = {}
 
     def inp(n: int) -> torch.Tensor:
         if n not in inputs:
             inputs[n] = torch.randn(batch, 1, n, device=device, dtype=dec.output.weight.dtype)
         return inputs[n]
 
-    linears = [m for m in dec.modules() if isinstance(m, torch.nn.Linear)]
-    calls = [(m, inp(m.in_features)) for m in linears]
+    calls = [(m, inp(m.in_features)) for m in dec.modules() if isinstance(m, torch.nn.Linear)]
+
+    def step() -> None:
+        for m, x in calls:
+            m(x)
+
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for m, x in calls:
-                m(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for m, x in calls:
-                m(x)
-        for _ in range(3):
-            graph.replay()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-    del graph, cfg
-    return a.elapsed_time(b) / reps
+        return cuda_graph_ms(step, reps)[0]
 
 
 def kernel_breakdown(gen, prompts: list[list[int]], device: torch.device, steps: int = 16) -> dict[str, Any] | None:
