@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from graphfix.errors import InputError
-from graphfix.runtime import Generator, from_hf
+from graphfix.runtime import Generator, from_hf, from_meta
 from graphfix.runtime.attention_kernel import BLOCK_S, decode_attention_reference, split_plan
 from tests.test_runtime import PROMPTS, hf_greedy, tiny_hf
 
@@ -88,8 +88,9 @@ def test_triton_kernels_in_the_interpreter_match_the_references():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"gemv", "fused_gemv", "decode_attention"}
+    assert kernels == {"gemv", "fused_gemv", "decode_attention", "rope_cache", "rope_cache_compiled"}
     assert any(r.get("window") for r in rows) and any(r.get("splits", 1) > 2 for r in rows)
+    assert {r.get("interleaved") for r in rows if r["kernel"] == "rope_cache"} == {False, True}
     assert all(r["ok"] and r["rel_error"] < 1e-4 for r in rows)
 
 
@@ -108,3 +109,59 @@ def test_pdl_is_a_no_op_where_the_device_lacks_it():
         x, w, nw = torch.randn(1, 1, 16), torch.randn(8, 16), torch.randn(16)
         assert torch.equal(fused_linear(x, w, norm_weight=nw, eps=1e-5, pdl=True),
                            fused_linear(x, w, norm_weight=nw, eps=1e-5))
+
+
+def test_gemv_tile_choices_round_trip_for_the_same_gpu_and_triton_only(monkeypatch):
+    """A warm start takes the first process's tiles (``CompileCache`` keeps them) instead of timing every tile again."""
+    import triton
+
+    from graphfix.runtime import kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    tuned = kernels.gemv_kernel_tuned
+    monkeypatch.setattr(tuned, "cache", {})
+    best = tuned.configs[2]
+    key = (4096, 11008, False, True, False, True, "torch.bfloat16", "torch.bfloat16")
+    tuned.cache[key] = best
+    choices = json.loads(json.dumps(kernels.tile_choices()))  # through JSON, as the file holds it
+    assert choices["device"] == "Test GPU" and len(choices["tiles"]) == 1
+
+    tuned.cache.clear()
+    assert kernels.use_tile_choices(choices) == 1
+    chosen = tuned.cache[key]  # the autotuner looks its cache up with the tuple it builds from the call
+    assert (chosen.kwargs, chosen.num_warps, chosen.num_stages) == (best.kwargs, best.num_warps, best.num_stages)
+
+    tuned.cache.clear()
+    assert kernels.use_tile_choices({**choices, "device": "Other GPU"}) == 0
+    assert kernels.use_tile_choices({**choices, "triton": triton.__version__ + ".x"}) == 0
+    odd = {**choices, "tiles": [{**choices["tiles"][0], "num_warps": 3}]}  # a tile this version does not offer
+    assert kernels.use_tile_choices(odd) == 0 and tuned.cache == {}
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rope_cache_kernel_path_equals_inductors_rope_and_cache_write(layout):
+    """``rope_kernel`` (one kernel: RoPE of q and k, k/v into the cache) against the separate ops, both layouts:
+    the same logits and the same cache contents after a step."""
+    if layout == "half":
+        dec = from_hf(tiny_hf("llama"), max_batch_size=2, max_seq_len=64, share=True)
+    else:
+        from tests.test_runtime import _meta_pair
+
+        dec = from_meta(_meta_pair()[1], max_batch_size=2, max_seq_len=64)
+    assert dec.config.rope_layout == layout
+    tokens, pos = torch.tensor([[7], [9]]), torch.tensor([[20], [3]])
+    results = []
+    with torch.no_grad():
+        for rope_kernel in (False, True):
+            for layer in dec.layers:
+                layer.attention.kv_cache.reset()
+            logits = dec.use_decode_kernels(rope_kernel=rope_kernel).step(tokens, pos)
+            cache = dec.layers[1].attention.kv_cache
+            results.append((logits, cache.k_cache.clone(), cache.v_cache.clone()))
+    assert dec.decode_rope is True
+    (plain, k0, v0), (fused, k1, v1) = results
+    assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(v1, v0) and torch.allclose(k1, k0, atol=1e-6)
+    assert k1[0, :, 20].abs().sum() > 0 and k1[1, :, 3].abs().sum() > 0 and k1[0, :, 3].abs().sum() == 0

@@ -14,6 +14,8 @@ directly (query head ``h`` uses KV head ``h // n_rep``, the Hugging Face order).
 
 ``decode_attention`` is what the decoder calls: the Triton kernels on CUDA and
 ``decode_attention_reference`` (SDPA with the equivalent additive mask) elsewhere.
+``decode_attention(pdl=True)`` launches both kernels with programmatic dependent launch
+(``graphfix::decode_attention_pdl``, an opaque op as ``kernels.fused_gemv_pdl``).
 """
 
 from __future__ import annotations
@@ -62,9 +64,12 @@ if HAS_TRITON:
     def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, po_ptr, pm_ptr, pl_ptr,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                       n_heads, n_rep, kv_len, chunk, window, scale, splits,
-                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, PDL: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
+        if PDL:  # q and the newest cache slot come from the kernel before
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = bh // n_heads
         h = bh % n_heads
         kvh = h // n_rep
@@ -107,8 +112,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, splits, stride_ob, stride_oh, n_heads,
-                        HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
         bh = tl.program_id(0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = bh // n_heads
         h = bh % n_heads
         rsp = tl.arange(0, SPLITS_P2)
@@ -123,10 +131,8 @@ if HAS_TRITON:
         den = tl.sum(l_part * w, axis=0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rd, (num / den).to(out_ptr.dtype.element_ty))
 
-    @torch.library.triton_op("graphfix::decode_attention", mutates_args={})
-    def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
-                            scale: float) -> torch.Tensor:
-        """Split-KV attention of ``q`` ``(B, H, D)`` over ``k``/``v`` ``(B, KV, S, D)``; ``window <= 0``: none."""
+    def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int, scale: float,
+                pdl: bool) -> torch.Tensor:
         bsz, n_heads, head_dim = q.shape
         n_kv, kv_len = k.shape[1], k.shape[2]
         splits, chunk = split_plan(bsz * n_heads, kv_len)
@@ -134,14 +140,36 @@ if HAS_TRITON:
         part_m = torch.empty((bsz * n_heads * splits,), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         out = torch.empty((bsz, n_heads, head_dim), dtype=q.dtype, device=q.device)
-        torch.library.wrap_triton(_split_kernel)[(bsz * n_heads, splits)](
+        # pdl: direct launches with the PDL attribute; otherwise through wrap_triton, so Inductor sees the kernels
+        split_kernel = _split_kernel if pdl else torch.library.wrap_triton(_split_kernel)
+        combine_kernel = _combine_kernel if pdl else torch.library.wrap_triton(_combine_kernel)
+        extra = {"launch_pdl": True} if pdl else {}
+        split_kernel[(bsz * n_heads, splits)](
             q, k, v, pos, part_out, part_m, part_l, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), n_heads, n_heads // n_kv, kv_len, chunk,
-            max(window, 1), scale, splits, HEAD_DIM=head_dim, BLOCK=BLOCK_S, HAS_WINDOW=window > 0, num_warps=4)
-        torch.library.wrap_triton(_combine_kernel)[(bsz * n_heads,)](
+            max(window, 1), scale, splits, HEAD_DIM=head_dim, BLOCK=BLOCK_S, HAS_WINDOW=window > 0, PDL=pdl,
+            num_warps=4, **extra)
+        combine_kernel[(bsz * n_heads,)](
             part_out, part_m, part_l, out, splits, out.stride(0), out.stride(1), n_heads, HEAD_DIM=head_dim,
-            SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+            SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, **extra)
         return out
+
+    @torch.library.triton_op("graphfix::decode_attention", mutates_args={})
+    def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
+                            scale: float) -> torch.Tensor:
+        """Split-KV attention of ``q`` ``(B, H, D)`` over ``k``/``v`` ``(B, KV, S, D)``; ``window <= 0``: none."""
+        return _launch(q, k, v, pos, window, scale, pdl=False)
+
+    @torch.library.custom_op("graphfix::decode_attention_pdl", mutates_args=())
+    def decode_attention_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
+                             scale: float) -> torch.Tensor:
+        """``decode_attention`` with both kernels launched with programmatic dependent launch (an opaque op,
+        as ``kernels.fused_gemv_pdl``: Inductor's launcher has no PDL attribute)."""
+        return _launch(q, k, v, pos, window, scale, pdl=True)
+
+    @decode_attention_pdl.register_fake
+    def _decode_attention_pdl_fake(q, k, v, pos, window, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def triton_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -152,9 +180,13 @@ def triton_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int | None,
-                     scale: float | None = None) -> torch.Tensor:
-    """One query per row: ``q`` ``(B, H, D)`` over ``k``/``v`` ``(B, KV, S, D)`` at positions ``pos`` ``(B,)``."""
+                     scale: float | None = None, pdl: bool = False) -> torch.Tensor:
+    """One query per row: ``q`` ``(B, H, D)`` over ``k``/``v`` ``(B, KV, S, D)`` at positions ``pos`` ``(B,)``.
+
+    ``pdl``: launch with programmatic dependent launch (the caller checks ``kernels.pdl_supported``).
+    """
     if triton_attention_applies(q, k):
         s = scale if scale is not None else q.shape[-1] ** -0.5
-        return torch.ops.graphfix.decode_attention(q, k, v, pos, window or 0, s)
+        op = torch.ops.graphfix.decode_attention_pdl if pdl else torch.ops.graphfix.decode_attention
+        return op(q, k, v, pos, window or 0, s)
     return decode_attention_reference(q, k, v, pos, window, scale)

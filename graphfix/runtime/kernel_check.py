@@ -28,6 +28,11 @@ ATTENTION_CASES = [  # (batch, heads, kv heads, head dim, cache slots, kv_len, p
     (2, 6, 2, 32, 160, 160, [150, 33], 20), (1, 2, 1, 64, 64, 64, [63], 8), (3, 8, 8, 16, 256, 256, [5, 200, 255], None),
 ]
 
+ROPE_CASES = [  # (batch, heads, kv heads, head dim, cache slots, positions, interleaved)
+    (1, 4, 4, 32, 64, [40], False), (2, 6, 2, 16, 48, [0, 47], False), (2, 4, 1, 64, 32, [31, 5], True),
+    (3, 8, 8, 16, 40, [1, 20, 39], True),
+]
+
 
 def _rel(out: Any, ref: Any) -> float:
     diff = (out.float() - ref.float()).norm().item()
@@ -67,6 +72,7 @@ def attention_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
     import torch
 
     from graphfix.runtime.attention_kernel import decode_attention_reference, split_plan
+    from graphfix.runtime.kernels import pdl_supported
 
     gen = torch.Generator().manual_seed(1)
     for bsz, heads, kv_heads, dim, slots, kv_len, positions, window in ATTENTION_CASES:
@@ -75,10 +81,71 @@ def attention_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
         v = torch.randn(bsz, kv_heads, slots, dim, generator=gen).to(device=device, dtype=dtype)
         pos = torch.tensor(positions, device=device)
         kk, vv = k[:, :, :kv_len], v[:, :, :kv_len]  # a prefix view of the cache, as the decoder passes it
-        out = torch.ops.graphfix.decode_attention(q, kk, vv, pos, window or 0, dim ** -0.5)
         ref = decode_attention_reference(q.float(), kk.float(), vv.float(), pos, window)
-        yield {"kernel": "decode_attention", "shape": [bsz, heads, kv_heads, dim, kv_len], "window": window,
-               "splits": split_plan(bsz * heads, kv_len)[0], "rel_error": _rel(out, ref)}
+        for pdl in (False, True) if pdl_supported(device) else (False,):
+            op = torch.ops.graphfix.decode_attention_pdl if pdl else torch.ops.graphfix.decode_attention
+            out = op(q, kk, vv, pos, window or 0, dim ** -0.5)
+            yield {"kernel": "decode_attention_pdl" if pdl else "decode_attention",
+                   "shape": [bsz, heads, kv_heads, dim, kv_len], "window": window,
+                   "splits": split_plan(bsz * heads, kv_len)[0], "rel_error": _rel(out, ref)}
+
+
+def rope_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
+    """``graphfix::rope_cache`` against ``rope_cache_reference`` on the same inputs: q, then both cache writes."""
+    import torch
+
+    from graphfix.blocks.rope import rope_tables
+    from graphfix.runtime.kernels import pdl_supported
+    from graphfix.runtime.rope_kernel import rope_cache_reference
+
+    gen = torch.Generator().manual_seed(2)
+    for bsz, heads, kv_heads, dim, slots, positions, interleaved in ROPE_CASES:
+        cos, sin = rope_tables(dim, slots, 10000.0, None, "interleaved" if interleaved else "half", device)
+        if not interleaved:  # the decoder casts the half-layout tables to the activations' dtype (as HF does)
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        qkv = torch.randn(bsz, 1, (heads + 2 * kv_heads) * dim, generator=gen).to(device=device, dtype=dtype)
+        pos = torch.tensor(positions, device=device)
+        caches = [torch.randn(bsz, kv_heads, slots, dim, generator=gen).to(device=device, dtype=dtype) for _ in "kv"]
+        ref_k, ref_v = (c.clone() for c in caches)
+        ref_q = rope_cache_reference(qkv, pos, cos, sin, ref_k, ref_v, heads, kv_heads, interleaved)
+        for pdl in (False, True) if pdl_supported(device) else (False,):
+            k, v = (c.clone() for c in caches)
+            q = torch.ops.graphfix.rope_cache(qkv, pos, cos, sin, k, v, heads, kv_heads, interleaved, pdl)
+            yield {"kernel": "rope_cache_pdl" if pdl else "rope_cache", "shape": [bsz, heads, kv_heads, dim],
+                   "interleaved": interleaved, "rel_error": max(_rel(q, ref_q), _rel(k, ref_k), _rel(v, ref_v))}
+
+
+def rope_compiled_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
+    """``graphfix::rope_cache`` inside a compiled graph (Inductor on CUDA, ``aot_eager`` elsewhere), writing a
+    module's cache buffers over three steps: the writes must land in the buffers, as in eager."""
+    import torch
+
+    from graphfix.blocks.rope import rope_tables
+    from graphfix.runtime.rope_kernel import rope_cache_reference
+
+    bsz, heads, kv_heads, dim, slots = 2, 4, 2, 32, 48
+    cos, sin = (t.to(dtype) for t in rope_tables(dim, slots, 10000.0, None, "half", device))
+    gen = torch.Generator().manual_seed(3)
+
+    class Caches(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("k", torch.zeros(bsz, kv_heads, slots, dim, device=device, dtype=dtype))
+            self.register_buffer("v", torch.zeros(bsz, kv_heads, slots, dim, device=device, dtype=dtype))
+
+        def forward(self, qkv: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return torch.ops.graphfix.rope_cache(qkv, pos, cos, sin, self.k, self.v, heads, kv_heads, False, False)
+
+    caches, ref = Caches(), Caches()
+    step = torch.compile(caches, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    worst = 0.0
+    for positions in ([3, 17], [4, 18], [40, 0]):
+        qkv = torch.randn(bsz, 1, (heads + 2 * kv_heads) * dim, generator=gen).to(device=device, dtype=dtype)
+        pos = torch.tensor(positions, device=device)
+        q = step(qkv, pos)
+        ref_q = rope_cache_reference(qkv, pos, cos, sin, ref.k, ref.v, heads, kv_heads, False)
+        worst = max(worst, _rel(q, ref_q), _rel(caches.k, ref.k), _rel(caches.v, ref.v))
+    yield {"kernel": "rope_cache_compiled", "shape": [bsz, heads, kv_heads, dim], "rel_error": worst}
 
 
 def run(device: str, dtype_name: str) -> list[dict[str, Any]]:
@@ -86,7 +153,8 @@ def run(device: str, dtype_name: str) -> list[dict[str, Any]]:
     import torch
 
     dtype = getattr(torch, dtype_name)
-    rows = [*gemv_errors(device, dtype), *attention_errors(device, dtype)]
+    rows = [*gemv_errors(device, dtype), *attention_errors(device, dtype), *rope_errors(device, dtype),
+            *rope_compiled_errors(device, dtype)]
     for row in rows:
         row["ok"] = row["rel_error"] <= TOLERANCE[dtype_name]
     return rows

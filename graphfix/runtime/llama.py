@@ -42,6 +42,7 @@ from graphfix.blocks.rope import (
 from graphfix.errors import InputError, UnsupportedModelError
 from graphfix.runtime.attention_kernel import decode_attention
 from graphfix.runtime.kernels import fused_linear, pdl_supported
+from graphfix.runtime.rope_kernel import rope_cache
 
 CACHE_ALIGN = 64
 """Cache lengths are rounded up to a multiple of this (aligned attention-bias rows for the fused SDPA kernels)."""
@@ -262,15 +263,19 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def decode_fused(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     kv_len: int | None = None, fuse_linears: bool = True, pdl: bool = False) -> torch.Tensor:
-        """One token per row with the decode kernels: the same arithmetic as ``forward``, in five kernels.
+                     kv_len: int | None = None, fuse_linears: bool = True, pdl: bool = False,
+                     tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One token per row with the decode kernels: the same arithmetic as ``forward``, in seven kernels.
 
         RMSNorm into the q/k/v and gate/up GEMVs, the residual adds into the o and down GEMVs,
-        SiLU·mul into the down GEMV, and split-KV attention with the mask taken from the
-        positions (``graphfix.runtime.kernels``, ``graphfix.runtime.attention_kernel``; their
-        eager references elsewhere than CUDA). Needs the fused ``wqkv``/``w13`` layout.
+        SiLU·mul into the down GEMV, RoPE and the cache write in one kernel, and split-KV
+        attention with the mask taken from the positions (``graphfix.runtime.kernels``,
+        ``rope_kernel``, ``attention_kernel``; their eager references elsewhere than CUDA).
+        Needs the fused ``wqkv``/``w13`` layout.
         ``fuse_linears=False``: only the attention kernel; norms, SiLU and adds stay separate.
-        ``pdl``: the GEMVs use programmatic dependent launch (``kernels.fused_linear``).
+        ``pdl``: the GEMVs, the RoPE kernel and attention use programmatic dependent launch.
+        ``tables``: the whole RoPE tables, for the RoPE kernel; ``None`` leaves RoPE and the
+        cache write to Inductor (``cos``/``sin``, gathered per step).
         """
         attn, ffn = self.attention, self.feed_forward
         bsz = x.shape[0]
@@ -283,9 +288,18 @@ class Block(nn.Module):
             return h + ffn.w2(F.silu(gate) * up)
         qkv = fused_linear(x, attn.wqkv.weight, norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps,
                            bias=attn.wqkv.bias, pdl=pdl)
-        q, k, v = qkv.split(attn.split, dim=-1)
-        q, keys, values = attn.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
-        y = decode_attention(q.view(bsz, attn.n_heads, attn.head_dim), keys, values, input_pos[:, 0], attn.window)
+        if tables is None:
+            q, k, v = qkv.split(attn.split, dim=-1)
+            q, keys, values = attn.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
+        else:
+            cache = attn.kv_cache
+            q = rope_cache(qkv, input_pos[:, 0], *tables, cache.k_cache, cache.v_cache, attn.n_heads, attn.n_kv_heads,
+                           attn.rope_layout == "interleaved", pdl)
+            keys, values = cache.k_cache[:bsz], cache.v_cache[:bsz]
+            if kv_len is not None:
+                keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        y = decode_attention(q.view(bsz, attn.n_heads, attn.head_dim), keys, values, input_pos[:, 0], attn.window,
+                             pdl=pdl)
         h = fused_linear(y.view(bsz, 1, -1), attn.wo.weight, bias=attn.wo.bias, residual=x, pdl=pdl)
         gate_up = fused_linear(h, ffn.w13.weight, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, pdl=pdl)
         return fused_linear(gate_up, ffn.w2.weight, silu=True, residual=h, pdl=pdl)
@@ -314,6 +328,7 @@ class LlamaDecoder(nn.Module):
         self.max_seq_len = 0
         self.decode_kernels = False
         self.decode_pdl = False
+        self.decode_rope = False
 
     def allocate(self, max_batch_size: int, max_seq_len: int) -> LlamaDecoder:
         """Allocate the KV caches (``max_seq_len`` rounded up to ``CACHE_ALIGN``) and the RoPE tables."""
@@ -365,9 +380,10 @@ class LlamaDecoder(nn.Module):
         kernels = bool(self.decode_kernels) and tokens.shape[0] * tokens.shape[1] == 1  # GEMVs: one row
         fuse_linears = self.decode_kernels == "all"
         masks: dict[int | None, torch.Tensor] = {}
+        tables = (self.rope_cos, self.rope_sin) if self.decode_rope else None
         for layer in self.layers:
             if kernels:
-                h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears, self.decode_pdl)
+                h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears, self.decode_pdl, tables)
                 continue
             window = layer.attention.window
             if window not in masks:
@@ -381,20 +397,23 @@ class LlamaDecoder(nn.Module):
         return self.output(self.norm(h))
 
     def use_decode_kernels(self, enabled: bool = True, fuse_linears: bool = True,
-                           pdl: bool = True) -> LlamaDecoder:
-        """Run batch-1 decode steps through ``Block.decode_fused`` (five kernels a layer); needs ``fuse=True``.
+                           pdl: bool = True, rope_kernel: bool = True) -> LlamaDecoder:
+        """Run batch-1 decode steps through ``Block.decode_fused`` (seven kernels a layer); needs ``fuse=True``.
 
         ``fuse_linears=False``: the split-KV attention kernel only. Prefill and larger
         batches (GEMMs, where cuBLAS wins) keep the standard path. Compiled graphs made before the switch keep what they traced.
         ``pdl``: launch the fused GEMVs with programmatic dependent launch where the device
         has it (sm_90+, ``kernels.pdl_supported``); elsewhere it has no effect. Same arithmetic,
         +5.7% tokens/s on an H200 (docs/benchmarks.md), so it is on by default.
+        ``rope_kernel``: RoPE and the cache write as one kernel (``rope_kernel.rope_cache``)
+        instead of Inductor's three; with ``fuse_linears`` only.
         """
         if enabled and not self.fused:
             raise InputError("the decode kernels need the fused q/k/v and gate/up layout",
                              hint="build the decoder with fuse=True")
         self.decode_kernels: str | bool = ("all" if fuse_linears else "attention") if enabled else False
         self.decode_pdl = bool(enabled and fuse_linears and pdl and pdl_supported(self.output.weight.device))
+        self.decode_rope = bool(enabled and fuse_linears and rope_kernel)
         return self
 
     forward = step
