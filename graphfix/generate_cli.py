@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,8 +139,12 @@ def run_generate(args: argparse.Namespace) -> int:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    if args.cache_dir:
-        CompileCache(args.cache_dir).activate()
+    if args.cache_dir:  # one folder per model and options: Dynamo's precompiled graphs are reused by the next process
+        key = {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model, "dtype": str(dtype),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "backend": backend, "cuda_graphs": not args.no_cuda_graphs, "unfused": args.unfused,
+               "triton_gemv": args.triton_gemv, "decode_kernels": args.decode_kernels}
+        CompileCache(args.cache_dir, key=key).activate()
     tokenizer = _tokenizer(args.model) if args.prompt else None
     rows = _prompts(args, tokenizer)
     _say(args, f"loading {args.model}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from graphfix.errors import InputError
 from graphfix.generate_cli import add_parser
 from graphfix.runtime import CompileCache
+from graphfix.runtime.compile_cache import precompile_supported
 from tests.test_runtime import hf_greedy, tiny_hf
 
 
@@ -55,16 +57,21 @@ def test_generate_bad_inputs_are_input_errors(hf_dir):
             args.func(args)
 
 
-def _keep_cache_env(monkeypatch):
-    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # CompileCache.activate sets them
+@pytest.fixture
+def cache_env(monkeypatch):
+    """Undo what CompileCache.activate sets process-wide when the test ends."""
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         if var in os.environ:
             monkeypatch.setenv(var, os.environ[var])
         else:
             monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "pycache_prefix", sys.pycache_prefix)
+    precompile = torch._dynamo.config.caching_precompile  # a config module: monkeypatch's undo would hide the entry
+    yield
+    torch._dynamo.config.caching_precompile = precompile
 
 
-def test_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path, monkeypatch):
-    _keep_cache_env(monkeypatch)
+def test_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path, monkeypatch, cache_env):
     js, md = tmp_path / "b.json", tmp_path / "b.md"
     args = _parse(["bench", "--device", "cpu", "--model", "tiny", "--layers", "1", "--dtype", "fp32",
                    "--systems", "copy,graphfix", "--variants", "fused", "--batch-sizes", "1", "--prompt-len", "3",
@@ -85,9 +92,8 @@ def test_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path, monkeypatch):
         assert p["compile_timers"]["dynamo_and_backend_s"] == p["compile_s"]
 
 
-def test_bench_hands_over_to_the_next_variant_when_one_cannot_run(tmp_path, monkeypatch):
+def test_bench_hands_over_to_the_next_variant_when_one_cannot_run(tmp_path, monkeypatch, cache_env):
     """``pdl`` needs CUDA and sm_90+: on CPU it is recorded as skipped and ``fused`` becomes the measured variant."""
-    _keep_cache_env(monkeypatch)
     js = tmp_path / "b.json"
     args = _parse(["bench", "--device", "cpu", "--model", "tiny", "--layers", "1", "--dtype", "fp32",
                    "--systems", "graphfix", "--variants", "pdl,fused", "--batch-sizes", "1", "--prompt-len", "3",
@@ -99,8 +105,7 @@ def test_bench_hands_over_to_the_next_variant_when_one_cannot_run(tmp_path, monk
     assert [(r["system"], r["variant"]) for r in doc["runs"]] == [("graphfix", "fused")]
 
 
-def test_compile_cache_points_torch_at_the_folder(tmp_path, monkeypatch):
-    _keep_cache_env(monkeypatch)
+def test_compile_cache_points_torch_at_the_folder(tmp_path, monkeypatch, cache_env):
     cache = CompileCache(tmp_path / "cc")
     info = cache.activate()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc" / "inductor")
@@ -109,6 +114,32 @@ def test_compile_cache_points_torch_at_the_folder(tmp_path, monkeypatch):
     assert size == 0 or cache.megacache_path.stat().st_size == size
     if size:
         assert cache.activate()["megacache_loaded"] is True
+
+
+def test_compile_cache_keeps_one_setup_per_folder(tmp_path, monkeypatch, cache_env):
+    info = CompileCache(tmp_path / "cc", key={"model": "a", "dtype": "bf16"}).activate()
+    assert info["precompile"] is precompile_supported() is torch._dynamo.config.caching_precompile
+    assert json.loads((tmp_path / "cc" / "key.json").read_text())["model"] == "a"
+    CompileCache(tmp_path / "cc", key={"model": "a", "dtype": "bf16"}).activate()  # the same setup: accepted
+    with pytest.raises(InputError, match="another setup.*model"):
+        CompileCache(tmp_path / "cc", key={"model": "b", "dtype": "bf16"}).activate()
+    (tmp_path / "cc" / "key.json").write_text("{not json")
+    with pytest.raises(InputError, match="unreadable"):
+        CompileCache(tmp_path / "cc", key={"model": "a", "dtype": "bf16"}).activate()
+
+
+def test_compile_cache_gives_children_its_bytecode_prefix(tmp_path, monkeypatch, cache_env):
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    cache = CompileCache(tmp_path / "cc")
+    inductor = tmp_path / "cc" / "inductor"
+    assert cache.child_env({"A": "1"}) == {"A": "1", "PYTHONPYCACHEPREFIX": str(tmp_path / "cc" / "pycache"),
+                                           "TORCHINDUCTOR_CACHE_DIR": str(inductor),
+                                           "TRITON_CACHE_DIR": str(inductor / "triton")}
+    assert cache.child_env({"PYTHONPYCACHEPREFIX": "/x"})["PYTHONPYCACHEPREFIX"] == "/x"  # the caller's own wins
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    info = cache.activate()
+    expected = None if sys.flags.dont_write_bytecode else str(cache.pycache_dir)  # PYTHONDONTWRITEBYTECODE is honoured
+    assert info["pycache_prefix"] == expected == sys.pycache_prefix
 
 
 def test_main_cli_registers_the_commands_when_wired():

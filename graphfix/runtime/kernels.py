@@ -204,6 +204,44 @@ if HAS_TRITON:
         return x.new_empty((1, w.shape[0]))
 
 
+TILES_SCHEMA = 1
+
+
+def tile_choices(device: torch.device | str = "cuda") -> dict | None:
+    """The GEMV tiles the autotuner chose in this process, as JSON (``use_tile_choices`` reads it back).
+
+    A warm start would otherwise time every tile again for each shape the directly launched
+    (PDL) GEMV meets: 12.7 of a 25 s second-process start on an H200, although Triton's own
+    autotuning cache (``cache_results``) had the first process's timings on disk: its lookup
+    missed in the second process. ``CompileCache`` keeps this file instead.
+    """
+    if not HAS_TRITON or INTERPRET or not torch.cuda.is_available():
+        return None
+    tiles = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+             for key, cfg in gemv_kernel_tuned.cache.items()]
+    return {"schema": TILES_SCHEMA, "triton": triton.__version__, "device": torch.cuda.get_device_name(device),
+            "tiles": tiles}
+
+
+def use_tile_choices(choices: dict, device: torch.device | str = "cuda") -> int:
+    """Give the autotuner ``tile_choices``'s tiles (same Triton and GPU only); returns how many it took."""
+    if not HAS_TRITON or INTERPRET or not torch.cuda.is_available():
+        return 0
+    if (choices.get("schema"), choices.get("triton"), choices.get("device")) != (
+            TILES_SCHEMA, triton.__version__, torch.cuda.get_device_name(device)):
+        return 0
+    known = {(c.kwargs.get("BLOCK_N"), c.kwargs.get("BLOCK_K"), c.num_warps, c.num_stages) for c in gemv_kernel_tuned.configs}
+    taken = 0
+    for tile in choices.get("tiles", []):
+        kwargs = tile["kwargs"]
+        if (kwargs.get("BLOCK_N"), kwargs.get("BLOCK_K"), tile["num_warps"], tile["num_stages"]) not in known:
+            continue  # a tile this version no longer offers: let the autotuner choose again
+        gemv_kernel_tuned.cache.setdefault(tuple(tile["key"]), triton.Config(
+            kwargs, num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
+        taken += 1
+    return taken
+
+
 def triton_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the Triton GEMV serves this call: one row, CUDA, bf16/fp16, unit stride along K."""
     return (HAS_TRITON and x.is_cuda and x.dtype == weight.dtype and weight.dtype in FUSED_DTYPES
