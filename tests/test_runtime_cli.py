@@ -117,8 +117,11 @@ def test_compile_cache_points_torch_at_the_folder(tmp_path, monkeypatch, cache_e
 
 
 def test_compile_cache_keeps_one_setup_per_folder(tmp_path, monkeypatch, cache_env):
-    info = CompileCache(tmp_path / "cc", key={"model": "a", "dtype": "bf16"}).activate()
+    assert CompileCache(tmp_path / "plain", key={"model": "a"}).activate()["precompile"] is False  # opt-in
+    info = CompileCache(tmp_path / "cc", key={"model": "a", "dtype": "bf16"}, precompile=True).activate()
     assert info["precompile"] is precompile_supported() is torch._dynamo.config.caching_precompile
+    with pytest.raises(ValueError, match="needs a key"):
+        CompileCache(tmp_path / "nokey", precompile=True)
     assert json.loads((tmp_path / "cc" / "key.json").read_text())["model"] == "a"
     CompileCache(tmp_path / "cc", key={"model": "a", "dtype": "bf16"}).activate()  # the same setup: accepted
     with pytest.raises(InputError, match="another setup.*model"):

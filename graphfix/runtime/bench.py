@@ -430,7 +430,7 @@ def _child_warm(args, t0: float) -> dict[str, Any]:
     from graphfix.runtime import CompileCache, from_hf
 
     device = torch.device(args.device)
-    info = CompileCache(args.cache_dir, key=cache_key(args, device)).activate()
+    info = CompileCache(args.cache_dir, key=cache_key(args, device), precompile=True).activate()
     model = _load_model(args, device)
     dec = from_hf(model, max_batch_size=max(_ints(args.batch_sizes)), max_seq_len=_max_seq(args), fuse=True)
     apply_variant(dec, args.variants)  # the parent measured this variant first: the cache holds its graphs
@@ -600,7 +600,7 @@ def run(args: argparse.Namespace) -> int:
     from graphfix.runtime import CompileCache, from_hf
     from graphfix.runtime.kernels import HAS_TRITON
 
-    CompileCache(args.cache_dir, key=cache_key(args, device)).activate()
+    CompileCache(args.cache_dir, key=cache_key(args, device), precompile=True).activate()
     import transformers
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]

@@ -10,8 +10,8 @@ Five layers, each optional and each checked for at run time:
   ``torch.compiler.load_cache_artifacts()`` hot-loads it in the next process before it
   compiles. The file can be copied to another machine with the same torch, GPU and
   Python;
-- Dynamo's precompile cache (``torch._dynamo.config.caching_precompile``, with a
-  ``key`` only, torch 2.13 and newer): the traced bytecode and guards go into the mega-cache too, so the next
+- Dynamo's precompile cache (``torch._dynamo.config.caching_precompile``; opt-in with
+  ``precompile=True`` and a ``key``, torch 2.13 and newer): the traced bytecode and guards go into the mega-cache too, so the next
   process does not trace at all. Dynamo drops a few guards it cannot serialize
   (closure identities), so a cache directory must serve one model and one set of
   options: the ``key`` (model, dtype, kernel options, torch version, device) is kept in
@@ -56,9 +56,15 @@ def precompile_supported() -> bool:
 
 
 class CompileCache:
-    def __init__(self, directory: str | os.PathLike, key: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike, key: Mapping[str, Any] | None = None,
+                 precompile: bool = False) -> None:
+        """``key``: what the cached graphs depend on (kept in ``key.json``; another key is refused).
+        ``precompile``: also Dynamo's precompile cache (needs ``key``; opt-in, since it drops guards)."""
+        if precompile and key is None:
+            raise ValueError("precompile needs a key: one cache folder must serve one model and one set of options")
         self.directory = Path(directory)
         self.key = None if key is None else {"torch": torch.__version__, **{k: str(v) for k, v in key.items()}}
+        self.precompile = precompile
 
     @property
     def megacache_path(self) -> Path:
@@ -95,7 +101,7 @@ class CompileCache:
         info: dict[str, Any] = {"dir": str(self.directory), "megacache_loaded": False, "precompile": False}
         if self.key is not None:
             self._check_key()
-            if precompile_supported():
+            if self.precompile and precompile_supported():
                 torch._dynamo.config.caching_precompile = True
                 info["precompile"] = True
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
