@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_generate_bad_inputs_are_input_errors(hf_dir):
 @pytest.fixture
 def cache_env(monkeypatch):
     """Undo what CompileCache.activate sets process-wide when the test ends."""
-    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_PTXAS_PATH"):
         if var in os.environ:
             monkeypatch.setenv(var, os.environ[var])
         else:
@@ -167,3 +168,16 @@ def test_triton_gemv_falls_back_off_cuda():
     assert use_triton_gemv(lin) == 1 and type(lin[0]) is GemvLinear and type(lin[1]) is torch.nn.Linear
     assert torch.equal(lin(x), ref)
     assert use_cublas(lin) == 1 and type(lin[0]) is torch.nn.Linear
+
+
+def test_compile_cache_pins_one_ptxas_for_the_whole_process(tmp_path, monkeypatch, cache_env):
+    """Triton keys its caches on the ptxas version: the path in force at activation is the one every compile uses."""
+    from graphfix.runtime.compile_cache import pin_triton_ptxas
+
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "/opt/cuda/bin/ptxas")  # the user's choice stands
+    assert pin_triton_ptxas() == "/opt/cuda/bin/ptxas"
+    assert CompileCache(tmp_path / "cc").activate()["ptxas"] == "/opt/cuda/bin/ptxas"
+    monkeypatch.delenv("TRITON_PTXAS_PATH")
+    bundled = Path(torch._inductor.__file__).parent / "bin" / "ptxas"  # what Inductor would pick (CUDA builds)
+    expected = str(bundled) if bundled.is_file() else None
+    assert CompileCache(tmp_path / "cc2").activate()["ptxas"] == expected == os.environ.get("TRITON_PTXAS_PATH")

@@ -55,6 +55,26 @@ def precompile_supported() -> bool:
     return version >= PRECOMPILE_MIN_TORCH and hasattr(torch._dynamo.config, "caching_precompile")
 
 
+def pin_triton_ptxas() -> str | None:
+    """Set ``TRITON_PTXAS_PATH`` now to the ptxas Inductor would switch Triton to (torch's own, where the build
+    ships one), unless it is set already; returns the path in force.
+
+    Triton keys its kernel and autotuning caches on the ptxas version, and Inductor sets this
+    variable the first time it compiles a kernel in-process. So a kernel compiled or tuned
+    before that moment in one process (the GEMV autotuned by ``kernel_check``, say) and after
+    it in another gets two keys: the likely reason a second process found none of the first's
+    autotuning results (docs/benchmarks.md, run D; not confirmed on a GPU). Set before any
+    compile, every process uses one ptxas throughout; Inductor keeps a path that is set.
+    """
+    if "TRITON_PTXAS_PATH" not in os.environ:
+        import torch._inductor
+
+        ptxas = Path(torch._inductor.__file__).parent / "bin" / "ptxas"  # Inductor's _set_triton_ptxas_path
+        if ptxas.is_file() and os.access(ptxas, os.X_OK):
+            os.environ["TRITON_PTXAS_PATH"] = str(ptxas)
+    return os.environ.get("TRITON_PTXAS_PATH")
+
+
 class CompileCache:
     def __init__(self, directory: str | os.PathLike, key: Mapping[str, Any] | None = None,
                  precompile: bool = False) -> None:
@@ -106,6 +126,7 @@ class CompileCache:
                 info["precompile"] = True
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
         os.environ["TRITON_CACHE_DIR"] = str(inductor / "triton")
+        info["ptxas"] = pin_triton_ptxas()
         if sys.pycache_prefix is None and not sys.flags.dont_write_bytecode:
             sys.pycache_prefix = str(self.pycache_dir)
         info["pycache_prefix"] = sys.pycache_prefix
