@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import fairscale.nn.model_parallel.layers as fs
 import pytest
 import torch
 
 from graphfix.blocks import collectives as gc
 from tests.helpers_meta import init_model_parallel
-
-fs = pytest.importorskip("fairscale.nn.model_parallel.layers")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import llama_models.llama3.model as meta_model
 import pytest
 import torch
 
@@ -12,8 +13,6 @@ from graphfix.blocks.rope import (
     hf_rope_theta,
     rope_tables,
 )
-
-meta_model = pytest.importorskip("llama_models.llama3.model")
 
 HEAD_DIM = 16
 END = 128
@@ -69,7 +68,7 @@ def test_linear_scaling_divides_frequencies():
     ids=["default", "linear", "llama3"],
 )
 def test_half_layout_matches_transformers(rope_parameters):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.models.llama import modeling_llama as hf
 
     config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

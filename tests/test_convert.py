@@ -36,7 +36,6 @@ def leftovers(parent) -> list[str]:
 @pytest.fixture(scope="module")
 def meta_model():
     """Meta's reference Transformer loader, with model parallelism initialised once for this process."""
-    pytest.importorskip("llama_models")
     from graphfix.convert.meta_runtime import init_model_parallel, load_meta_transformer
 
     init_model_parallel()

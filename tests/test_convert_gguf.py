@@ -27,7 +27,6 @@ def _mixed_types(name: str, arr: np.ndarray) -> str:
 
 @pytest.fixture(scope="module")
 def meta_model():
-    pytest.importorskip("llama_models")
     from graphfix.convert.meta_runtime import init_model_parallel, load_meta_transformer
 
     init_model_parallel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fairscale.nn.model_parallel.layers as fs
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,7 +20,6 @@ from tests.helpers_meta import (
     parameters_by_name,
 )
 
-fs = pytest.importorskip("fairscale.nn.model_parallel.layers")
 CTX = PassContext()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import llama_models.llama3.model as meta_model
 import pytest
 import torch
 
@@ -15,7 +16,6 @@ from tests.helpers_meta import (
     max_decode_diff,
 )
 
-meta_model = pytest.importorskip("llama_models.llama3.model")
 CTX = PassContext()
 
 
