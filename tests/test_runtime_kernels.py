@@ -31,13 +31,13 @@ def test_decode_kernels_path_gives_hf_greedy_tokens_and_the_same_logits(kind, ov
     model = tiny_hf(kind, **overrides)
     refs = [hf_greedy(model, p, NEW) for p in PROMPTS]
     dec = from_hf(model, max_batch_size=2, max_seq_len=64, share=True)
-    tokens, pos = torch.tensor([[7], [9]]), torch.tensor([[20], [3]])
+    tokens, pos = torch.tensor([[7]]), torch.tensor([[20]])  # one row, one token: the only step the kernels serve
     with torch.no_grad():
-        plain = Generator(dec, compile=False).generate(PROMPTS, NEW).tokens
+        plain = [Generator(dec, compile=False).generate([p], NEW).tokens[0] for p in PROMPTS]
         before = dec.step(tokens, pos)
         dec.use_decode_kernels(fuse_linears=fuse_linears)
         after = dec.step(tokens, pos)
-        fused = Generator(dec, compile=False).generate(PROMPTS, NEW).tokens
+        fused = [Generator(dec, compile=False).generate([p], NEW).tokens[0] for p in PROMPTS]  # batch 1 each
     assert plain == refs and fused == refs
     assert dec.decode_kernels == ("all" if fuse_linears else "attention")
     assert torch.allclose(after, before, atol=1e-5, rtol=1e-5)
@@ -151,17 +151,26 @@ def test_rope_cache_kernel_path_equals_inductors_rope_and_cache_write(layout):
 
         dec = from_meta(_meta_pair()[1], max_batch_size=2, max_seq_len=64)
     assert dec.config.rope_layout == layout
-    tokens, pos = torch.tensor([[7], [9]]), torch.tensor([[20], [3]])
+    prompt = torch.tensor([[5, 9, 17, 3, 8]])
+    tokens, pos = torch.tensor([[7]]), torch.tensor([[5]])  # batch 1, one token: the decode-kernel step
     results = []
     with torch.no_grad():
         for rope_kernel in (False, True):
             for layer in dec.layers:
                 layer.attention.kv_cache.reset()
-            logits = dec.use_decode_kernels(rope_kernel=rope_kernel).step(tokens, pos)
+            dec.use_decode_kernels(False).step(prompt, torch.arange(5)[None])  # the prompt in the cache
+            calls = []
+            dec.use_decode_kernels(rope_kernel=rope_kernel)
+            block = dec.layers[0]
+            original = block.decode_fused
+            block.decode_fused = lambda *a, calls=calls, original=original, **k: (
+                calls.append(a[-1] is not None) or original(*a, **k))
+            logits = dec.step(tokens, pos)
+            del block.decode_fused
             cache = dec.layers[1].attention.kv_cache
-            results.append((logits, cache.k_cache.clone(), cache.v_cache.clone()))
-    assert dec.decode_rope is True
-    (plain, k0, v0), (fused, k1, v1) = results
+            results.append((logits, cache.k_cache.clone(), cache.v_cache.clone(), calls))
+    (plain, k0, v0, calls0), (fused, k1, v1, calls1) = results
+    assert calls0 == [False] and calls1 == [True]  # the kernel path ran, with the tables only when asked
     assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
     assert torch.equal(v1, v0) and torch.allclose(k1, k0, atol=1e-6)
-    assert k1[0, :, 20].abs().sum() > 0 and k1[1, :, 3].abs().sum() > 0 and k1[0, :, 3].abs().sum() == 0
+    assert k1[0, :, 5].abs().sum() > 0 and k1[0, :, 6].abs().sum() == 0
