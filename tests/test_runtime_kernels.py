@@ -91,6 +91,7 @@ def test_triton_kernels_in_the_interpreter_match_the_references():
     assert kernels == {"gemv", "fused_gemv", "decode_attention", "rope_cache", "rope_cache_compiled"}
     assert any(r.get("window") for r in rows) and any(r.get("splits", 1) > 2 for r in rows)
     assert {r.get("interleaved") for r in rows if r["kernel"] == "rope_cache"} == {False, True}
+    assert [r["in_place"] for r in rows if r["kernel"] == "rope_cache_compiled"] == [True]  # no copy of a cache
     assert all(r["ok"] and r["rel_error"] < 1e-4 for r in rows)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -90,19 +91,24 @@ def attention_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
                    "splits": split_plan(bsz * heads, kv_len)[0], "rel_error": _rel(out, ref)}
 
 
+def _rope_tables(dim: int, slots: int, interleaved: bool, device: str, dtype: Any) -> tuple[Any, Any]:
+    """The decoder's tables (``LlamaDecoder.allocate``): float32 interleaved, half layout cast to the dtype (as HF)."""
+    from graphfix.blocks.rope import rope_tables
+
+    cos, sin = rope_tables(dim, slots, 10000.0, None, "interleaved" if interleaved else "half", device)
+    return (cos, sin) if interleaved else (cos.to(dtype), sin.to(dtype))
+
+
 def rope_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
     """``graphfix::rope_cache`` against ``rope_cache_reference`` on the same inputs: q, then both cache writes."""
     import torch
 
-    from graphfix.blocks.rope import rope_tables
     from graphfix.runtime.kernels import pdl_supported
     from graphfix.runtime.rope_kernel import rope_cache_reference
 
     gen = torch.Generator().manual_seed(2)
     for bsz, heads, kv_heads, dim, slots, positions, interleaved in ROPE_CASES:
-        cos, sin = rope_tables(dim, slots, 10000.0, None, "interleaved" if interleaved else "half", device)
-        if not interleaved:  # the decoder casts the half-layout tables to the activations' dtype (as HF does)
-            cos, sin = cos.to(dtype), sin.to(dtype)
+        cos, sin = _rope_tables(dim, slots, interleaved, device, dtype)
         qkv = torch.randn(bsz, 1, (heads + 2 * kv_heads) * dim, generator=gen).to(device=device, dtype=dtype)
         pos = torch.tensor(positions, device=device)
         caches = [torch.randn(bsz, kv_heads, slots, dim, generator=gen).to(device=device, dtype=dtype) for _ in "kv"]
@@ -116,15 +122,16 @@ def rope_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
 
 
 def rope_compiled_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
-    """``graphfix::rope_cache`` inside a compiled graph (Inductor on CUDA, ``aot_eager`` elsewhere), writing a
-    module's cache buffers over three steps: the writes must land in the buffers, as in eager."""
+    """``graphfix::rope_cache`` inside an Inductor graph, writing a module's cache buffers over three steps: the
+    writes must land in the buffers as in eager, and Inductor must call the op on them in place (no clone or
+    copy of a cache in the generated code: a copy would cost the whole cache every step)."""
     import torch
+    from torch._inductor.utils import run_and_get_code
 
-    from graphfix.blocks.rope import rope_tables
     from graphfix.runtime.rope_kernel import rope_cache_reference
 
     bsz, heads, kv_heads, dim, slots = 2, 4, 2, 32, 48
-    cos, sin = (t.to(dtype) for t in rope_tables(dim, slots, 10000.0, None, "half", device))
+    cos, sin = _rope_tables(dim, slots, False, device, dtype)
     gen = torch.Generator().manual_seed(3)
 
     class Caches(torch.nn.Module):
@@ -137,15 +144,18 @@ def rope_compiled_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
             return torch.ops.graphfix.rope_cache(qkv, pos, cos, sin, self.k, self.v, heads, kv_heads, False, False)
 
     caches, ref = Caches(), Caches()
-    step = torch.compile(caches, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
-    worst = 0.0
+    step = torch.compile(caches, fullgraph=True)
+    worst, code = 0.0, []
     for positions in ([3, 17], [4, 18], [40, 0]):
         qkv = torch.randn(bsz, 1, (heads + 2 * kv_heads) * dim, generator=gen).to(device=device, dtype=dtype)
         pos = torch.tensor(positions, device=device)
-        q = step(qkv, pos)
+        q, new_code = run_and_get_code(step, qkv, pos)
+        code += new_code
         ref_q = rope_cache_reference(qkv, pos, cos, sin, ref.k, ref.v, heads, kv_heads, False)
         worst = max(worst, _rel(q, ref_q), _rel(caches.k, ref.k), _rel(caches.v, ref.v))
-    yield {"kernel": "rope_cache_compiled", "shape": [bsz, heads, kv_heads, dim], "rel_error": worst}
+    copies = [line.strip() for text in code for line in text.splitlines() if re.search(r"\bclone\b|copy_\(", line)]
+    yield {"kernel": "rope_cache_compiled", "shape": [bsz, heads, kv_heads, dim], "in_place": not copies,
+           "rel_error": worst if not copies else float("inf")}
 
 
 def run(device: str, dtype_name: str) -> list[dict[str, Any]]:
