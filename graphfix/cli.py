@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from graphfix.convert.atomic import atomic_write
 from graphfix.errors import GraphfixError
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE = 0, 1, 2
@@ -46,15 +45,7 @@ def write_output(text: str, output: str | None) -> None:
     target = Path(output)
     if not target.parent.exists():
         raise GraphfixError(f"output folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text if text.endswith("\n") else text + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(target, text if text.endswith("\n") else text + "\n")
 
 
 def add_report_parser(sub: Any) -> None:

@@ -1,4 +1,4 @@
-"""Write a folder all-or-nothing: into a hidden temp folder beside it, renamed into place at the end.
+"""Write a folder or a file all-or-nothing: into a hidden temp beside it, renamed into place at the end.
 
 A conversion interrupted half way (a corrupt source tensor, a full disk,
 Ctrl-C) must not leave a destination that looks like a checkpoint but is not
@@ -9,6 +9,7 @@ one folder is atomic), and the temp folder is deleted on any error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -56,6 +57,25 @@ def atomic_dir(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
             os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temp file beside it, renamed over it; removed on error).
+
+    Readers (a second process loading a cache, CI reading a report) never see half a file.
+    The parent folder must exist; the file gets the umask's permissions, not ``mkstemp``'s 0600.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARKER}", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
 
 

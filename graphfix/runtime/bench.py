@@ -112,11 +112,11 @@ class Results:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, target)
+    """The JSON/Markdown results, whole or not at all, in a folder made if needed."""
+    from graphfix.convert.atomic import atomic_write
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text if text.endswith("\n") else text + "\n")
 
 
 # ---------------------------------------------------------------------------

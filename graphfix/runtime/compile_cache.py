@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from graphfix.convert.atomic import atomic_write
 from graphfix.errors import InputError
 
 MEGACACHE = "megacache.bin"
@@ -91,6 +92,10 @@ class CompileCache:
         return self.directory / MEGACACHE
 
     @property
+    def inductor_dir(self) -> Path:
+        return self.directory / "inductor"
+
+    @property
     def pycache_dir(self) -> Path:
         return self.directory / "pycache"
 
@@ -107,16 +112,14 @@ class CompileCache:
                 raise InputError(f"compile cache {self.directory} was made for another setup (differs in "
                                  f"{', '.join(diff)})", hint="use one --cache-dir per model and options")
             return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.key, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.key, sort_keys=True))
 
     def activate(self) -> dict[str, Any]:
         """Point the caches at the directory and hot-load the mega-cache if there is one.
 
         Call before the first compile. Returns what was done (for logs and benchmarks).
         """
-        inductor = self.directory / "inductor"
+        inductor = self.inductor_dir
         inductor.mkdir(parents=True, exist_ok=True)
         info: dict[str, Any] = {"dir": str(self.directory), "megacache_loaded": False, "precompile": False}
         if self.key is not None:
@@ -142,9 +145,8 @@ class CompileCache:
         """``env`` (default ``os.environ``) for a subprocess that will use this cache, from its first import:
         the Inductor and Triton cache folders and the bytecode prefix (the caller's own settings win)."""
         out = dict(os.environ if env is None else env)
-        inductor = self.directory / "inductor"
-        out.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))
-        out.setdefault("TRITON_CACHE_DIR", str(inductor / "triton"))
+        out.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.inductor_dir))
+        out.setdefault("TRITON_CACHE_DIR", str(self.inductor_dir / "triton"))
         out.setdefault("PYTHONPYCACHEPREFIX", str(self.pycache_dir))
         return out
 
@@ -165,9 +167,7 @@ class CompileCache:
         choices = tile_choices()
         if choices and choices["tiles"]:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = (self.directory / TILES_FILE).with_suffix(".tmp")
-            tmp.write_text(json.dumps(choices))
-            os.replace(tmp, self.directory / TILES_FILE)
+            atomic_write(self.directory / TILES_FILE, json.dumps(choices))
 
     def save(self) -> int:
         """Write the mega-cache of everything compiled so far (and the GEMV tiles chosen); returns the
@@ -181,7 +181,5 @@ class CompileCache:
             return 0
         data = result[0]
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.megacache_path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.megacache_path)
+        atomic_write(self.megacache_path, data)
         return len(data)
