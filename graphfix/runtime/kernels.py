@@ -36,7 +36,6 @@ dependent launch, is an opaque ``custom_op`` (Inductor's launcher has no PDL att
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
@@ -140,13 +139,11 @@ if HAS_TRITON:
             out = out.to(dtype).to(tl.float32) + tl.load(res_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(out_ptr + rn, out.to(dtype), mask=mask_n)
 
-    # cache_results (Triton >= 3.3): the directly launched PDL op autotunes when it first runs, in every process;
-    # the timings kept in Triton's cache spare a warm start that work (Inductor bakes its own choice for triton_op)
-    _CACHE_RESULTS = ({"cache_results": True}
-                      if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+    # the directly launched PDL op autotunes when it first runs, in every process: CompileCache keeps the chosen
+    # tiles for the next one (tile_choices); Inductor bakes its own choice into its code for the triton_op
     gemv_kernel_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in CONFIGS],
-        key=["N", "K", "NORM", "SILU", "BIAS", "RESIDUAL"], **_CACHE_RESULTS,
+        key=["N", "K", "NORM", "SILU", "BIAS", "RESIDUAL"],
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemv_kernel))
 
     def _launch(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
@@ -211,9 +208,10 @@ def tile_choices(device: torch.device | str = "cuda") -> dict | None:
     """The GEMV tiles the autotuner chose in this process, as JSON (``use_tile_choices`` reads it back).
 
     A warm start would otherwise time every tile again for each shape the directly launched
-    (PDL) GEMV meets: 12.7 of a 25 s second-process start on an H200, although Triton's own
-    autotuning cache (``cache_results``) had the first process's timings on disk: its lookup
-    missed in the second process. ``CompileCache`` keeps this file instead.
+    (PDL) GEMV meets: 12.7 of a 25 s second-process start on an H200. Triton's own autotuning
+    cache (``cache_results``) had the first process's timings on disk, and its lookup missed
+    in the second process (docs/benchmarks.md, runs C and D). ``CompileCache`` keeps this file
+    instead.
     """
     if not HAS_TRITON or INTERPRET or not torch.cuda.is_available():
         return None
@@ -230,14 +228,14 @@ def use_tile_choices(choices: dict, device: torch.device | str = "cuda") -> int:
     if (choices.get("schema"), choices.get("triton"), choices.get("device")) != (
             TILES_SCHEMA, triton.__version__, torch.cuda.get_device_name(device)):
         return 0
-    known = {(c.kwargs.get("BLOCK_N"), c.kwargs.get("BLOCK_K"), c.num_warps, c.num_stages) for c in gemv_kernel_tuned.configs}
+    offered = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages): c for c in gemv_kernel_tuned.configs}
     taken = 0
     for tile in choices.get("tiles", []):
-        kwargs = tile["kwargs"]
-        if (kwargs.get("BLOCK_N"), kwargs.get("BLOCK_K"), tile["num_warps"], tile["num_stages"]) not in known:
+        config = offered.get((tile["kwargs"].get("BLOCK_N"), tile["kwargs"].get("BLOCK_K"), tile["num_warps"],
+                              tile["num_stages"]))
+        if config is None:
             continue  # a tile this version no longer offers: let the autotuner choose again
-        gemv_kernel_tuned.cache.setdefault(tuple(tile["key"]), triton.Config(
-            kwargs, num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
+        gemv_kernel_tuned.cache.setdefault(tuple(tile["key"]), config)
         taken += 1
     return taken
 
