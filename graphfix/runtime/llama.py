@@ -262,7 +262,7 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), input_pos, cos, sin, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def decode_fused(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def decode_fused(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                      kv_len: int | None = None, fuse_linears: bool = True, pdl: bool = False,
                      tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One token per row with the decode kernels: the same arithmetic as ``forward``, in seven kernels.
@@ -274,8 +274,8 @@ class Block(nn.Module):
         Needs the fused ``wqkv``/``w13`` layout.
         ``fuse_linears=False``: only the attention kernel; norms, SiLU and adds stay separate.
         ``pdl``: the GEMVs, the RoPE kernel and attention use programmatic dependent launch.
-        ``tables``: the whole RoPE tables, for the RoPE kernel; ``None`` leaves RoPE and the
-        cache write to Inductor (``cos``/``sin``, gathered per step).
+        ``tables``: the whole RoPE tables, for the RoPE kernel (``cos``/``sin`` unused, ``None``);
+        ``None`` leaves RoPE and the cache write to Inductor (``cos``/``sin``, gathered per step).
         """
         attn, ffn = self.attention, self.feed_forward
         bsz = x.shape[0]
@@ -375,12 +375,14 @@ class LlamaDecoder(nn.Module):
         prefix of a long cache instead of all of it.
         """
         h = self.tok_embeddings(tokens)
-        cos = self.rope_cos[input_pos].unsqueeze(2)
-        sin = self.rope_sin[input_pos].unsqueeze(2)
         kernels = bool(self.decode_kernels) and tokens.shape[0] * tokens.shape[1] == 1  # GEMVs: one row
         fuse_linears = self.decode_kernels == "all"
         masks: dict[int | None, torch.Tensor] = {}
-        tables = (self.rope_cos, self.rope_sin) if self.decode_rope else None
+        tables = cos = sin = None
+        if kernels and self.decode_rope:  # the RoPE kernel indexes the whole tables itself
+            tables = (self.rope_cos, self.rope_sin)
+        else:
+            cos, sin = self.rope_cos[input_pos].unsqueeze(2), self.rope_sin[input_pos].unsqueeze(2)
         for layer in self.layers:
             if kernels:
                 h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears, self.decode_pdl, tables)
@@ -402,9 +404,10 @@ class LlamaDecoder(nn.Module):
 
         ``fuse_linears=False``: the split-KV attention kernel only. Prefill and larger
         batches (GEMMs, where cuBLAS wins) keep the standard path. Compiled graphs made before the switch keep what they traced.
-        ``pdl``: launch the fused GEMVs with programmatic dependent launch where the device
-        has it (sm_90+, ``kernels.pdl_supported``); elsewhere it has no effect. Same arithmetic,
-        +5.7% tokens/s on an H200 (docs/benchmarks.md), so it is on by default.
+        ``pdl``: launch every kernel of the layer (GEMVs, RoPE, attention) with programmatic
+        dependent launch where the device has it (sm_90+, ``kernels.pdl_supported``); elsewhere
+        it has no effect. Same arithmetic; a step 3.734 -> 3.560 ms on an H200
+        (``benchmarks/bench_step.py``, docs/benchmarks.md), so it is on by default.
         ``rope_kernel``: RoPE and the cache write as one kernel (``rope_kernel.rope_cache``)
         instead of Inductor's three; with ``fuse_linears`` only.
         """
