@@ -2,11 +2,12 @@
 
 The warm-start figure (a second process's start to first token) is spent in imports,
 Dynamo, cache loads, autotuning and CUDA-graph recording, mostly in Python, and a
-profiler such as cProfile doubles the Python parts. A thread that looks at the main
-thread's stack every ``interval`` seconds (``sys._current_frames``), each look standing
-for the time since the one before, costs about 1% and gives each function's inclusive seconds (how long it was on the stack) and
-self seconds (how long it was the innermost frame).
-"""
+profiler that hooks every call distorts exactly that: under cProfile, Dynamo's tracing in
+a warm start took 10.1 s against 6.6 s without it (docs/benchmarks.md, run A). This adds no
+per-call hooks: a thread looks at the main thread's stack every ``interval`` seconds
+(``sys._current_frames``), each look standing for the time since the one before, and
+gives each function's inclusive seconds (how long it was on the stack) and self seconds
+(how long it was the innermost frame)."""
 
 from __future__ import annotations
 
