@@ -1,6 +1,6 @@
 """Decode benchmark: copy bandwidth, HF eager, HF static (compiled) and graphfix on the same weights.
 
-The implementation lives in ``graphfix.runtime.bench`` (so that ``graphfix bench`` works from an
+The implementation lives in ``graphfix.bench.decode`` (so that ``graphfix bench`` works from an
 installed package); this script is the same command:
 
     python benchmarks/bench_decode.py --quick --json out.json --markdown out.md
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from graphfix.runtime.bench import main
+from graphfix.bench.decode import main
 
 if __name__ == "__main__":
     sys.exit(main())

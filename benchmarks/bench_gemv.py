@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from graphfix.runtime.bench import copy_bandwidth, cuda_graph_ms
-from graphfix.runtime.presets import PRESETS
+from graphfix.bench.decode import copy_bandwidth, cuda_graph_ms
+from graphfix.bench.presets import PRESETS
 
 
 def _weights(cfg: dict, layers: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -124,7 +124,7 @@ def _tile_chain(mats: list, layers: list, xin: torch.Tensor, out: torch.Tensor, 
                 silu: bool, residual: bool, tile: tuple[int, int, int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     import triton
 
-    from graphfix.runtime.kernels import _gemv_kernel
+    from graphfix.engine.kernels import _gemv_kernel
 
     n, k = mats[0].shape
     bn, bk, nw, ns = tile
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gemv: needs a CUDA GPU", file=sys.stderr)
         return 2
-    from graphfix.runtime import kernels
+    from graphfix.engine import kernels
 
     if not kernels.HAS_TRITON:
         print("bench_gemv: needs triton", file=sys.stderr)

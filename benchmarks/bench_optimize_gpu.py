@@ -3,7 +3,7 @@
     python benchmarks/bench_optimize_gpu.py [--model llama-2-7b] [--layers 8] [--new-tokens 128]
 
 Builds a Hugging Face ``LlamaForCausalLM`` of a preset's shapes with random weights on
-the device (``graphfix.runtime.presets``; no checkpoint), keeps a deep copy as the
+the device (``graphfix.bench.presets``; no checkpoint), keeps a deep copy as the
 original, runs ``graphfix.optimize`` on the model (diagnose, passes, compile, verify),
 then times ``generate(prompt, max_new_tokens=N)`` greedy on both (median of
 ``--repeats``, interleaved) and compares their tokens. Prints the optimize summary
@@ -39,7 +39,7 @@ def _generate(model, prompt: torch.Tensor, new: int) -> tuple[float, torch.Tenso
 
 def main(argv: list[str] | None = None) -> int:
     import graphfix
-    from graphfix.runtime.presets import PRESETS, random_hf_model
+    from graphfix.bench.presets import PRESETS, random_hf_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-2-7b", choices=sorted(PRESETS))

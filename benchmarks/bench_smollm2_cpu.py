@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep Inductor's on-disk cache (default: a fresh one, so the compile time is a cold one)")
     args = parser.parse_args(argv)
 
-    from graphfix import sources
-    from graphfix.optimize import default_backend, optimize
+    from graphfix.diagnose import sources
+    from graphfix.optimize.api import default_backend, optimize
 
     backend = args.backend or default_backend("cpu")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "

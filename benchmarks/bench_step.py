@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from graphfix.runtime import from_hf, llama
-from graphfix.runtime.bench import copy_bandwidth, cuda_graph_ms
-from graphfix.runtime.presets import random_hf_model
+from graphfix.bench.decode import copy_bandwidth, cuda_graph_ms
+from graphfix.bench.presets import random_hf_model
+from graphfix.engine import from_hf, llama
 
 OPTIONS = {  # name: (PDL on the GEMVs, on the RoPE/cache kernel, on attention)
     "kernels": (False, False, False), "pdl-gemv": (True, False, False), "pdl-gemv-rope": (True, True, False),

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from graphfix.findings import display_path
+from graphfix.diagnose.findings import display_path
 
 _CAUSE_LINES = 3
 """How many lines of a break reason or guard failure the assertion message keeps."""

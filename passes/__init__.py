@@ -4,5 +4,5 @@ One module per job: ``collectives`` (functional-collectives), ``rope`` (real-rop
 ``sdpa`` (sdpa-attention, sdpa-context), ``kv_cache`` (static-kv-cache),
 ``inference_mode`` (inference-mode), ``side_effects`` (side-effects). docs/passes.md
 describes each, and the compile-clean building blocks they swap in live in
-``graphfix.blocks``.
+``graphfix.rewrite.blocks``.
 """

@@ -5,13 +5,14 @@ from __future__ import annotations
 import ast
 import re
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
-from graphfix.blocks import meta_llama as ml
-from graphfix.blocks import source_rewrite as sr
-from graphfix.pass_manager import PassResult
+from graphfix.rewrite import reachable
+from graphfix.rewrite.blocks import meta_llama as ml
+from graphfix.rewrite.blocks import source_rewrite as sr
+from graphfix.rewrite.pass_manager import PassResult
 
 
 def replace_submodule(root: nn.Module, qualified_name: str, new: nn.Module) -> None:
@@ -47,24 +48,14 @@ def no_match(result: PassResult, what: str) -> PassResult:
     return result
 
 
-def user_methods_of(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, types.FunctionType]]:
-    """``(module path, module, method name, function)`` for every user-defined method in ``model``."""
-    for path, module in model.named_modules():
-        for name, fn in sr.user_methods(module):
-            yield path, module, name, fn
-
-
 def methods_by_function(model: nn.Module) -> list[tuple[types.FunctionType, str, list[tuple[str, nn.Module]]]]:
     """User methods grouped by function object: ``(function, method name, [(module path, module), ...])``."""
-    groups: dict[int, tuple[types.FunctionType, str, list[tuple[str, nn.Module]]]] = {}
-    for path, module, name, fn in user_methods_of(model):
-        groups.setdefault(id(fn), (fn, name, []))[2].append((path, module))
-    return list(groups.values())
+    return reachable.methods_by_function(model)
 
 
 def parsed_methods(model: nn.Module) -> Iterator[tuple[types.FunctionType, str, list[tuple[str, nn.Module]], ast.FunctionDef]]:
-    """``methods_by_function`` with each function's parsed tree; methods without source are left out."""
-    for fn, name, instances in methods_by_function(model):
+    """Every user method and every helper they call (``name`` ``""``), with its parsed tree; no source, left out."""
+    for fn, name, instances in reachable.reachable_functions(model):
         try:
             tree = sr.function_tree(fn)
         except sr.Unrewritable:
@@ -76,40 +67,42 @@ def where(paths: list[str], method: str = "forward") -> str:
     """A report location for a method shared by modules at ``paths``: ``layers.*.attention`` style."""
     collapsed = sorted({re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", p) for p in paths}) if len(paths) > 1 else paths
     text = ", ".join(site(p) for p in collapsed)
-    return text if method == "forward" else f"{text}.{method}"
+    return text if method in ("forward", "") else f"{text}.{method}"
 
 
-Transform = Callable[[types.FunctionType, ast.FunctionDef], tuple[int, list[str], dict]]
-"""``(fn, tree) -> (sites rewritten in tree, reasons for sites left alone, helper names used)``; mutates tree."""
+Transform = reachable.Transform
 
 
 def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform) -> None:
-    """Apply a source transform to every user method of ``model``, installing the rewrite on each instance.
+    """Apply a source transform to every user method of ``model`` and to the helpers they call.
 
     The transform runs once per function object (instances of one class share it);
-    ``rewritten`` counts the sites in the source, not the instances.
+    ``rewritten`` counts the sites in the source, not the instances. A helper that
+    changes is reached through a rewritten copy of each caller (``graphfix.rewrite.reachable``).
     """
+    rewriter = reachable.ReachableRewriter(transform)
+    setup_only = reachable.ReachableRewriter(transform, follow_callees=False)
     for fn, name, instances in methods_by_function(model):
-        new, count, reasons = _rewrite_one(fn, transform)
+        outcome = (rewriter if reachable.runs_in_step(name) else setup_only).rewrite(fn)
         loc = where([p for p, _ in instances], name)
-        result.skipped.extend((loc, r) for r in reasons)
-        if new is not None:
+        result.skipped.extend((loc, r) for r in outcome.reasons)
+        if outcome.changed:
             for _, module in instances:
-                sr.install_method(module, name, new, result.name)
-            result.rewritten += count
-            result.notes.append(f"{loc}: {count} site(s) rewritten in {fn.__qualname__} "
-                                f"({len(instances)} instance(s))")
+                sr.install_method(module, name, outcome.function, result.name)
+            result.rewritten += outcome.sites
+            if outcome.sites:
+                result.notes.append(f"{loc}: {outcome.sites} site(s) rewritten in {fn.__qualname__} "
+                                    f"({len(instances)} instance(s))")
+    for helper, outcome in rewriter.helpers_rewritten:
+        result.skipped.extend((helper_site(helper), r) for r in outcome.reasons)
+        if outcome.sites:
+            result.rewritten += outcome.sites
+            result.notes.append(f"{helper_site(helper)}: {outcome.sites} site(s) rewritten in helper "
+                                f"{helper.__qualname__} (its callers use the rewritten copy)")
 
 
-def _rewrite_one(fn: types.FunctionType, transform: Transform) -> tuple[types.FunctionType | None, int, list[str]]:
-    try:
-        tree = sr.function_tree(fn)
-    except sr.Unrewritable:
-        return None, 0, []  # no source: nothing to scan (a C extension, a lambda, generated code)
-    try:
-        count, reasons, helpers = transform(fn, tree)
-        if count == 0:
-            return None, 0, reasons
-        return sr.compile_function(fn, tree, helpers), count, reasons
-    except sr.Unrewritable as exc:
-        return None, 0, [str(exc)]
+def helper_site(fn: types.FunctionType) -> str:
+    """A report location for a module-level helper: ``file.py:LINE helper``."""
+    from graphfix.diagnose.findings import display_path
+
+    return f"{display_path(fn.__code__.co_filename)}:{fn.__code__.co_firstlineno} {fn.__qualname__}"

@@ -8,10 +8,10 @@ import types
 import torch.distributed as dist
 from torch import nn
 
-from graphfix.blocks import collectives as gc
-from graphfix.blocks import source_rewrite as sr
-from graphfix.findings import Category
-from graphfix.pass_manager import Pass, PassContext, PassResult
+from graphfix.diagnose.findings import Category
+from graphfix.rewrite.blocks import collectives as gc
+from graphfix.rewrite.blocks import source_rewrite as sr
+from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
 from passes._common import no_match, replace_submodule, rewrite_methods, site
 
 # c10d call -> (in-place helper, helper's parameter names in the order it takes them)

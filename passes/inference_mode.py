@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from graphfix.blocks import inference_mode as im
-from graphfix.blocks import meta_llama as ml
-from graphfix.findings import Category
-from graphfix.pass_manager import Pass, PassContext, PassResult
+from graphfix.diagnose.findings import Category
+from graphfix.rewrite.blocks import inference_mode as im
+from graphfix.rewrite.blocks import meta_llama as ml
+from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
 from passes._common import no_match, site
 
 

@@ -7,9 +7,9 @@ import ast
 import torch
 from torch import nn
 
-from graphfix.blocks import meta_llama as ml
-from graphfix.findings import Category
-from graphfix.pass_manager import Pass, PassContext, PassResult
+from graphfix.diagnose.findings import Category
+from graphfix.rewrite.blocks import meta_llama as ml
+from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
 from passes._common import as_meta_attention, layer_attentions, no_match, parsed_methods, where
 
 HF_NOTE = "HF caches are replaced by the runtime's StaticCache"
@@ -83,6 +83,6 @@ def _report_other_caches(model: nn.Module, result: PassResult) -> None:
             result.skipped.append((where([p for p, _ in instances], name),
                                    (f"{type(module).__qualname__}.{name} writes {attrs} by slice at "
                                    "Python-int positions (a recompile per position); graphfix rewrites only Meta's "
-                                   "Attention: hold a graphfix.blocks.kv_cache.StaticKVCache, call "
+                                   "Attention: hold a graphfix.rewrite.blocks.kv_cache.StaticKVCache, call "
                                    "update(input_pos, k, v) with an int64 tensor input_pos, and mask with "
                                    "causal_mask(input_pos, max_seq_len)")))

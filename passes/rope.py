@@ -7,10 +7,10 @@ import ast
 import torch
 from torch import nn
 
-from graphfix.blocks import meta_llama as ml
-from graphfix.blocks import source_rewrite as sr
-from graphfix.findings import Category
-from graphfix.pass_manager import Pass, PassContext, PassResult
+from graphfix.diagnose.findings import Category
+from graphfix.rewrite.blocks import meta_llama as ml
+from graphfix.rewrite.blocks import source_rewrite as sr
+from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
 from passes._common import as_meta_attention, layer_attentions, no_match, parsed_methods, site, where
 
 
@@ -63,5 +63,5 @@ def _report_other_complex_rope(model: nn.Module, result: PassResult) -> None:
         if any(isinstance(n, ast.Call) and sr.resolve(fn, n.func) in complex_ops for n in ast.walk(tree)):
             result.skipped.append((where([p for p, _ in instances], name),
                                    (f"{type(module).__qualname__}.{name} uses complex RoPE that graphfix "
-                                   "has no matcher for: use graphfix.blocks.rope.rope_tables + "
+                                   "has no matcher for: use graphfix.rewrite.blocks.rope.rope_tables + "
                                    "apply_rotary_interleaved (same layout as view_as_complex pairs)")))

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from graphfix.blocks import meta_llama as ml
-from graphfix.blocks import source_rewrite as sr
-from graphfix.findings import Category
-from graphfix.pass_manager import Pass, PassContext, PassResult
+from graphfix.diagnose.findings import Category
+from graphfix.rewrite.blocks import meta_llama as ml
+from graphfix.rewrite.blocks import source_rewrite as sr
+from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
 from passes._common import as_meta_attention, no_match, parsed_methods, rewrite_methods, where
 
 _FLAGS = {  # torch.backends.cuda.sdp_kernel flag -> backend
@@ -115,4 +115,4 @@ def _report_other_manual_attention(model: nn.Module, result: PassResult) -> None
             result.skipped.append((where([p for p, _ in instances]),
                                    (f"{type(module).__qualname__}.forward computes softmax between matmuls; "
                                    "graphfix only rewrites Meta's Attention: call "
-                                   "graphfix.blocks.attention.sdpa(q, k, v, mask) there (native GQA)")))
+                                   "graphfix.rewrite.blocks.attention.sdpa(q, k, v, mask) there (native GQA)")))

@@ -2,7 +2,7 @@
 
 Nothing is rewritten in the source. Calls Dynamo can reorder after the graph
 (``print``, ``logging.<function>``, ``warnings.warn`` with plain arguments, in the
-root forward) are recorded on the model, and ``graphfix.blocks.side_effects.
+root forward) are recorded on the model, and ``graphfix.rewrite.blocks.side_effects.
 reorder_logging(model)`` registers them while compiling and running. Everything
 else is reported as skipped with a concrete suggestion: a rewrite would change
 what the model does.
@@ -21,10 +21,10 @@ import warnings
 
 from torch import nn
 
-from graphfix.blocks import side_effects as se
-from graphfix.blocks import source_rewrite as sr
-from graphfix.findings import Category
-from graphfix.pass_manager import Pass, PassContext, PassResult
+from graphfix.diagnose.findings import Category
+from graphfix.rewrite.blocks import side_effects as se
+from graphfix.rewrite.blocks import source_rewrite as sr
+from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
 from passes._common import no_match, parsed_methods, where
 
 _LOGGING_FUNCTIONS = {getattr(logging, n) for n in ("debug", "info", "warning", "warn", "error", "exception",
@@ -38,7 +38,7 @@ _DROPPED = ("Dynamo (torch 2.13, measured) drops reorderable logging calls in in
 class SideEffectsPass(Pass):
     name = "side-effects"
     summary = ("print / logging / warnings.warn in the root forward -> registered as reorderable logging "
-               "(graphfix.blocks.side_effects.reorder_logging); .item() control flow and other side effects "
+               "(graphfix.rewrite.blocks.side_effects.reorder_logging); .item() control flow and other side effects "
                "reported with a suggestion")
     fixes = frozenset({Category.PYTHON_SIDE_EFFECT})
     order = 70
@@ -78,7 +78,7 @@ class SideEffectsPass(Pass):
         if registered:
             setattr(model, se.ATTR, registered)
             model._graphfix_reordered_sites = done
-            result.notes.append("enter graphfix.blocks.side_effects.reorder_logging(model) around compile and calls "
+            result.notes.append("enter graphfix.rewrite.blocks.side_effects.reorder_logging(model) around compile and calls "
                                 "(registers " + ", ".join(sorted(_qualname(f) for f in registered)) + ")")
 
 

@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 def init_model_parallel(world_size: int = 1, rank: int = 0, port: int | None = None) -> None:
     """A gloo process group and fairscale model parallelism of ``world_size``, if not set up yet."""
-    from graphfix.meta_runtime import ensure_model_parallel
+    from graphfix.diagnose.meta_loader import ensure_model_parallel
 
     ensure_model_parallel(world_size, rank, port=port)
 
@@ -171,7 +171,7 @@ def pass_classes() -> dict:
 
 def apply_passes(model, names=META_PASSES, ctx=None) -> list:
     """Apply the named passes in order; returns their ``PassResult``s."""
-    from graphfix.pass_manager import PassContext
+    from graphfix.rewrite.pass_manager import PassContext
 
     ctx = ctx or PassContext()
     classes = pass_classes()
@@ -234,7 +234,7 @@ def meta_generate_greedy(forward, prompts: list[list[int]], max_seq_len: int, ma
 def attention_pair(seed: int = 0, layer: int = 0):
     """``(model, attn, converted)``: a tiny Meta ``Transformer``, its ``Attention`` of ``layer`` and a graphfix
     ``MetaAttention`` moved from it, with its own cache copy."""
-    from graphfix.blocks.meta_llama import MetaAttention
+    from graphfix.rewrite.blocks.meta_llama import MetaAttention
 
     model = build_meta_transformer(seed)
     attn = model.layers[layer].attention
@@ -246,7 +246,7 @@ def attention_pair(seed: int = 0, layer: int = 0):
 def apply_beside_reference(pass_, ctx=None, seed: int = 0, **overrides):
     """``(reference, model, result)``: ``pass_`` applied to a tiny Meta ``Transformer`` and an untouched twin
     built the same way; the pass must have moved the model's parameters, not copied them."""
-    from graphfix.pass_manager import PassContext
+    from graphfix.rewrite.pass_manager import PassContext
 
     reference = build_meta_transformer(seed, **overrides)
     model = build_meta_transformer(seed, **overrides)
@@ -270,7 +270,7 @@ def attention_max_diff(model, attn, converted, *, real_freqs: bool = False, stat
     ``converted`` gets what its parts expect: the real table for real RoPE, tensor
     positions and ``causal_mask`` for a static cache.
     """
-    from graphfix.blocks.kv_cache import causal_mask
+    from graphfix.rewrite.blocks.kv_cache import causal_mask
 
     torch.manual_seed(0)
     diffs = []

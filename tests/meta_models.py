@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphfix.meta_runtime import ensure_model_parallel
+from graphfix.diagnose.meta_loader import ensure_model_parallel
 
 TINY_ARGS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128, "multiple_of": 16,
              "use_scaled_rope": True, "rope_theta": 500000.0, "norm_eps": 1e-5}

@@ -28,11 +28,12 @@ def test_optimize_a_tiny_model_through_the_package():
 def test_importing_the_submodules_keeps_the_functions_and_import_graphfix_cheap():
     code = (
         "import sys, graphfix\n"
-        "assert 'graphfix.optimize' not in sys.modules and 'transformers' not in sys.modules\n"
+        "assert 'graphfix.optimize.api' not in sys.modules and 'transformers' not in sys.modules\n"
         "from graphfix.optimize import default_backend\n"  # Python would set graphfix.optimize = <module>
-        "import graphfix.verify\n"
+        "import graphfix.verify\nimport graphfix.diagnose\n"
         "assert graphfix.optimize.__name__ == 'optimize' and graphfix.verify.__name__ == 'verify'\n"
-        "assert graphfix.optimize.__module__ == 'graphfix.optimize'\n"
+        "assert graphfix.diagnose.__name__ == 'diagnose'\n"
+        "assert graphfix.optimize.__module__ == 'graphfix.optimize.api'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr

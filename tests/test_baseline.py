@@ -9,9 +9,9 @@ import stat
 
 import pytest
 
-from graphfix.baseline import Baseline, fixed_entries, load_baseline, new_findings, write_baseline
+from graphfix.cli.baseline import Baseline, fixed_entries, load_baseline, new_findings, write_baseline
+from graphfix.diagnose.findings import Category, Finding, Kind, Location
 from graphfix.errors import InputError
-from graphfix.findings import Category, Finding, Kind, Location
 from tests.test_render import clean_report, make_report
 
 
@@ -20,7 +20,7 @@ def test_round_trip(tmp_path):
     path = tmp_path / "graphfix-baseline.json"
     written = write_baseline([report, clean_report()], path)
     data = json.loads(path.read_text())
-    assert data["schema"] == "graphfix.baseline" and data["schema_version"] == 1
+    assert data["schema"] == "graphfix.cli.baseline" and data["schema_version"] == 1
     assert set(data["models"]) == {"smollm2-135m", "tiny-llama"} and data["models"]["tiny-llama"] == []
     entries = data["models"]["smollm2-135m"]
     assert {e["key"] for e in entries} == {f.key() for f in report.findings}
@@ -38,7 +38,7 @@ def test_write_is_atomic_and_shareable(tmp_path):
     path.write_text("old")
     write_baseline(make_report(), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # no temporary file left behind
-    assert json.loads(path.read_text())["schema"] == "graphfix.baseline"
+    assert json.loads(path.read_text())["schema"] == "graphfix.cli.baseline"
     new = tmp_path / "new.json"
     write_baseline(make_report(), new)
     assert stat.S_IMODE(os.stat(new).st_mode) == 0o644
@@ -60,10 +60,10 @@ def test_same_model_twice_is_merged_without_duplicates():
     [
         (None, "baseline file not found"),
         ("{not json", "is not valid JSON \\(line 1, column 2"),
-        ('{"schema": "graphfix.report"}', "malformed: not a graphfix baseline"),
-        ('{"schema": "graphfix.baseline", "schema_version": 9, "models": {}}', "version 9 is newer"),
-        ('{"schema": "graphfix.baseline", "schema_version": 1, "models": []}', "'models' must be an object"),
-        ('{"schema": "graphfix.baseline", "schema_version": 1, "models": {"m": [{"kind": "x"}]}}', "no string 'key'"),
+        ('{"schema": "graphfix.diagnose.report"}', "malformed: not a graphfix baseline"),
+        ('{"schema": "graphfix.cli.baseline", "schema_version": 9, "models": {}}', "version 9 is newer"),
+        ('{"schema": "graphfix.cli.baseline", "schema_version": 1, "models": []}', "'models' must be an object"),
+        ('{"schema": "graphfix.cli.baseline", "schema_version": 1, "models": {"m": [{"kind": "x"}]}}', "no string 'key'"),
         ("[1, 2]", "not a graphfix baseline"),
     ],
 )

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from graphfix.baseline import Baseline
+from graphfix.cli.baseline import Baseline
+from graphfix.cli.gate import EXIT_FAILED, EXIT_OK, EXIT_USAGE, evaluate
+from graphfix.diagnose.findings import Category, Finding, Kind, Location, Severity
 from graphfix.errors import InputError
-from graphfix.findings import Category, Finding, Kind, Location, Severity
-from graphfix.gate import EXIT_FAILED, EXIT_OK, EXIT_USAGE, evaluate
 from tests.test_render import clean_report, make_report
 
 

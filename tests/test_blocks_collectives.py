@@ -6,7 +6,7 @@ import fairscale.nn.model_parallel.layers as fs
 import pytest
 import torch
 
-from graphfix.blocks import collectives as gc
+from graphfix.rewrite.blocks import collectives as gc
 from tests.helpers_meta import init_model_parallel
 
 

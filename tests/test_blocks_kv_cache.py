@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch._dynamo.testing
 
-from graphfix.blocks.attention import manual_attention, repeat_kv_heads, sdpa
-from graphfix.blocks.kv_cache import StaticKVCache, causal_mask
+from graphfix.rewrite.blocks.attention import manual_attention, repeat_kv_heads, sdpa
+from graphfix.rewrite.blocks.kv_cache import StaticKVCache, causal_mask
 
 
 def test_update_writes_at_positions_and_keeps_addresses():

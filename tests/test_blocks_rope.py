@@ -6,7 +6,7 @@ import llama_models.llama3.model as meta_model
 import pytest
 import torch
 
-from graphfix.blocks.rope import (
+from graphfix.rewrite.blocks.rope import (
     RopeScaling,
     apply_rotary_half,
     apply_rotary_interleaved,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from graphfix.blocks import source_rewrite as sr
+from graphfix.rewrite.blocks import source_rewrite as sr
 
 SCALE = 3.0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from graphfix.cli import main
+from graphfix.cli.app import main
 from graphfix.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def synthetic_json(tmp_path_factory) -> dict:
 
 
 def test_json_report_is_versioned_and_complete(synthetic_json: dict) -> None:
-    assert synthetic_json["schema"] == "graphfix.report" and synthetic_json["schema_version"] == 1
+    assert synthetic_json["schema"] == "graphfix.diagnose.report" and synthetic_json["schema_version"] == 1
     cats = {f["category"] for f in synthetic_json["findings"] if f["kind"] == "graph_break"}
     assert {"python_side_effect", "data_dependent_control_flow", "sdpa_context_manager", "collective"} <= cats
     for f in synthetic_json["findings"]:

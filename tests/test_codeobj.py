@@ -1,11 +1,11 @@
-"""``graphfix.codeobj.own_code``: a function copy that Dynamo compiles apart from the original."""
+"""``graphfix.rewrite.codeobj.own_code``: a function copy that Dynamo compiles apart from the original."""
 
 from __future__ import annotations
 
 import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-from graphfix.codeobj import own_code
+from graphfix.rewrite.codeobj import own_code
 
 
 def _scaled(x: torch.Tensor, *, scale: float = 2.0) -> torch.Tensor:

@@ -36,7 +36,7 @@ def leftovers(parent) -> list[str]:
 @pytest.fixture(scope="module")
 def meta_model():
     """Meta's reference Transformer loader, with model parallelism initialised once for this process."""
-    from graphfix.convert.meta_runtime import init_model_parallel, load_meta_transformer
+    from graphfix.convert.meta_reference import init_model_parallel, load_meta_transformer
 
     init_model_parallel()
     return load_meta_transformer
@@ -301,7 +301,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
 def _cli(*args: str) -> subprocess.CompletedProcess:
     code = ("import argparse, sys\n"
             "from graphfix.errors import GraphfixError\n"
-            "from graphfix.convert import cli\n"
+            "from graphfix.cli import convert_cmd as cli\n"
             "p = argparse.ArgumentParser(prog='graphfix'); sub = p.add_subparsers(required=True)\n"
             "cli.add_parser(sub); a = p.parse_args(sys.argv[1:])\n"
             "try:\n    sys.exit(a.func(a))\n"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from graphfix.convert import convert, open_checkpoint
 from graphfix.convert.layout import meta_to_hf_rope
-from graphfix.drivers import cache_kwarg
+from graphfix.diagnose.drivers import cache_kwarg
 from graphfix.errors import InputError, UnsupportedModelError
 from tests.conftest_convert import hf_logits, smollm2_gguf, tiny_hf, write_gguf
 
@@ -27,7 +27,7 @@ def _mixed_types(name: str, arr: np.ndarray) -> str:
 
 @pytest.fixture(scope="module")
 def meta_model():
-    from graphfix.convert.meta_runtime import init_model_parallel, load_meta_transformer
+    from graphfix.convert.meta_reference import init_model_parallel, load_meta_transformer
 
     init_model_parallel()
     return load_meta_transformer

@@ -12,7 +12,7 @@ TOKENS = torch.tensor([[3, 17, 99, 42, 7, 64, 1, 120, 5, 33]])
 
 
 def _rank_worker(rank: int, folder: str, port: int, out: str) -> None:
-    from graphfix.convert.meta_runtime import init_model_parallel, load_meta_transformer
+    from graphfix.convert.meta_reference import init_model_parallel, load_meta_transformer
 
     torch.set_num_threads(1)
     init_model_parallel(2, rank, port=port)
@@ -28,7 +28,7 @@ def test_two_rank_checkpoint_runs_model_parallel_in_llama_models(tmp_path):
     import llama_models  # noqa: F401 - the two ranks load it: fail here, in the parent, when it is missing
     import torch.multiprocessing as mp
 
-    from graphfix.convert.meta_runtime import free_port
+    from graphfix.convert.meta_reference import free_port
 
     model = tiny_hf(tmp_path / "hf", heads=4, kv_heads=2, tied=True)
     convert(tmp_path / "hf", tmp_path / "m2", to="meta", shards=2, progress=False)

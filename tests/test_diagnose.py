@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from graphfix.diagnose import diagnose
-from graphfix.findings import Category
-from graphfix.report import Report
+from graphfix.diagnose.diagnosis import diagnose
+from graphfix.diagnose.findings import Category
+from graphfix.diagnose.report import Report
 from tests.fixtures import synthetic
 from tests.fixtures.tiny_hf import tiny_hf
 from tests.meta_models import strip_fairscale, tiny_meta_transformer
@@ -194,7 +194,7 @@ WORLD2 = textwrap.dedent(
     import fairscale.nn.model_parallel.initialize as fs_init
     fs_init.initialize_model_parallel(2)
     from tests.meta_models import tiny_meta_transformer
-    from graphfix.diagnose import diagnose
+    from graphfix.diagnose.diagnosis import diagnose
     report = diagnose(tiny_meta_transformer(), decode_steps=16, backend="eager", fullgraph_check=False)
     if rank == 0:
         open(out, "w").write(report.to_json())

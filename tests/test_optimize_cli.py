@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from graphfix.cli import main
+from graphfix.cli.app import main
 
 HERE = "tests.test_optimize_cli"
 
@@ -47,7 +47,7 @@ def test_optimize_verify_json_exits_1_when_verification_fails(capsys):
     assert data["verified"] is False and data["kind"] == "generic"
     assert any("recompile" in f for f in data["verification"]["failures"])
     assert {row["what"] for row in data["table"]} >= {"graphs", "graph breaks", "recompiles", "tokens/s"}
-    assert data["before"]["schema"] == "graphfix.report"
+    assert data["before"]["schema"] == "graphfix.diagnose.report"
     assert "is not verified" in captured.err
 
 

@@ -16,9 +16,9 @@ import warnings
 import pytest
 import torch
 
-from graphfix import hf_runtime
-from graphfix.optimize import optimize
-from graphfix.verify import runner_for, verify
+from graphfix.optimize import hf_runtime
+from graphfix.optimize.api import optimize
+from graphfix.optimize.verification import runner_for, verify
 from tests.fixtures.tiny_hf import tiny_hf
 
 GEN = {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
@@ -184,7 +184,7 @@ def test_summary_table_is_aligned():
 
 @pytest.mark.slow
 def test_smollm2_64_greedy_tokens_identical():
-    from graphfix import sources
+    from graphfix.diagnose import sources
 
     model = sources.load("smollm2").model
     result = optimize(model, backend="eager", max_seq_len=96, decode_steps=63, diagnose=False, verify=False)

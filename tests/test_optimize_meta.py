@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from graphfix.errors import GraphfixError, InputError
-from graphfix.optimize import META_PASSES, OptimizeWarning, optimize
-from graphfix.verify import VerificationError, verify
+from graphfix.optimize.api import META_PASSES, OptimizeWarning, optimize
+from graphfix.optimize.verification import VerificationError, verify
 from tests.helpers_meta import build_meta_transformer, meta_generate_greedy, run_decode
 
 

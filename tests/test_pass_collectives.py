@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from graphfix.blocks import collectives as gc
-from graphfix.blocks.source_rewrite import original_method, rewritten_source
-from graphfix.pass_manager import PassContext
+from graphfix.rewrite.blocks import collectives as gc
+from graphfix.rewrite.blocks.source_rewrite import original_method, rewritten_source
+from graphfix.rewrite.pass_manager import PassContext
 from passes.collectives import FunctionalCollectivesPass
 from tests.helpers_meta import (
     apply_beside_reference,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphfix.blocks.inference_mode import inference_mode_of
-from graphfix.pass_manager import PassContext
+from graphfix.rewrite.blocks.inference_mode import inference_mode_of
+from graphfix.rewrite.pass_manager import PassContext
 from passes.inference_mode import InferenceModePass
 from tests.helpers_meta import apply_passes, build_meta_transformer, max_decode_diff
 

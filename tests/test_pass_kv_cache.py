@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from graphfix.blocks.kv_cache import StaticKVCache
-from graphfix.blocks.meta_llama import has_tensor_core
-from graphfix.pass_manager import PassContext
+from graphfix.rewrite.blocks.kv_cache import StaticKVCache
+from graphfix.rewrite.blocks.meta_llama import has_tensor_core
+from graphfix.rewrite.pass_manager import PassContext
 from passes.kv_cache import HF_NOTE, StaticKVCachePass
 from tests.fixtures.tiny_hf import tiny_hf
 from tests.helpers_meta import (

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from graphfix.blocks.meta_llama import has_tensor_core, is_meta_transformer, set_compiled_core
+from graphfix.rewrite.blocks.meta_llama import has_tensor_core, is_meta_transformer, set_compiled_core
 from tests.helpers_meta import (
     apply_passes,
     build_meta_transformer,

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 def _worker(rank: int, port: int, path: str, prompt: torch.Tensor, fed: list[torch.Tensor]) -> None:
     import torch.distributed as dist
 
-    from graphfix.blocks.meta_llama import set_compiled_core
+    from graphfix.rewrite.blocks.meta_llama import set_compiled_core
     from tests.helpers_meta import apply_passes, init_model_parallel
 
     init_model_parallel(2, rank, port)

@@ -6,7 +6,7 @@ import llama_models.llama3.model as meta_model
 import pytest
 import torch
 
-from graphfix.pass_manager import PassContext
+from graphfix.rewrite.pass_manager import PassContext
 from passes.rope import RealRopePass
 from tests.helpers_meta import (
     apply_beside_reference,

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphfix.blocks.source_rewrite import rewritten_source
-from graphfix.pass_manager import PassContext
+from graphfix.rewrite.blocks.source_rewrite import rewritten_source
+from graphfix.rewrite.pass_manager import PassContext
 from passes.sdpa import SdpaAttentionPass, SdpaContextPass
 from tests.helpers_meta import apply_beside_reference, attention_max_diff, attention_pair, max_decode_diff
 

@@ -11,8 +11,8 @@ import torch
 import torch._dynamo.config as dynamo_config
 from torch import nn
 
-from graphfix.blocks.side_effects import reorder_logging, required_functions
-from graphfix.pass_manager import PassContext
+from graphfix.rewrite.blocks.side_effects import reorder_logging, required_functions
+from graphfix.rewrite.pass_manager import PassContext
 from passes.side_effects import SideEffectsPass
 
 CTX = PassContext()

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from graphfix.blocks.side_effects import reorder_logging
+from graphfix.rewrite.blocks.side_effects import reorder_logging
 from tests.fixtures.synthetic import build
 from tests.helpers_meta import apply_passes, pass_classes, run_decode
 

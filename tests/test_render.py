@@ -10,8 +10,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from graphfix.diagnose.findings import Category, Finding, Kind, Location, Severity
+from graphfix.diagnose.report import Report, RunStats
 from graphfix.errors import InputError
-from graphfix.findings import Category, Finding, Kind, Location, Severity
 from graphfix.render import (
     FORMATS,
     RENDERERS,
@@ -26,7 +27,6 @@ from graphfix.render import (
     want_color,
 )
 from graphfix.render.text import COLUMNS, RIGHT_ALIGNED
-from graphfix.report import Report, RunStats
 
 SITE = os.path.join(os.sep, "venv", "lib", "python3.11", "site-packages")
 
@@ -198,7 +198,7 @@ def test_text_colour_only_when_asked(monkeypatch):
 def test_json_single_round_trip():
     report = make_report()
     data = json.loads(render_json(report))
-    assert data["schema"] == "graphfix.report"
+    assert data["schema"] == "graphfix.diagnose.report"
     assert Report.from_dict(data).to_dict() == report.to_dict()
     assert json.loads(render_json([report])) == data  # a list of one is the plain report
 

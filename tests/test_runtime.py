@@ -1,4 +1,4 @@
-"""The generation engine (graphfix.runtime) on tiny models, CPU, float32.
+"""The generation engine (graphfix.engine) on tiny models, CPU, float32.
 
 The engine's greedy tokens equal Hugging Face ``generate(do_sample=False)`` (each row
 against HF on that row alone, also for left-padded batches of different lengths),
@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from graphfix.engine import Generator, MetaStepModel, SamplingParams, from_hf, from_meta
+from graphfix.engine.llama import LlamaDecoder
 from graphfix.errors import InputError
-from graphfix.runtime import Generator, MetaStepModel, SamplingParams, from_hf, from_meta
-from graphfix.runtime.llama import LlamaDecoder
 from tests.fixtures.tiny_hf import tiny_hf as fixtures_tiny_hf
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4, 100, 22, 9, 8, 1, 17, 44]]

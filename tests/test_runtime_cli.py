@@ -1,4 +1,4 @@
-"""``graphfix generate`` / ``graphfix bench`` (graphfix.generate_cli) and the compile cache, on CPU."""
+"""``graphfix generate`` / ``graphfix bench`` (graphfix.cli.generate_cmd) and the compile cache, on CPU."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from graphfix.cli.generate_cmd import add_parser
+from graphfix.engine import CompileCache
+from graphfix.engine.compile_cache import precompile_supported
 from graphfix.errors import InputError
-from graphfix.generate_cli import add_parser
-from graphfix.runtime import CompileCache
-from graphfix.runtime.compile_cache import precompile_supported
 from tests.test_runtime import hf_greedy, tiny_hf
 
 
@@ -147,7 +147,7 @@ def test_compile_cache_gives_children_its_bytecode_prefix(tmp_path, monkeypatch,
 
 
 def test_main_cli_registers_the_commands():
-    from graphfix import cli
+    from graphfix.cli import app as cli
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -158,7 +158,7 @@ def test_main_cli_registers_the_commands():
 
 
 def test_triton_gemv_falls_back_off_cuda():
-    from graphfix.runtime.kernels import GemvLinear, use_cublas, use_triton_gemv
+    from graphfix.engine.kernels import GemvLinear, use_cublas, use_triton_gemv
 
     lin = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(4, 2))
     x = torch.randn(1, 1, 8)
@@ -170,7 +170,7 @@ def test_triton_gemv_falls_back_off_cuda():
 
 def test_compile_cache_pins_one_ptxas_for_the_whole_process(tmp_path, monkeypatch, cache_env):
     """Triton keys its caches on the ptxas version: the path in force at activation is the one every compile uses."""
-    from graphfix.runtime.compile_cache import pin_triton_ptxas
+    from graphfix.engine.compile_cache import pin_triton_ptxas
 
     monkeypatch.setenv("TRITON_PTXAS_PATH", "/opt/cuda/bin/ptxas")  # the user's choice stands
     assert pin_triton_ptxas() == "/opt/cuda/bin/ptxas"

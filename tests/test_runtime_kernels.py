@@ -4,7 +4,7 @@ The decoder's kernel path (``Block.decode_fused``: RMSNorm folded into the GEMVs
 residual adds and SiLU·mul into them, split-KV attention with the mask taken from the
 positions) runs the eager references on CPU, so its structure and arithmetic are
 checked here against the standard path and Hugging Face. The Triton kernels themselves
-run in Triton's interpreter on CPU tensors (``graphfix.runtime.kernel_check --interpret``);
+run in Triton's interpreter on CPU tensors (``graphfix.bench.kernel_check --interpret``);
 on a GPU the same check runs compiled (docs/benchmarks.md).
 """
 
@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 
+from graphfix.engine import Generator, from_hf, from_meta
+from graphfix.engine.attention_kernel import BLOCK_S, decode_attention_reference, split_plan
 from graphfix.errors import InputError
-from graphfix.runtime import Generator, from_hf, from_meta
-from graphfix.runtime.attention_kernel import BLOCK_S, decode_attention_reference, split_plan
 from tests.test_runtime import PROMPTS, hf_greedy, tiny_hf
 
 NEW = 12
@@ -83,7 +83,7 @@ def test_attention_reference_masks_by_position_and_window():
 def test_triton_kernels_in_the_interpreter_match_the_references():
     import triton  # noqa: F401 - a test dependency (pyproject's [test] extra): its absence is a failure, not a skip
 
-    proc = subprocess.run([sys.executable, "-m", "graphfix.runtime.kernel_check", "--interpret"],
+    proc = subprocess.run([sys.executable, "-m", "graphfix.bench.kernel_check", "--interpret"],
                           check=False, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
@@ -97,7 +97,7 @@ def test_triton_kernels_in_the_interpreter_match_the_references():
 
 def test_pdl_is_a_no_op_where_the_device_lacks_it():
     """``pdl=True`` (the default) only changes how GEMVs launch on sm_90+; on CPU the decoder runs as before."""
-    from graphfix.runtime.kernels import fused_linear, pdl_supported
+    from graphfix.engine.kernels import fused_linear, pdl_supported
 
     assert pdl_supported("cpu") is False
     model = tiny_hf("llama")
@@ -116,7 +116,7 @@ def test_gemv_tile_choices_round_trip_for_the_same_gpu_and_triton_only(monkeypat
     """A warm start takes the first process's tiles (``CompileCache`` keeps them) instead of timing every tile again."""
     import triton
 
-    from graphfix.runtime import kernels
+    from graphfix.engine import kernels
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")

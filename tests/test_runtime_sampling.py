@@ -1,4 +1,4 @@
-"""Sampling in tensor ops (graphfix.runtime.sampling): masks, the exponential race, the counter-based noise."""
+"""Sampling in tensor ops (graphfix.engine.sampling): masks, the exponential race, the counter-based noise."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from graphfix.runtime.sampling import SamplingParams, filter_logits, hash32, sample, uniform_noise
+from graphfix.engine.sampling import SamplingParams, filter_logits, hash32, sample, uniform_noise
 
 PROBS = [0.5, 0.2, 0.15, 0.1, 0.05]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from graphfix import sources
-from graphfix.cli import main
-from graphfix.diagnose import diagnose
+from graphfix.cli.app import main
+from graphfix.diagnose import sources
+from graphfix.diagnose.diagnosis import diagnose
 from tests.fixtures.tiny_hf import tiny_hf
 
 

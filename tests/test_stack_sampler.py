@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from graphfix.runtime.stack_sampler import StackSampler
+from graphfix.bench.stack_sampler import StackSampler
 
 
 def _waits_on_io(seconds: float) -> None:

@@ -11,8 +11,8 @@ import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 
-from graphfix.findings import Category, Finding, Kind, Severity
-from graphfix.report import Report
+from graphfix.diagnose.findings import Category, Finding, Kind, Severity
+from graphfix.diagnose.report import Report
 
 Reports = Report | Sequence[Report]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from graphfix.diagnose.report import SCHEMA, Report
 from graphfix.render._common import Reports, as_reports
-from graphfix.report import SCHEMA, Report
 
 MULTI_SCHEMA = "graphfix.reports"
 MULTI_SCHEMA_VERSION = 1
@@ -29,7 +29,7 @@ def render_json(report_or_reports: Reports, *, indent: int | None = 2) -> str:
 
 
 def reports_from_dict(data: dict[str, Any]) -> list[Report]:
-    """Read back either form (``graphfix.report`` or ``graphfix.reports``); ``ValueError``/``TypeError`` otherwise."""
+    """Read back either form (``graphfix.diagnose.report`` or ``graphfix.reports``); ``ValueError``/``TypeError`` otherwise."""
     if not isinstance(data, dict):
         raise TypeError("not a graphfix report (expected a JSON object)")
     schema = data.get("schema")

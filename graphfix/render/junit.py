@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from graphfix.findings import Finding
+from graphfix.diagnose.findings import Finding
+from graphfix.diagnose.report import Report
 from graphfix.render._common import CHECKS, Reports, as_reports, details, location_text, ordered, plain
-from graphfix.report import Report
 
 # Characters XML 1.0 cannot hold at all (ElementTree would write them and produce a broken file).
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")

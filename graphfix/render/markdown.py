@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-from graphfix.findings import Finding
+from graphfix.diagnose.findings import Finding
+from graphfix.diagnose.report import Report
 from graphfix.render._common import (
     Reports,
     as_reports,
@@ -24,7 +25,6 @@ from graphfix.render._common import (
     ordered,
     verdict,
 )
-from graphfix.report import Report
 
 MAX_CELL = 120
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~])")

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from graphfix.findings import Category, Finding, Severity
+from graphfix.diagnose.findings import Category, Finding, Severity
 from graphfix.render._common import (
     CATEGORY_TITLES,
     Reports,

@@ -13,7 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import IO
 
-from graphfix.findings import Finding, Severity
+from graphfix.diagnose.findings import Finding, Severity
+from graphfix.diagnose.report import Report
 from graphfix.render._common import (
     Reports,
     as_reports,
@@ -27,7 +28,6 @@ from graphfix.render._common import (
     summary_line,
     verdict,
 )
-from graphfix.report import Report
 
 SEP = "  "
 COLUMNS = ("#", "KIND", "CATEGORY", "LOCATION", "MODULE", "OCC", "FIX PASS")

@@ -1,0 +1,838 @@
+"""Decode benchmark: copy bandwidth, HF eager, HF static (compiled), graphfix, on the same weights.
+
+Run as ``python benchmarks/bench_decode.py`` or ``graphfix bench`` (same options).
+One process measures, in this order and within ``--time-budget`` seconds (a section
+that would not fit is skipped and listed under ``skipped``):
+
+1. the device's copy bandwidth (a large device-to-device copy; bytes read + written);
+2. graphfix with fused weights: the HF model's parameters go into ``LlamaDecoder`` with
+   ``share=True`` (the fused tensors become the storage both models use, so HF still
+   runs on the same weights with no extra memory); cold compile (``warmup``) in a fresh
+   cache directory, tokens/s (median of ``--runs``), ms/token, peak memory, a kernel-time
+   breakdown from the profiler, and the decode's linears alone replayed in a CUDA graph;
+   then time to first token for ``--ttft-lengths`` prompts on the same graphs (the cache
+   holds the longest prompt; decode attends to a 256-slot prefix, ``kv_buckets``);
+3. HF ``generate(cache_implementation="static")`` (transformers compiles decode);
+4. warm start: a second process loads the compile cache and reports its warmup time;
+5. larger batches (graphfix, HF static), then HF eager ``generate``;
+6. the other graphfix variants at batch 1, with the time left (``kernels``, ``gemv``, ``unfused``...).
+
+The first variant that runs is the one the later sections use; one that fails (recorded
+under ``notes``) hands over to the next in the list.
+
+Tokens/s is ``new tokens / wall time of generate`` (prefill included), per sequence;
+ms/token is ``(t(N) - t(1)) / (N - 1)`` from the same wall times for HF, and from CUDA
+events around graphfix's decode loop; achieved GB/s counts the weights a step reads
+(all but the embedding table) plus the KV cache it attends to, over ms/token.
+Results: a JSON file (``SCHEMA``) and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA = "graphfix.bench_decode/1"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SYSTEMS = ("copy", "graphfix", "hf-static", "hf-eager")
+VARIANTS = ("fused", "gemv", "kernels", "pdl", "attention", "unfused")
+QUICK = {"model": "llama-2-7b", "batch_sizes": "1", "prompt_len": 5, "new_tokens": 200,
+         "systems": "copy,graphfix,hf-static", "ttft_lengths": "", "variants": "fused", "warm_start": False}
+FULL = {"model": "llama-2-7b", "batch_sizes": "1,8", "prompt_len": 5, "new_tokens": 200,
+        "systems": ",".join(SYSTEMS), "ttft_lengths": "512,2048", "variants": "pdl,kernels", "warm_start": True}
+"""The whole comparison in one command within 10 minutes on one GPU: one graphfix variant measured in full (each
+costs a cold compile of 60-90 s; ``kernels`` stands in where PDL is missing, and runs last if time is left), every
+reference system, batch 1 and 8, TTFT, warm start."""
+HF_ESTIMATE_S = {"hf-static": 90.0, "hf-eager": 60.0}
+"""Seconds a batch-1 HF section takes before one was measured (compile, warm-up, 5 + 3 timed generates)."""
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.start, self.seconds = _now(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (_now() - self.start)
+
+    def fits(self, estimate: float) -> bool:
+        return self.left() > estimate
+
+
+class Results:
+    """The JSON document, rewritten after every section (a cut-off run keeps what it measured)."""
+
+    def __init__(self, path: str | None, md_path: str | None, meta: dict[str, Any]) -> None:
+        self.path, self.md_path = path, md_path
+        self.doc: dict[str, Any] = {"schema": SCHEMA, **meta, "copy_bandwidth": None, "runs": [],
+                                    "warm_start": None, "ttft": [], "skipped": [], "notes": []}
+
+    def add_run(self, row: dict[str, Any]) -> None:
+        self.doc["runs"].append(row)
+        self.flush()
+
+    def skip(self, what: str, why: str) -> None:
+        self.doc["skipped"].append({"what": what, "why": why})
+        print(f"[bench] skipped {what}: {why}", flush=True)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.path:
+            _atomic_write(self.path, json.dumps(self.doc, indent=2, default=str))
+        if self.md_path:
+            _atomic_write(self.md_path, markdown(self.doc))
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """The JSON/Markdown results, whole or not at all, in a folder made if needed."""
+    from graphfix.convert.atomic import atomic_write
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text if text.endswith("\n") else text + "\n")
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 20) -> dict[str, float]:
+    """Median GB/s of a device-to-device copy of ``nbytes``, counting bytes read plus bytes written.
+
+    Default size: 2 GiB on a GPU (many times its L2), 64 MiB elsewhere.
+    """
+    nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (64 << 20))
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1000)
+        else:
+            t = _now()
+            dst.copy_(src)
+            times.append(_now() - t)
+    sec = statistics.median(times)
+    del src, dst
+    return {"bytes": 2 * nbytes, "seconds": sec, "gb_per_s": 2 * nbytes / sec / 1e9}
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, max(101, vocab - 1), (batch, length), generator=gen)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t = _now()
+    fn()
+    _sync(device)
+    return _now() - t
+
+
+def _summary(times_n: list[float], times_1: list[float], new_tokens: int) -> dict[str, float]:
+    t_n, t_1 = statistics.median(times_n), statistics.median(times_1)
+    ms = 1000 * (t_n - t_1) / max(1, new_tokens - 1)
+    return {"tok_per_s": new_tokens / t_n, "ms_per_token": ms, "seconds_median": t_n, "ttft_s": t_1,
+            "seconds_all": times_n}
+
+
+def hf_generate_fn(model, ids: torch.Tensor, new_tokens: int, static: bool):
+    mask = torch.ones_like(ids)
+    kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+                              "pad_token_id": 0, "eos_token_id": None}
+    if static:
+        kwargs["cache_implementation"] = "static"
+
+    def run():
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, **kwargs)
+
+    return run
+
+
+def bench_hf(model, system: str, batch: int, args, device: torch.device, vocab: int) -> dict[str, Any]:
+    ids = _prompts(batch, args.prompt_len, vocab, seed=batch).to(device)
+    static = system == "hf-static"
+    run_n = hf_generate_fn(model, ids, args.new_tokens, static)
+    run_1 = hf_generate_fn(model, ids, 1, static)
+    _reset_peak(device)
+    first = _timed(run_n, device)  # compiles decode (static)
+    second = _timed(run_n, device)
+    times_n = [_timed(run_n, device) for _ in range(args.runs)]
+    times_1 = [_timed(run_1, device) for _ in range(max(3, args.runs // 2))]
+    row = {"system": system, "batch": batch, **_summary(times_n, times_1, args.new_tokens),
+           "first_call_s": first, "second_call_s": second, "peak_gb": _peak_gb(device)}
+    if static:
+        row["compile_cold_s"] = first - statistics.median(times_n)
+    return row
+
+
+def cuda_graph_ms(fn: Any, reps: int = 20, repeats: int = 1) -> tuple[float, Any]:
+    """Milliseconds per replay of ``fn()`` captured as one CUDA graph (median of ``repeats`` timings), and its output.
+
+    ``fn`` runs twice on a side stream first, so autotuning and first launches stay out of the capture.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for _ in range(3):
+        graph.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        a.record()
+        for _ in range(reps):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return statistics.median(times), out
+
+
+def matmul_only_ms(dec, batch: int, device: torch.device, reps: int = 20) -> float | None:
+    """Milliseconds of one decode step's linear layers alone, back to back in a CUDA graph."""
+    if device.type != "cuda":
+        return None
+    inputs: dict[int, torch.Tensor] = {}
+
+    def inp(n: int) -> torch.Tensor:
+        if n not in inputs:
+            inputs[n] = torch.randn(batch, 1, n, device=device, dtype=dec.output.weight.dtype)
+        return inputs[n]
+
+    calls = [(m, inp(m.in_features)) for m in dec.modules() if isinstance(m, torch.nn.Linear)]
+
+    def step() -> None:
+        for m, x in calls:
+            m(x)
+
+    with torch.no_grad():
+        return cuda_graph_ms(step, reps)[0]
+
+
+def kernel_breakdown(gen, prompts: list[list[int]], device: torch.device, steps: int = 16) -> dict[str, Any] | None:
+    """Device time per decode step by kernel category (profiler over a short generate)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        res = gen.generate(prompts, steps + 1)
+        _sync(device)
+    cats: dict[str, float] = {}
+    top = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = ev.key
+        low = name.lower()
+        if low.startswith("triton"):  # before "attention": fused kernels feeding SDPA carry its name
+            cat = "triton (fused norm/rope/cache/mask/sampling)"
+        elif any(s in low for s in ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas")):
+            cat = "matmul"
+        elif any(s in low for s in ("fmha", "attention", "flash", "efficient")):
+            cat = "attention"
+        elif "memcpy" in low or "memset" in low:
+            cat = "copies"
+        else:
+            cat = "other"
+        cats[cat] = cats.get(cat, 0.0) + us
+        top.append((us, name, ev.count))
+    top.sort(reverse=True)
+    n = res.steps
+    return {"ms_per_step_by_category": {k: v / 1000 / n for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "device_ms_per_step": sum(cats.values()) / 1000 / n,
+            "wall_ms_per_step": 1000 * res.total_s / n,
+            "top_kernels": [{"name": name[:120], "ms_per_step": us / 1000 / n, "calls_per_step": c / n}
+                            for us, name, c in top[:12]]}
+
+
+KV_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
+
+
+def bench_graphfix(dec, gen, variant: str, batch: int, args, device: torch.device, vocab: int,
+                   compile_s: float | None, copy_gbps: float | None, profile: bool) -> dict[str, Any]:
+    ids = _prompts(batch, args.prompt_len, vocab, seed=batch).tolist()
+    _reset_peak(device)
+    gen.generate(ids, args.new_tokens)  # steady state (warmup compiled already)
+    results = []
+
+    def run_n():
+        results.append(gen.generate(ids, args.new_tokens))
+
+    times_n = [_timed(run_n, device) for _ in range(args.runs)]
+    times_1 = [_timed(lambda: gen.generate(ids, 1), device) for _ in range(max(3, args.runs // 2))]
+    row = {"system": "graphfix", "variant": variant, "batch": batch, **_summary(times_n, times_1, args.new_tokens),
+           "event_ms_per_token": statistics.median(r.decode_ms_per_token for r in results),
+           "compile_cold_s": compile_s, "peak_gb": _peak_gb(device)}
+    kv_len = gen._kv_len(args.prompt_len + args.new_tokens)
+    bytes_step = dec.weight_bytes() + dec.kv_bytes(batch, kv_len)
+    row.update({"kv_len": kv_len, "bytes_per_step": bytes_step,
+                "gb_per_s": bytes_step / (row["event_ms_per_token"] / 1000) / 1e9})
+    if copy_gbps:
+        row["fraction_of_copy_bw"] = row["gb_per_s"] / copy_gbps
+    if profile:
+        try:
+            row["matmul_only_ms"] = matmul_only_ms(dec, batch, device)
+        except Exception as exc:  # noqa: BLE001 - diagnostic only; the run's numbers stand without it
+            row["matmul_only_ms_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        try:
+            row["kernels"] = kernel_breakdown(gen, ids, device)
+        except Exception as exc:  # noqa: BLE001 - diagnostic only; never lose the run for it
+            row["kernels"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    print(f"[bench] graphfix {variant} batch {batch}: {row['tok_per_s']:.1f} tok/s, "
+          f"{row['event_ms_per_token']:.3f} ms/token (events), {row['gb_per_s']:.0f} GB/s", flush=True)
+    return row
+
+
+def _max_seq(args) -> int:
+    return max([args.prompt_len + args.new_tokens] + [n + 1 for n in _ints(args.ttft_lengths)])
+
+
+def _generator(dec, args):
+    from graphfix.engine import Generator
+
+    return Generator(dec, backend=args.backend, inductor_options=args.inductor_options,
+                     cuda_graphs=not args.no_cuda_graphs, kv_buckets=KV_BUCKETS)
+
+
+COMPILE_TIME_KEYS = {"_compile.compile_inner": "dynamo_and_backend_s", "bytecode_tracing": "dynamo_tracing_s",
+                     "OutputGraph.call_user_compiler": "backend_s", "compile_fx_inner": "inductor_s",
+                     "build_guards": "guards_s"}
+"""Dynamo's own timers (``torch._dynamo.utils.compile_times``, process totals): ``_warmup`` keeps each phase's share."""
+
+
+def compile_time_summary() -> dict[str, float]:
+    """Seconds per compile phase so far in this process; the rest of a warmup is running, autotuning, CUDA graphs."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # noqa: BLE001 - a private timer API: its absence costs the breakdown, not the run
+        return {}
+    timers = dict(zip(names, values))
+    return {label: float(timers[key]) for key, label in COMPILE_TIME_KEYS.items() if key in timers}
+
+
+def _warmup(gen, args, batch: int, device: torch.device) -> dict[str, Any]:
+    """Cold compile of what a request of this shape needs: prefill + first token, then decode.
+
+    Per phase it also keeps each warm-up request's seconds (``Generator.warmup``'s timings) and
+    the seconds Dynamo's timers counted in it: the rest is running, autotuning, CUDA-graph recording.
+    """
+    phases: dict[str, Any] = {}
+    t = _now()
+    for phase, kwargs in (("prefill_and_first", {"decode": False}),
+                          ("decode", {"kv_lengths": [args.prompt_len + args.new_tokens]})):
+        _sync(device)
+        before, started = compile_time_summary(), _now()
+        requests = gen.warmup(batch_sizes=(batch,), prompt_lengths=[args.prompt_len], **kwargs)
+        _sync(device)
+        seconds = _now() - started
+        timers = {k: v - before.get(k, 0.0) for k, v in compile_time_summary().items()}
+        compiled = timers.get("dynamo_and_backend_s", 0.0)
+        phases[phase] = {"seconds": seconds, "compile_s": compiled, "outside_compile_s": seconds - compiled,
+                         "compile_timers": timers, "requests": requests}
+    return {"prefill_and_first_s": phases["prefill_and_first"]["seconds"], "decode_s": phases["decode"]["seconds"],
+            "total_s": _now() - t, "phases": phases}
+
+
+def check_gemv(dec, device: torch.device) -> float:
+    """Largest relative error of the Triton GEMV against F.linear over the decoder's linear shapes."""
+    import torch.nn.functional as F
+
+    worst, seen = 0.0, set()
+    for m in dec.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.shape not in seen:
+            seen.add(m.weight.shape)
+            x = torch.randn(1, 1, m.in_features, device=device, dtype=m.weight.dtype)
+            with torch.no_grad():
+                ref = F.linear(x.float(), m.weight.float())
+                out = m(x).float()
+            worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+    return worst
+
+
+def apply_variant(dec, variant: str) -> None:
+    """Switch the fused decoder ``dec`` to ``variant``'s kernels (no checks): the one place parent and child agree on."""
+    from graphfix.engine.kernels import use_cublas, use_triton_gemv
+
+    use_cublas(dec)
+    if variant in ("gemv", "attention"):
+        use_triton_gemv(dec)
+    dec.use_decode_kernels(variant in ("kernels", "pdl", "attention"), fuse_linears=variant != "attention",
+                           pdl=variant == "pdl")
+
+
+def child_warm(args) -> int:
+    """Build the same model, load the compile cache, warm up, first request: print JSON timings.
+
+    The main thread's stack is sampled throughout (``StackSampler``): the JSON names the functions the
+    start spent its seconds in, so a slow warm start can be read from the benchmark's own output.
+    """
+    t0 = _now()
+    from graphfix.bench.stack_sampler import StackSampler
+
+    with StackSampler() as sampler:
+        out = _child_warm(args, t0)
+    out["hot_functions"] = sampler.top(80)
+    out["hot_innermost"] = sampler.top(15, inclusive=False)
+    print(json.dumps(out))
+    return 0
+
+
+def _child_warm(args, t0: float) -> dict[str, Any]:
+    from graphfix.engine import CompileCache, from_hf
+
+    device = torch.device(args.device)
+    info = CompileCache(args.cache_dir, key=cache_key(args, device), precompile=True).activate()
+    model = _load_model(args, device)
+    dec = from_hf(model, max_batch_size=max(_ints(args.batch_sizes)), max_seq_len=_max_seq(args), fuse=True)
+    apply_variant(dec, args.variants)  # the parent measured this variant first: the cache holds its graphs
+    gen = _generator(dec, args)
+    _sync(device)
+    t1 = _now()
+    parts = _warmup(gen, args, 1, device)
+    ids = _prompts(1, args.prompt_len, dec.config.vocab_size, seed=1).tolist()
+    first = _timed(lambda: gen.generate(ids, 1), device)
+    return {"startup_and_build_s": t1 - t0, "warmup_s": parts["total_s"], "warmup_parts": parts,
+            "first_request_s": first, "process_to_first_token_s": _now() - t0, **info}
+
+
+def cache_key(args, device: torch.device) -> dict[str, Any]:
+    """What the compile cache's graphs depend on beyond the code: one cache directory per value (``CompileCache``)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"model": args.model, "layers": args.layers, "dtype": args.dtype, "device": name, "backend": args.backend,
+            "cuda_graphs": not args.no_cuda_graphs, "inductor_options": sorted(args.inductor_options.items()),
+            "max_seq": _max_seq(args), "batch_sizes": args.batch_sizes}
+
+
+def _load_model(args, device: torch.device):
+    dtype = DTYPES[args.dtype]
+    if Path(args.model).exists():
+        from graphfix.diagnose import sources
+
+        model = sources.load(args.model, dtype=dtype).model.to(device)
+        model.generation_config.eos_token_id = None
+        return model.eval()
+    from graphfix.bench.presets import random_hf_model
+
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    return random_hf_model(args.model, device, dtype, **overrides)
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [(f"Model `{doc.get('model')}` ({doc.get('dtype')}), device {doc.get('device_name')}, "
+              f"torch {doc.get('torch')}, transformers {doc.get('transformers')}; prompt {doc.get('prompt_len')} "
+              f"tokens, {doc.get('new_tokens')} new tokens, median of {doc.get('repeats')} runs."), ""]
+    copy = doc.get("copy_bandwidth")
+    wb = doc.get("weight_bytes_per_step")
+    if copy:
+        lines.append(f"Copy bandwidth {copy['gb_per_s']:.0f} GB/s (read + written)"
+                     + (f"; weights read per step {wb / 1e9:.2f} GB, floor {copy['gb_per_s'] * 1e9 / wb:.1f} tok/s "
+                        f"at batch 1" if wb else "") + ".")
+        lines.append("")
+    lines.append("| system | batch | tok/s (per seq) | tok/s (all) | ms/token | GB/s | share of copy BW | TTFT (ms) "
+                 "| peak GB | compile cold s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in doc.get("runs", []):
+        name = r["system"] + (f" ({r['variant']})" if r.get("variant") else "")
+        ms = r.get("event_ms_per_token") or r.get("ms_per_token")
+        lines.append("| " + " | ".join([
+            name, str(r["batch"]), _fmt(r.get("tok_per_s")), _fmt(r.get("tok_per_s", 0) * r["batch"]),
+            _fmt(ms, ".2f"), _fmt(r.get("gb_per_s"), ".0f"), _fmt(r.get("fraction_of_copy_bw"), ".2f"),
+            _fmt(1000 * r["ttft_s"] if r.get("ttft_s") is not None else None, ".1f"), _fmt(r.get("peak_gb"), ".1f"),
+            _fmt(r.get("compile_cold_s"), ".0f")]) + " |")
+    warm = doc.get("warm_start")
+    if warm:
+        lines += ["", (f"Warm start (second process, compile cache loaded: {warm.get('megacache_loaded')}): "
+                       f"warmup {_fmt(warm.get('warmup_s'), '.1f')} s against {_fmt(warm.get('cold_warmup_s'), '.1f')} "
+                       f"s cold; process start to first token {_fmt(warm.get('process_to_first_token_s'), '.1f')} s.")]
+    if doc.get("ttft"):
+        lines += ["", "| system | prompt tokens | TTFT (ms) |", "|---|---|---|"]
+        for t in doc["ttft"]:
+            lines.append(f"| {t['system']} | {t['prompt_len']} | {_fmt(1000 * t['seconds'], '.1f')} |")
+    for r in doc.get("runs", []):
+        k = r.get("kernels")
+        if k and "ms_per_step_by_category" in k:
+            cats = ", ".join(f"{c} {v:.3f}" for c, v in k["ms_per_step_by_category"].items())
+            lines += ["", (f"graphfix ({r.get('variant')}) batch {r['batch']}: device time per step "
+                           f"{k['device_ms_per_step']:.3f} ms of {k['wall_ms_per_step']:.3f} ms wall ({cats}); "
+                           f"linears alone in a CUDA graph: {_fmt(r.get('matmul_only_ms'), '.3f')} ms."
+                           + (" Kernels overlap under programmatic dependent launch (one waiting at "
+                              "griddepcontrol.wait counts as busy), so device time exceeds wall time."
+                              if k["device_ms_per_step"] > k["wall_ms_per_step"] else ""))]
+    if doc.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{s['what']} ({s['why']})" for s in doc["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="architecture (llama-2-7b, llama-2-13b, llama-3-8b, llama-2-70b, tiny) "
+                   "or a checkpoint folder (default llama-2-7b)")
+    p.add_argument("--quick", action="store_true",
+                   help="llama-2-7b, batch 1, 5-token prompt, 200 new tokens, copy + graphfix + HF static "
+                        "(options given explicitly still apply)")
+    p.add_argument("--systems", help=f"comma list of {', '.join(SYSTEMS)}")
+    p.add_argument("--batch-sizes", help="comma list (default 1,8)")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--ttft-lengths", help="comma list of prompt lengths for time to first token (default 512,2048)")
+    p.add_argument("--variants", help="graphfix variants, the first that runs measured in full: fused (cuBLAS), "
+                   "gemv (fused + the Triton GEMV of graphfix.engine.kernels for batch 1), kernels (fused + the "
+                   "decode kernels: norm/SiLU/residual folded into Triton GEMVs, RoPE + cache write in one kernel, split-KV "
+                   "attention, batch 1), "
+                   "pdl (kernels, every kernel of a layer launched with programmatic dependent launch, sm_90+), "
+                   "attention (gemv + "
+                   "the split-KV attention only), unfused (default: pdl,kernels)")
+    p.add_argument("--warm-start", dest="warm_start", action="store_true", default=None,
+                   help="measure a second process's warmup with the compile cache")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the kernel breakdown")
+    p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="Inductor option for graphfix's graphs, e.g. coordinate_descent_tuning=1 (repeatable)")
+    p.add_argument("--backend", default="inductor")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, help="override the preset's layer count (quick experiments)")
+    p.add_argument("--time-budget", type=float, default=540.0, help="seconds; sections that would not fit are skipped")
+    p.add_argument("--cache-dir", help="compile cache directory (default: a fresh temporary one, so compiles are cold)")
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    p.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
+    p.add_argument("--child-warm", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    opts: dict[str, Any] = {}
+    for item in args.inductor_option:
+        key, _, value = item.partition("=")
+        opts[key] = json.loads(value) if value not in ("", None) else True
+    args.inductor_options = opts
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    args = _resolve(args)
+    if args.child_warm:
+        return child_warm(args)
+    budget = Budget(args.time_budget)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_decode: CUDA is not available", file=sys.stderr)
+        return 2
+    if not args.cache_dir:
+        args.cache_dir = tempfile.mkdtemp(prefix="graphfix-bench-cache-")
+    from graphfix.engine import CompileCache, from_hf
+    from graphfix.engine.kernels import HAS_TRITON
+
+    CompileCache(args.cache_dir, key=cache_key(args, device), precompile=True).activate()
+    import transformers
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    batches = _ints(args.batch_sizes)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    meta = {"model": args.model, "dtype": args.dtype, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.runs,
+            "batch_sizes": batches, "variants": variants, "inductor_options": args.inductor_options,
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    res = Results(args.json_path, args.md_path, meta)
+    copy_gbps = None
+    if "copy" in systems:
+        res.doc["copy_bandwidth"] = copy_bandwidth(device)
+        copy_gbps = res.doc["copy_bandwidth"]["gb_per_s"]
+        print(f"[bench] copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+        res.flush()
+    t = _now()
+    model = _load_model(args, device)
+    _sync(device)
+    vocab = model.config.vocab_size
+    res.doc["build_s"] = _now() - t
+    res.doc["params"] = sum(p.numel() for p in model.parameters())
+    seq = _max_seq(args)
+    ttft_lengths = _ints(args.ttft_lengths)
+    cold: dict[str, float] = {}
+    want_gf = "graphfix" in systems
+
+    def graphfix_variant(variant: str, dec) -> Any:
+        gen = _generator(dec, args)
+        parts = _warmup(gen, args, 1, device)
+        cold[variant] = parts["total_s"]
+        res.doc.setdefault("warmup", {})[variant] = parts
+        print(f"[bench] graphfix {variant}: cold warmup {parts['total_s']:.1f} s ("
+              + ", ".join(f"{k} {v['seconds']:.1f} s, {v['compile_s']:.1f} s of it compiling"
+                          for k, v in parts["phases"].items()) + ")", flush=True)
+        res.add_run(bench_graphfix(dec, gen, variant, 1, args, device, vocab, parts["total_s"], copy_gbps,
+                                   args.profile))
+        return gen
+
+    def prepare_variant(variant: str, dec) -> Any:
+        """Switch ``dec`` to ``variant`` (or build the unfused decoder); ``None`` when it cannot run (recorded)."""
+        apply_variant(dec, "fused")  # back to cuBLAS and the standard path first
+        if variant == "fused":
+            return dec
+        if variant == "unfused":
+            return from_hf(model, max_batch_size=1, max_seq_len=seq, fuse=False, share=True)
+        if variant not in VARIANTS:
+            res.skip(f"graphfix {variant}", "unknown variant")
+            return None
+        if not HAS_TRITON or device.type != "cuda":
+            res.skip(f"graphfix {variant}", "needs triton and CUDA")
+            return None
+        apply_variant(dec, variant)
+        if variant == "gemv":
+            err = res.doc["gemv_rel_error"] = check_gemv(dec, device)
+            if not err < 2e-2:
+                res.skip("graphfix gemv", f"relative error {err:.2e} against F.linear")
+                return None
+            return dec
+        from graphfix.engine import kernel_check
+
+        rows = res.doc["kernel_check"] = kernel_check.run(device.type, str(dec.output.weight.dtype)[len("torch."):])
+        bad = [r for r in rows if not r["ok"]]
+        if bad:
+            res.skip("graphfix kernels", "kernel_check failed: " + json.dumps(bad)[:300])
+            return None
+        if variant == "pdl" and not dec.decode_pdl:
+            res.skip("graphfix pdl", "programmatic dependent launch needs an sm_90+ GPU")
+            return None
+        return dec
+
+    def compile_estimate(scale: float = 1.0) -> float:
+        return scale * (max(cold.values()) if cold else 150.0)
+
+    # 1. graphfix, fused weights (the default layout)
+    dec = gen = None
+    first_variant, other_variants = None, []
+    if want_gf:
+        dec = from_hf(model, max_batch_size=max(batches), max_seq_len=seq, fuse=True, share=True)
+        res.doc["weight_bytes_per_step"] = dec.weight_bytes()
+        # the first variant that runs is the one TTFT, warm start and batch 8 use; one that fails hands over to the next
+        for i, variant in enumerate(variants):
+            try:
+                ready = prepare_variant(variant, dec)
+                if ready is None:
+                    continue
+                if ready is not dec:
+                    raise SystemExit(f"bench_decode: the first variant must run on the fused decoder, not {variant!r}")
+                gen = graphfix_variant(variant, dec)
+            except Exception as exc:  # noqa: BLE001 - recorded; the next variant takes its place
+                res.doc["notes"].append(f"graphfix {variant} failed: {type(exc).__name__}: {str(exc)[:400]}")
+                res.flush()
+                torch._dynamo.reset()
+                continue
+            first_variant, other_variants = variant, variants[i + 1:]
+            break
+        else:
+            raise SystemExit("bench_decode: no graphfix variant ran (see the notes in the JSON)")
+        res.doc["megacache_bytes"] = CompileCache(args.cache_dir).save()
+        # 2. time to first token on the same graphs (prefill is dynamic; the cache holds the longest prompt)
+        for n in ttft_lengths:
+            ids = _prompts(1, n, vocab, seed=n).tolist()
+            gen.generate(ids, 1)
+            sec = statistics.median(_timed(lambda ids=ids: gen.generate(ids, 1), device) for _ in range(5))
+            res.doc["ttft"].append({"system": f"graphfix ({first_variant})", "prompt_len": n, "seconds": sec})
+            res.flush()
+    # 3. HF static cache (compiled by transformers), batch 1
+    hf_done: set[tuple[str, int]] = set()
+    hf_cost: dict[str, float] = {}  # measured seconds of each system's batch-1 section: the next estimate
+
+    def hf_estimate(system: str, batch: int) -> float:
+        base = hf_cost.get(system, HF_ESTIMATE_S[system])
+        return base * (1.5 if batch > 1 else 1.0)
+
+    def hf(system: str, batch: int) -> None:
+        estimate = hf_estimate(system, batch)
+        if not budget.fits(estimate):
+            res.skip(f"{system} batch {batch}", f"{budget.left():.0f} s left, about {estimate:.0f} s needed")
+            return
+        hf_done.add((system, batch))
+        started = _now()
+        try:
+            row = bench_hf(model, system, batch, args, device, vocab)
+        except Exception as exc:  # noqa: BLE001 - recorded in the notes; the other systems still run
+            res.doc["notes"].append(f"{system} batch {batch} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            res.flush()
+            return
+        row["bytes_per_step"] = res.doc.get("weight_bytes_per_step")
+        if row["bytes_per_step"]:
+            row["gb_per_s"] = row["bytes_per_step"] / (row["ms_per_token"] / 1000) / 1e9
+            if copy_gbps:
+                row["fraction_of_copy_bw"] = row["gb_per_s"] / copy_gbps
+        hf_cost.setdefault(system, _now() - started)
+        res.add_run(row)
+        print(f"[bench] {system} batch {batch}: {row['tok_per_s']:.1f} tok/s, {row['ms_per_token']:.3f} ms/token",
+              flush=True)
+
+    def hf_ttft(system: str) -> None:
+        for n in ttft_lengths:
+            if not budget.fits(15):
+                res.skip(f"{system} TTFT {n}", "time budget")
+                continue
+            ids = _prompts(1, n, vocab, seed=n).to(device)
+            fn = hf_generate_fn(model, ids, 1, system == "hf-static")
+            fn()
+            sec = statistics.median(_timed(fn, device) for _ in range(5))
+            res.doc["ttft"].append({"system": system, "prompt_len": n, "seconds": sec})
+            res.flush()
+
+    if "hf-static" in systems:
+        hf("hf-static", 1)
+        hf_ttft("hf-static")
+    # 4. warm start in a second process
+    if want_gf and args.warm_start and cold:
+        if budget.fits(compile_estimate(0.5) + 40):
+            res.doc["warm_start"] = _warm_start(args, cold[first_variant], first_variant)
+            res.flush()
+        else:
+            res.skip("warm start", "time budget")
+    # 5. larger batches: graphfix (first variant's decoder), HF static, HF eager
+    for batch in batches:
+        if batch == 1 or not want_gf:
+            continue
+        if not budget.fits(compile_estimate(0.7) + 20):
+            res.skip(f"graphfix batch {batch}", f"{budget.left():.0f} s left")
+            continue
+        parts = _warmup(gen, args, batch, device)
+        res.doc.setdefault("warmup", {})[f"batch{batch}"] = parts
+        # GemvLinear and the decode kernels serve one row only: at batch > 1 every variant is the fused (cuBLAS) one
+        res.add_run(bench_graphfix(dec, gen, "fused", batch, args, device, vocab, parts["total_s"], copy_gbps,
+                                   profile=False))
+    for system in ("hf-static", "hf-eager"):
+        if system not in systems:
+            continue
+        for batch in batches:
+            if (system, batch) not in hf_done:
+                hf(system, batch)
+        if system == "hf-eager":
+            hf_ttft("hf-eager")
+    # 6. other graphfix variants at batch 1, with the time left
+    if want_gf:
+        for variant in other_variants:
+            if not budget.fits(compile_estimate(1.0) + 20):
+                res.skip(f"graphfix {variant}", f"{budget.left():.0f} s left")
+                continue
+            try:
+                ready = prepare_variant(variant, dec)
+                if ready is not None:
+                    graphfix_variant(variant, ready)
+            except Exception as exc:  # noqa: BLE001 - a failing variant is recorded in the notes, the others still run
+                res.doc["notes"].append(f"graphfix {variant} failed: {type(exc).__name__}: {str(exc)[:400]}")
+                res.flush()
+    res.doc["elapsed_s"] = _now() - budget.start
+    res.flush()
+    print(markdown(res.doc), flush=True)
+    return 0
+
+
+def _warm_start(args, cold_s: float, variant: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "graphfix.bench.decode", "--child-warm", "--cache-dir", args.cache_dir,
+           "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--batch-sizes", args.batch_sizes, "--backend", args.backend,
+           "--ttft-lengths", args.ttft_lengths or "", "--systems", "graphfix", "--variants", variant]
+    for opt in args.inductor_option:
+        cmd += ["--inductor-option", opt]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
+    if args.no_cuda_graphs:
+        cmd.append("--no-cuda-graphs")
+    from graphfix.engine import CompileCache
+
+    env = CompileCache(args.cache_dir).child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
+    t = _now()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    out: dict[str, Any] = {"cold_warmup_s": cold_s, "wall_s": _now() - t, "returncode": proc.returncode,
+                           "log": str(Path(args.cache_dir) / "warm_start.log")}
+    Path(out["log"]).write_text(proc.stdout + proc.stderr)  # the child's own output, for a slow or failed start
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            out.update(json.loads(line))
+            break
+    else:
+        out["stderr_tail"] = proc.stderr[-1500:]
+    print(f"[bench] warm start: {out}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

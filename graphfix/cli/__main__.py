@@ -1,0 +1,7 @@
+"""``python -m graphfix.cli``."""
+
+import sys
+
+from graphfix.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""The ``graphfix`` command line.
+
+Exit codes (documented in docs/reports.md): 0 clean or within budget, 1 over
+budget or verification failed, 2 usage or input error. User errors print one
+line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from graphfix.convert.atomic import atomic_write
+from graphfix.errors import GraphfixError
+
+EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors already; keep its message to one line plus usage."""
+
+
+def progress_printer(quiet: bool) -> Callable[[str], None]:
+    """Progress lines on stderr with elapsed seconds, so long compiles show life."""
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def write_output(text: str, output: str | None) -> None:
+    """Write to stdout, or atomically to a file (no partial file on failure)."""
+    if not output:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    target = Path(output)
+    if not target.parent.exists():
+        raise GraphfixError(f"output folder {target.parent} does not exist")
+    atomic_write(target, text if text.endswith("\n") else text + "\n")
+
+
+def add_report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="diagnose graph breaks, recompiles and fallbacks over prefill + decode")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="HF dir, config.json, .gguf, Meta folder, 'smollm2' or package.module:function")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "aot_eager", "inductor"],
+                   help="auto: aot_eager with weights, eager on the meta device")
+    p.add_argument("--inductor", action="store_true", help="also compile with inductor to list ATen fallbacks")
+    p.add_argument("--meta-device", action="store_true", help="build from config.json on the meta device, no weights")
+    p.add_argument("--prefill", type=int, default=8, help="prompt length for the prefill (default 8)")
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps after the prefill (default 16)")
+    p.add_argument("--no-fullgraph-check", action="store_true", help="skip the fullgraph=True run")
+    p.add_argument("--format", default="text", choices=["text", "json", "markdown", "junit", "sarif"])
+    p.add_argument("--output", "-o", help="write the report to FILE instead of stdout")
+    p.add_argument("--also", action="append", default=[], metavar="FORMAT=FILE",
+                   help="write another format too, e.g. --also sarif=graphfix.sarif (repeatable)")
+    p.add_argument("--write-baseline", metavar="FILE", help="record today's findings as the baseline")
+    p.add_argument("--baseline", metavar="FILE", help="fail only on findings not in this baseline")
+    p.add_argument("--max-graph-breaks", type=int, metavar="N")
+    p.add_argument("--max-recompiles", type=int, metavar="N")
+    p.add_argument("--max-fallbacks", type=int, metavar="N")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from graphfix.diagnose import sources
+    from graphfix.diagnose.diagnosis import diagnose
+
+    say = progress_printer(args.quiet)
+    if args.prefill < 1 or args.decode_steps < 1:
+        raise GraphfixError("--prefill and --decode-steps must be at least 1")
+    extra = [_parse_also(item) for item in args.also]
+    reports = []
+    for spec in args.models:
+        say(f"loading {spec}")
+        loaded = sources.load(spec, meta_device=args.meta_device)
+        say(f"diagnosing {loaded.name} ({loaded.source})")
+        # The model's own prints must not corrupt a machine-readable report on stdout.
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = diagnose(
+                loaded.model,
+                loaded.inputs,
+                backend=args.backend,
+                inductor=args.inductor,
+                fullgraph_check=not args.no_fullgraph_check,
+                prefill_tokens=args.prefill,
+                decode_steps=args.decode_steps,
+                name=loaded.name,
+                source=loaded.source,
+                progress=say,
+            )
+        say(f"done in {report.wall_seconds:.1f}s, peak memory {report.peak_memory_mb:.0f} MB")
+        reports.append(report)
+    return emit_reports(reports, args, extra)
+
+
+def _parse_also(item: str) -> tuple[str, str]:
+    fmt, sep, path = item.partition("=")
+    if not sep or not path:
+        raise GraphfixError(f"--also expects FORMAT=FILE, got {item!r}")
+    return fmt, path
+
+
+def emit_reports(reports: list[Any], args: argparse.Namespace, extra: Sequence[tuple[str, str]] = ()) -> int:
+    """Render, write baselines, and apply the CI gate; returns the exit code."""
+    from graphfix.cli.baseline import load_baseline, write_baseline
+    from graphfix.cli.gate import evaluate
+    from graphfix.render import RENDERERS
+
+    for fmt, _path in [(args.format, None), *extra]:
+        if fmt not in RENDERERS:
+            raise GraphfixError(f"unknown report format {fmt!r}", hint=f"choose from {', '.join(RENDERERS)}")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    subject: Any = reports[0] if len(reports) == 1 else reports
+    if args.format == "text" and not args.output:
+        from graphfix.render.text import render_text, want_color
+
+        write_output(render_text(subject, color=want_color(sys.stdout)), None)
+    else:
+        write_output(RENDERERS[args.format](subject), args.output)
+    for fmt, path in extra:
+        write_output(RENDERERS[fmt](subject), path)
+    if args.write_baseline:
+        write_baseline(reports, args.write_baseline)
+    gate = evaluate(
+        reports,
+        baseline=baseline,
+        max_graph_breaks=args.max_graph_breaks,
+        max_recompiles=args.max_recompiles,
+        max_fallbacks=getattr(args, "max_fallbacks", None),
+    )
+    if args.write_baseline and not args.baseline:
+        return EXIT_OK  # recording a baseline accepts today's findings
+    if not args.quiet or not gate.passed:
+        print(gate.summary(), file=sys.stderr)
+    return gate.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphfix", description="Make Llama-style models compile clean, then fast.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_report_parser(sub)
+    for hook in _extra_commands():
+        hook(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[Any], None]]:
+    """Subcommands that live beside their own code (convert, optimize, ...)."""
+    hooks = []
+    for module_name in ("graphfix.cli.convert_cmd", "graphfix.cli.optimize_cmd", "graphfix.cli.generate_cmd"):
+        try:
+            module = __import__(module_name, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        hooks.append(module.add_parser)
+    return hooks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from graphfix import __version__
+
+        print(f"graphfix {__version__}")
+        return EXIT_OK
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except GraphfixError as exc:
+        if args.debug:
+            raise
+        print(f"graphfix: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("graphfix: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""``graphfix optimize MODEL [--verify]`` and ``graphfix verify MODEL``.
+
+Both load the model, run :func:`graphfix.optimize` and print the before/after table
+(graphs, breaks, recompiles, fallbacks, parity, tokens/s); ``--format json`` prints the
+versioned ``graphfix.optimize`` document instead. ``verify`` always verifies and is the
+one to use in CI. Exit codes: 0 done (and verified, when asked), 1 verification failed,
+2 input errors. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from typing import Any
+
+from graphfix.errors import InputError
+
+DTYPES = ("float32", "bfloat16", "float16")
+EXIT_OK, EXIT_NOT_VERIFIED = 0, 1
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``optimize`` and ``verify`` subcommands."""
+    opt = subparsers.add_parser(
+        "optimize", help="rewrite, compile and (with --verify) verify a model; print before/after",
+        description="Diagnose the model, apply the passes its findings name, compile decode and prefill apart, "
+                    "and print a before/after table. The optimized model lives in this process only: use "
+                    "graphfix.optimize() from Python to serve it.")
+    _common(opt)
+    opt.add_argument("--verify", action="store_true",
+                     help="verify (fullgraph, no recompile, parity with the original); exit 1 if it fails")
+    opt.set_defaults(func=run_optimize, always_verify=False)
+
+    ver = subparsers.add_parser(
+        "verify", help="optimize and verify a model: exit 1 unless it compiles clean and matches the original",
+        description="Optimize the model and verify it: prefill and decode compile with fullgraph=True, no "
+                    "recompile over the decode steps (fail_on_recompile), and the logits and greedy tokens match "
+                    "the original model's.")
+    _common(ver)
+    ver.set_defaults(func=run_optimize, always_verify=True)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="HF dir, .gguf, Meta folder, 'smollm2' or package.module:function")
+    p.add_argument("--passes", default="auto", help="'auto' (from the diagnosis), 'none', or names, comma separated")
+    p.add_argument("--backend", default=None, choices=["eager", "aot_eager", "inductor"],
+                   help="compile backend (default: inductor on CUDA, and on CPU with a C++ compiler; else aot_eager)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="load the weights in this dtype")
+    p.add_argument("--device", default=None, help="move the model here first (e.g. cuda)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="positions the static cache holds (HF)")
+    p.add_argument("--max-batch-size", type=int, default=1)
+    p.add_argument("--prefill", type=int, default=8, help="prompt length of the reference and verification runs")
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps verified (default 32)")
+    p.add_argument("--diagnose-steps", type=int, default=4, help="decode steps of the before/after diagnoses")
+    p.add_argument("--no-diagnose", action="store_true", help="skip the before/after diagnoses")
+    p.add_argument("--inductor-scan", action="store_true", help="also list Inductor's ATen fallbacks (slow)")
+    p.add_argument("--tolerance", type=float, default=None, help="parity tolerance (max |err| / logit scale)")
+    p.add_argument("--format", default="text", choices=["text", "json"])
+    p.add_argument("--output", "-o", help="write the table or JSON to FILE instead of stdout")
+
+
+def run_optimize(args: argparse.Namespace) -> int:
+    import torch
+
+    from graphfix.cli.app import progress_printer, write_output
+    from graphfix.diagnose import sources
+    from graphfix.optimize.api import optimize
+
+    say = progress_printer(args.quiet)
+    for name in ("prefill", "decode_steps", "max_batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    verify = args.always_verify or args.verify
+    say(f"loading {args.model}")
+    loaded = sources.load(args.model, dtype=getattr(torch, args.dtype))
+    # The model's own prints must not corrupt the table or the JSON on stdout.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = optimize(
+            loaded.model, passes=args.passes, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
+            device=args.device, backend=args.backend, verify=verify, prefill_tokens=args.prefill,
+            decode_steps=args.decode_steps, diagnose_steps=args.diagnose_steps, diagnose=not args.no_diagnose,
+            inductor_scan=args.inductor_scan, tolerance=args.tolerance, name=loaded.name, progress=say,
+        )
+    say(f"done in {result.seconds:.1f}s")
+    write_output(result.to_json() if args.format == "json" else result.summary(), args.output)
+    if verify and not result.verified:
+        print(f"graphfix: {loaded.name} is not verified", file=sys.stderr)
+        return EXIT_NOT_VERIFIED
+    return EXIT_OK

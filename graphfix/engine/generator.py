@@ -1,0 +1,492 @@
+"""The generation engine: compiled prefill and decode over a ``StepModel``.
+
+``Generator(model)`` drives any ``StepModel`` (``graphfix.engine.protocol``):
+
+- **prefill** runs the prompt in chunks; each chunk is padded to a multiple of 16
+  and compiled once with a dynamic length (``prefill="dynamic"``), or padded up to
+  a length bucket with one static graph per bucket (``prefill="buckets"``);
+- **decode** is one token per row per call, compiled with ``fullgraph=True`` and,
+  on CUDA with Inductor, CUDA graphs (``triton.cudagraphs``, i.e. ``reduce-overhead``).
+  The decode graph *returns nothing*: it samples the next token and writes it, the
+  positions, the per-row ``done`` flags and the output buffer into fixed-address
+  state tensors (``torch._dynamo.mark_static_address``), which CUDA-graph trees
+  allow to be mutated. So no graph output is ever kept across replays (the
+  "tensor output of CUDAGraphs that has been overwritten" failure cannot happen) and
+  nothing is cloned; ``torch.compiler.cudagraph_mark_step_begin()`` still marks each step;
+- **sampling** (``graphfix.engine.sampling``) is inside the graphs: no host sync per
+  token. EOS is a device ``done`` flag per row; the host reads ``done.all()`` every
+  ``check_interval`` tokens, and finished rows keep stepping on a pad token until
+  then (fixed shapes). ``stream`` callbacks get the new tokens every
+  ``stream_interval`` tokens (1: every token, at the price of one sync per token).
+
+Rows keep their tokens at positions ``0 .. len-1`` whatever their length: the
+prompt matrix is padded on the right, and the padding sits at positions above a
+row's prompt, where decode overwrites it before any query can attend to it. One
+``(B,)`` gather picks each row's last prompt logits. ``warmup()`` compiles every
+graph the configured batch sizes, buckets and sampling modes need, so that no
+compilation happens while serving (``torch.compiler.set_stance("fail_on_recompile")``
+holds after it, see tests/test_runtime.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from graphfix.engine.protocol import StepModel, per_row_positions, supports_kv_len, supports_logits_index
+from graphfix.engine.sampling import MODES, SamplingParams, sample
+from graphfix.errors import InputError
+from graphfix.rewrite.codeobj import own_code
+
+DEFAULT_BUCKETS = (16, 64, 256, 512, 1024, 2048)
+PAD_MULTIPLE = 16
+WARMUP_NEW_TOKENS = 4  # 1 from prefill + 3 decode calls: CUDA-graph trees warm up, record, then replay
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    """What a ``stream`` callback receives: tokens ``start .. start + k - 1`` of every row.
+
+    ``tokens`` is a CPU ``LongTensor[B, k]``; a finished row shows its EOS token once,
+    then the pad token. ``finished[b]`` says whether row ``b`` has produced an EOS so far.
+    """
+
+    tokens: torch.Tensor
+    start: int
+    finished: list[bool]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    """New tokens per row, up to and including the first EOS."""
+    prompt_lengths: list[int]
+    finished: list[bool]
+    """Whether each row stopped at an EOS token."""
+    steps: int
+    """Tokens produced per row, the first (from prefill) included, before trimming at EOS."""
+    ttft_s: float
+    """Call to first token computed on the device (prefill and first sample)."""
+    decode_s: float
+    total_s: float
+    """Wall time of the call, host synchronized at the end."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens per second per row (``steps / total_s``)."""
+        return self.steps / self.total_s if self.total_s > 0 else float("nan")
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1000.0 * self.decode_s / (self.steps - 1) if self.steps > 1 else float("nan")
+
+
+class _BatchState:
+    """Device tensors of one batch size, at fixed addresses (CUDA graphs mutate them in place)."""
+
+    def __init__(self, batch: int, capacity: int, device: torch.device, max_eos: int) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.batch = batch
+        self.tokens, self.pos, self.done = zeros(batch, 1), zeros(batch, 1), zeros(batch, dtype=torch.bool)
+        self.out, self.step, self.lengths = zeros(batch, capacity), zeros(1), zeros(batch)
+        self.seeds, self.top_k = zeros(batch), zeros(batch)
+        self.temperature = torch.ones(batch, device=device)
+        self.top_p = torch.ones(batch, device=device)
+        self.eos = torch.full((max_eos,), -1, dtype=torch.long, device=device)
+        self.pad = zeros(1)
+        for t in self.all():
+            torch._dynamo.mark_static_address(t)
+
+    def all(self) -> tuple[torch.Tensor, ...]:
+        return (self.tokens, self.pos, self.done, self.out, self.step, self.lengths, self.seeds, self.top_k,
+                self.temperature, self.top_p, self.eos, self.pad)
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        """The decode graph's arguments, in its order."""
+        return (self.tokens, self.pos, self.done, self.out, self.step, self.seeds, self.temperature, self.top_k,
+                self.top_p, self.eos, self.pad)
+
+    def rewind(self) -> None:
+        for t in (self.pos, self.done, self.step):
+            t.zero_()
+
+
+def _is_eos(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    return (tokens.unsqueeze(-1) == eos).any(-1)
+
+
+def _make_prefill(model: StepModel, use_index: bool) -> Callable:
+    def prefill(tokens: torch.Tensor, input_pos: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+        if use_index:
+            logits = model.step(tokens, input_pos, logits_index=gather)
+        else:
+            full = model.step(tokens, input_pos)
+            logits = full.gather(1, gather.view(-1, 1, 1).expand(-1, 1, full.shape[-1]))
+        return logits[:, 0].float()
+
+    return prefill
+
+
+def _make_first(mode: str) -> Callable:
+    def first(logits, tokens, pos, done, out, step, lengths, seeds, temperature, top_k, top_p, eos):
+        step.zero_()
+        nxt = sample(logits, mode, seeds, step, temperature, top_k, top_p)
+        out.index_copy_(1, step, nxt.unsqueeze(1))
+        done.copy_(_is_eos(nxt, eos))
+        tokens.copy_(nxt.unsqueeze(1))
+        pos.copy_(lengths.unsqueeze(1))
+        step.fill_(1)
+
+    return first
+
+
+def _make_decode(model: StepModel, mode: str, last_slot: int, kv_len: int | None) -> Callable:
+    def decode(tokens, pos, done, out, step, seeds, temperature, top_k, top_p, eos, pad):
+        if kv_len is None:
+            logits = model.step(tokens, pos)[:, -1].float()
+        else:
+            logits = model.step(tokens, pos, kv_len=kv_len)[:, -1].float()
+        nxt = sample(logits, mode, seeds, step, temperature, top_k, top_p)
+        nxt = torch.where(done, pad, nxt)
+        out.index_copy_(1, step, nxt.unsqueeze(1))
+        done.logical_or_(_is_eos(nxt, eos))
+        tokens.copy_(nxt.unsqueeze(1))
+        pos.copy_((pos + 1).clamp(max=last_slot))
+        step.add_(1)
+
+    return decode
+
+
+def _device_of(model: Any) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return torch.device(getattr(model, "device", "cpu"))
+
+
+class _Clock:
+    """Device-ordered timestamps: CUDA events on CUDA (no sync until read), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
+
+
+class Generator:
+    """Compiled generation over a ``StepModel``.
+
+    ``compile``: ``False`` runs the same functions eagerly. ``backend``: any
+    ``torch.compile`` backend (``inductor`` on GPU; ``aot_eager``/``eager`` for fast CPU
+    tests). ``prefill``: ``"dynamic"`` or ``"buckets"`` (``buckets`` lengths; longer
+    prompts run in chunks of the largest). ``cuda_graphs``: decode under CUDA graphs
+    (CUDA + Inductor only). ``inductor_options``: passed to Inductor (e.g.
+    ``{"coordinate_descent_tuning": True}``). ``kv_buckets``: decode graphs per attended
+    cache length (e.g. ``(256, 1024, 4096)``; the cache length is always the last): a step
+    attends to the smallest bucket that holds every row's position, so a long cache costs
+    short sequences nothing; ``None`` attends to the whole cache (one decode graph).
+    """
+
+    def __init__(self, model: StepModel, *, compile: bool = True, backend: str = "inductor",
+                 prefill: str = "dynamic", buckets: Sequence[int] = DEFAULT_BUCKETS, max_prefill_chunk: int = 2048,
+                 cuda_graphs: bool = True, inductor_options: dict[str, Any] | None = None,
+                 stream_interval: int = 8, check_interval: int = 16, max_eos: int = 8,
+                 kv_buckets: Sequence[int] | None = None, graph_prefill: Sequence[int] = (16,)) -> None:
+        if prefill not in ("dynamic", "buckets"):
+            raise ValueError(f"prefill must be 'dynamic' or 'buckets', got {prefill!r}")
+        self.model = model
+        self.device = _device_of(model)
+        self.compile = compile
+        self.backend = backend
+        self.prefill_mode = prefill
+        seq = model.max_seq_len
+        self.buckets = sorted({min(int(b), seq) for b in buckets}) or [seq]
+        self.max_prefill_chunk = min(max_prefill_chunk, seq)
+        self.kv_buckets: list[int | None] = [None]
+        if kv_buckets and supports_kv_len(model):
+            self.kv_buckets = sorted({min(int(b), seq) for b in kv_buckets} | {seq})
+        self.cuda_graphs = cuda_graphs and compile and backend == "inductor" and self.device.type == "cuda"
+        self.graph_prefill = {int(n) for n in graph_prefill} if compile and prefill == "dynamic" else set()
+        self.inductor_options = dict(inductor_options or {})
+        self.stream_interval = max(1, stream_interval)
+        self.check_interval = max(1, check_interval)
+        self.max_eos = max_eos
+        self._states: dict[int, _BatchState] = {}
+        self._fns: dict[tuple, Callable] = {}
+        self._use_index = supports_logits_index(model)
+        self._clock = _Clock(self.device)
+
+    # -- compiled functions -------------------------------------------------------------------
+
+    def _compiled(self, fn: Callable, cuda_graphs: bool, dynamic: bool | None = False) -> Callable:
+        """``dynamic=False`` for every static graph: Dynamo's automatic dynamic shapes key their state on
+        (file, line, name), which our per-key code copies share, and would otherwise make the second
+        bucket or batch size of a function dynamic."""
+        if not self.compile:
+            return fn
+        kwargs: dict[str, Any] = {"fullgraph": True, "backend": self.backend, "dynamic": dynamic}
+        if self.backend == "inductor":
+            options = dict(self.inductor_options)
+            if cuda_graphs:
+                options["triton.cudagraphs"] = True
+            if options:
+                kwargs["options"] = options
+        return torch.compile(own_code(fn), **kwargs)  # per key: Dynamo caches per code object
+
+    def _fn(self, key: tuple) -> Callable:
+        fn = self._fns.get(key)
+        if fn is None:
+            kind = key[0]
+            if kind == "prefill":
+                dynamic = None if self.prefill_mode == "dynamic" else False  # dynamic: mark_dynamic on T only
+                fn = self._compiled(_make_prefill(self.model, self._use_index), False, dynamic)
+            elif kind == "prefill-graph":
+                fn = self._compiled(_make_prefill(self.model, self._use_index), self.cuda_graphs)
+            elif kind == "first":
+                fn = self._compiled(_make_first(key[2]), False)
+            else:
+                fn = self._compiled(_make_decode(self.model, key[2], self.model.max_seq_len - 1, key[3]),
+                                    self.cuda_graphs)
+            self._fns[key] = fn
+        return fn
+
+    def _kv_len(self, needed: int) -> int | None:
+        """The smallest decode bucket holding ``needed`` slots (positions ``0 .. needed-1``)."""
+        for b in self.kv_buckets:
+            if b is None or b >= needed:
+                return b
+        return self.kv_buckets[-1]
+
+    def _state(self, batch: int) -> _BatchState:
+        state = self._states.get(batch)
+        if state is None:
+            state = self._states[batch] = _BatchState(batch, self.model.max_seq_len, self.device, self.max_eos)
+        return state
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def _rows(self, prompts: Any, attention_mask: torch.Tensor | None) -> list[list[int]]:
+        """Token lists from a list of lists, a ``(B, L)`` tensor (left padding removed with ``attention_mask``)."""
+        if isinstance(prompts, torch.Tensor):
+            ids = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+            if attention_mask is not None:
+                keep = attention_mask.bool().tolist() if attention_mask.dim() == 2 else [attention_mask.bool().tolist()]
+                ids = [[t for t, k in zip(row, m) if k] for row, m in zip(ids, keep)]
+            return ids
+        rows = [list(map(int, p)) for p in prompts]
+        return rows
+
+    def _chunk_len(self, remaining: int) -> int:
+        if self.prefill_mode == "buckets":
+            want = min(remaining, self.buckets[-1])
+            return next(b for b in self.buckets if b >= want)
+        want = min(remaining, self.max_prefill_chunk)
+        return -(-want // PAD_MULTIPLE) * PAD_MULTIPLE
+
+    def _prefill(self, rows: list[list[int]], state: _BatchState) -> torch.Tensor:
+        batch, seq = len(rows), self.model.max_seq_len
+        lengths = [len(r) for r in rows]
+        longest = max(lengths)
+        plan, start = [], 0
+        while start < longest:
+            size = self._chunk_len(longest - start)
+            plan.append((start, size))
+            start += size
+        padded = torch.zeros(batch, start, dtype=torch.long)
+        for b, r in enumerate(rows):
+            padded[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        padded = padded.to(self.device, non_blocking=True)
+        last_idx = torch.tensor([n - 1 for n in lengths], dtype=torch.long).to(self.device, non_blocking=True)
+        state.lengths.copy_(last_idx + 1)
+        last = None
+        graphed = len(plan) == 1 and plan[0][1] in self.graph_prefill
+        for start, size in plan:
+            tokens = padded[:, start:start + size].clone()  # never a view: views add guards on their base
+            pos = torch.arange(start, start + size, device=self.device).clamp_(max=seq - 1)
+            pos = pos.unsqueeze(0).expand(batch, size).contiguous()
+            gather = (last_idx - start).clamp(0, size - 1)
+            if graphed:  # its logits live in the graph's pool until the next replay: used at once by "first"
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self._fn(("prefill-graph", batch, size))(tokens, pos, gather)
+            key = ("prefill", batch, size if self.prefill_mode == "buckets" else "dynamic")
+            if self.compile and self.prefill_mode == "dynamic":
+                bound = max(seq, self.max_prefill_chunk) + PAD_MULTIPLE
+                torch._dynamo.mark_dynamic(tokens, 1, min=2, max=bound)
+                torch._dynamo.mark_dynamic(pos, 1, min=2, max=bound)
+            logits = self._fn(key)(tokens, pos, gather)
+            if last is None:
+                last = logits
+            else:
+                inside = ((last_idx >= start) & (last_idx < start + size)).unsqueeze(-1)
+                last = torch.where(inside, logits, last)
+        return last
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Rewind every batch state and the model (no reallocation: all addresses stay)."""
+        for state in self._states.values():
+            state.rewind()
+        self.model.reset()
+
+    def generate(self, prompts: Any, max_new_tokens: int, *, sampling: SamplingParams | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None, stream: Callable[[StreamChunk], None] | None = None,
+                 stream_interval: int | None = None) -> GenerationResult:
+        """Generate ``max_new_tokens`` per row (fewer when every row hit an EOS).
+
+        ``prompts``: token-id lists of any lengths, or a ``(B, L)`` tensor (with
+        ``attention_mask`` for left-padded rows, Hugging Face style).
+        """
+        sampling = sampling or SamplingParams()
+        rows = self._rows(prompts, attention_mask)
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        self._check(rows, max_new_tokens, eos)
+        batch = len(rows)
+        state = self._state(batch)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        interval = max(1, stream_interval or self.stream_interval)
+        mode = sampling.mode
+        wall = time.perf_counter()
+        with torch.no_grad():
+            self.model.reset()
+            self._load_request(state, sampling, eos, pad)
+            t0 = self._clock.mark()
+            logits = self._prefill(rows, state)
+            self._fn(("first", batch, mode))(logits, state.tokens, state.pos, state.done, state.out, state.step,
+                                              state.lengths, state.seeds, state.temperature, state.top_k,
+                                              state.top_p, state.eos)
+            del logits  # a CUDA-graphed prefill's output: the next replay reuses its memory
+            t1 = self._clock.mark()
+            longest = max(len(r) for r in rows)
+            args = state.args()
+            produced, streamed = 1, 0
+            stopped = bool(eos) and self.check_interval == 1 and bool(state.done.all())
+            while produced < max_new_tokens and not stopped:
+                # this call writes and attends at positions <= longest + produced - 1 (host arithmetic, no sync)
+                decode = self._fn(("decode", batch, mode, self._kv_len(longest + produced)))
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                decode(*args)
+                produced += 1
+                if stream is not None and produced - streamed >= interval:
+                    streamed = self._emit(stream, state, streamed, produced)
+                if eos and produced % self.check_interval == 0:
+                    stopped = bool(state.done.all())
+            t2 = self._clock.mark()
+            if stream is not None and streamed < produced:
+                self._emit(stream, state, streamed, produced)
+            out = state.out[:, :produced].cpu().tolist()
+            finished = state.done.cpu().tolist()
+        total = time.perf_counter() - wall
+        tokens = [_trim(row, eos) for row in out]
+        return GenerationResult(tokens=tokens, prompt_lengths=[len(r) for r in rows], finished=finished,
+                                steps=produced, ttft_s=self._clock.seconds(t0, t1),
+                                decode_s=self._clock.seconds(t1, t2), total_s=total)
+
+    def _check(self, rows: list[list[int]], max_new_tokens: int, eos: list[int]) -> None:
+        model = self.model
+        if not rows or any(len(r) == 0 for r in rows):
+            raise InputError("every prompt needs at least one token")
+        if len(rows) > model.max_batch_size:
+            raise InputError(f"{len(rows)} prompts but the cache holds {model.max_batch_size} rows",
+                             hint="build the model with a larger max_batch_size")
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        longest = max(len(r) for r in rows)
+        if longest + max_new_tokens > model.max_seq_len:
+            raise InputError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the cache length "
+                             f"{model.max_seq_len}", hint="shorten the request or allocate a longer cache")
+        if len(eos) > self.max_eos:
+            raise InputError(f"at most {self.max_eos} EOS ids, got {len(eos)}")
+        if len(rows) > 1 and not per_row_positions(model) and len({len(r) for r in rows}) > 1:
+            raise InputError("this model shares positions across rows: batched prompts must have equal lengths",
+                             hint="convert it with graphfix.engine.from_meta for per-row positions")
+
+    def _load_request(self, state: _BatchState, sampling: SamplingParams, eos: list[int], pad: int) -> None:
+        batch = state.batch
+        state.rewind()
+        state.seeds.copy_(torch.arange(batch) + sampling.seed)
+        state.temperature.fill_(sampling.temperature if sampling.temperature > 0 else 1.0)
+        state.top_k.fill_(sampling.top_k or 0)
+        state.top_p.fill_(sampling.top_p if sampling.top_p is not None else 1.0)
+        eos_row = torch.full((self.max_eos,), -1, dtype=torch.long)
+        eos_row[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+        state.eos.copy_(eos_row)
+        state.pad.fill_(pad)
+
+    def _emit(self, stream: Callable[[StreamChunk], None], state: _BatchState, start: int, end: int) -> int:
+        stream(StreamChunk(tokens=state.out[:, start:end].cpu(), start=start, finished=state.done.cpu().tolist()))
+        return end
+
+    # -- warmup -------------------------------------------------------------------------------
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), modes: Sequence[str] = ("greedy",),
+               prompt_lengths: Sequence[int] | None = None, decode: bool = True,
+               kv_lengths: Sequence[int] | None = None) -> dict[str, float]:
+        """Compile (and record CUDA graphs for) every graph these requests need; returns seconds per part.
+
+        ``prompt_lengths``: defaults to every bucket (``buckets``) or one length (``dynamic``).
+        ``decode=False`` compiles prefill and the first-token graph only (time-to-first-token serving).
+        ``kv_lengths``: the decode buckets to warm (default: all of ``kv_buckets``).
+        """
+        seq = self.model.max_seq_len
+        if prompt_lengths is None:
+            prompt_lengths = self.buckets if self.prefill_mode == "buckets" else [min(32, seq - WARMUP_NEW_TOKENS)]
+            prompt_lengths = [*prompt_lengths, *(n for n in sorted(self.graph_prefill) if n not in prompt_lengths)]
+        for mode in modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown sampling mode {mode!r}; one of {MODES}")
+        params = {"greedy": SamplingParams(), "sample": SamplingParams(temperature=1.0),
+                  "filtered": SamplingParams(temperature=1.0, top_k=50, top_p=0.9)}
+        timings: dict[str, float] = {}
+        new = WARMUP_NEW_TOKENS if decode else 1
+
+        def run(batch: int, length: int, mode: str, label: str) -> None:
+            length = max(1, min(int(length), seq - new))
+            t = time.perf_counter()
+            # a CUDA-graphed prefill is run, then recorded, then replayed: three requests reach its replay
+            for _ in range(3 if self._chunk_len(length) in self.graph_prefill and length <= self._chunk_len(length) else 1):
+                self.generate([[0] * length] * batch, new, sampling=params[mode])
+            timings[f"batch{batch}/{label}/{mode}"] = time.perf_counter() - t
+
+        for batch in batch_sizes:
+            for i, length in enumerate(prompt_lengths):
+                # the prefill graph does not depend on the mode: one mode per extra length
+                for mode in modes if i == 0 else modes[:1]:
+                    run(batch, length, mode, f"len{length}")
+            if not decode or self.kv_buckets == [None]:
+                continue
+            wanted = self.kv_buckets if kv_lengths is None else [self._kv_len(int(k)) for k in kv_lengths]
+            for kv in sorted(set(wanted)):
+                below = [b for b in self.kv_buckets if b < kv]
+                start = below[-1] if below else 1  # decode positions start..start+2 land in this bucket
+                for mode in modes:
+                    if ("decode", batch, mode, kv) not in self._fns:
+                        run(batch, start, mode, f"kv{kv}")
+        self.reset()
+        return timings
+
+
+def _trim(row: list[int], eos: list[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in eos:
+            return row[: i + 1]
+    return row

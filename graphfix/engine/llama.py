@@ -1,0 +1,564 @@
+"""graphfix's own Llama decoder: a ``StepModel`` built by moving a model's parameters.
+
+``LlamaDecoder`` is the Llama family's forward pass (Llama 2/3, Mistral, Qwen2)
+written for static decoding:
+
+- embedding, RMSNorm (float32 statistics, cast back, then the weight: the Hugging
+  Face and Meta order), SwiGLU MLP, tied or separate LM head;
+- attention with real RoPE (``half`` layout for HF checkpoints, ``interleaved`` for
+  Meta ones; default, ``linear`` and ``llama3`` scaling from ``graphfix.rewrite.blocks.rope``),
+  SDPA over a per-row static KV cache (``RowKVCache``) with grouped-query heads
+  folded into the query rows (no K/V head expansion), and a mask built from the
+  positions (``k_pos <= q_pos``, and a sliding window where the config has one);
+- optional fusion (``fuse=True``): q/k/v into one ``wqkv`` linear and gate/up into one
+  ``w13`` linear. Fusing concatenates (a copy); ``from_hf`` fuses one layer at a time
+  and releases the originals as it goes, so the peak is one layer above the model.
+
+``from_hf`` moves (never copies, except to fuse) the parameters of a Hugging Face
+``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``; ``from_meta``
+those of Meta's reference ``Transformer`` (world size 1, rewritten by the passes or
+not). The linears stay ``nn.Linear`` modules, so weight-only quantization can swap
+them later by ``(module, name)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphfix.engine.attention_kernel import decode_attention
+from graphfix.engine.kernels import fused_linear, pdl_supported
+from graphfix.engine.rope_kernel import rope_cache
+from graphfix.errors import InputError, UnsupportedModelError
+from graphfix.rewrite.blocks.kv_cache import StaticKVCache
+from graphfix.rewrite.blocks.rope import (
+    Layout,
+    RopeScaling,
+    apply_rotary_half,
+    apply_rotary_interleaved,
+    hf_rope_theta,
+    rope_tables,
+)
+
+CACHE_ALIGN = 64
+"""Cache lengths are rounded up to a multiple of this (aligned attention-bias rows for the fused SDPA kernels)."""
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """The shape of a Llama-family decoder; built from an HF config or Meta ``ModelArgs``."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None = None
+    rope_layout: Layout = "half"
+    sliding_windows: tuple[int | None, ...] | None = None
+    """One window per layer (``None``: full attention); ``None`` for all-full models."""
+
+    @property
+    def n_rep(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def window(self, layer: int) -> int | None:
+        return None if self.sliding_windows is None else self.sliding_windows[layer]
+
+    @classmethod
+    def from_hf(cls, config: Any) -> DecoderConfig:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in HF_MODEL_TYPES:
+            raise UnsupportedModelError(f"architecture {model_type!r} is not supported by the graphfix decoder",
+                                        hint=f"supported: {', '.join(HF_MODEL_TYPES)}")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"{model_type}: activation {act!r} (the decoder implements SwiGLU with silu)")
+        if getattr(config, "mlp_bias", False):
+            raise UnsupportedModelError(f"{model_type}: MLP biases are not supported by the graphfix decoder")
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return cls(
+            vocab_size=config.vocab_size,
+            dim=config.hidden_size,
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            norm_eps=config.rms_norm_eps,
+            rope_theta=hf_rope_theta(config),
+            rope_scaling=RopeScaling.from_hf_config(config),
+            rope_layout="half",
+            sliding_windows=_hf_windows(config),
+        )
+
+    @classmethod
+    def from_meta_args(cls, args: Any, intermediate_size: int) -> DecoderConfig:
+        n_heads = args.n_heads
+        return cls(
+            vocab_size=args.vocab_size,
+            dim=args.dim,
+            n_layers=args.n_layers,
+            n_heads=n_heads,
+            n_kv_heads=args.n_kv_heads or n_heads,
+            head_dim=args.dim // n_heads,
+            intermediate_size=intermediate_size,
+            norm_eps=args.norm_eps,
+            rope_theta=float(args.rope_theta),
+            rope_scaling=RopeScaling.from_meta_args(args),
+            rope_layout="interleaved",
+        )
+
+
+def _hf_windows(config: Any) -> tuple[int | None, ...] | None:
+    """Per-layer sliding windows as the HF modeling code applies them (Mistral: every layer; Qwen2: by layer type)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    model_type = config.model_type
+    if model_type == "mistral":
+        return (int(window),) * config.num_hidden_layers
+    if model_type == "qwen2":
+        if not getattr(config, "use_sliding_window", False):
+            return None
+        types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        return tuple(int(window) if t == "sliding_attention" else None for t in types)
+    return None
+
+
+def round_cache_len(n: int) -> int:
+    return -(-n // CACHE_ALIGN) * CACHE_ALIGN
+
+
+class RMSNorm(nn.Module):
+    """``weight * (x / rms(x))``: statistics in float32, cast back to ``x.dtype`` before the weight."""
+
+    def __init__(self, dim: int, eps: float, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class RowKVCache(StaticKVCache):
+    """A ``StaticKVCache`` written at per-row positions: ``input_pos`` is ``(B, T)``.
+
+    ``update_rows`` indexes the whole buffer (rows ``arange(B)``, slots ``input_pos``):
+    one ``index_put_`` on a fixed-address buffer, which Inductor keeps in place.
+    """
+
+    def update_rows(self, input_pos: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k``, ``v``: ``(B, T, n_kv_heads, head_dim)``; returns the first ``B`` rows' caches ``(B, KV, S, D)``."""
+        bsz = k.shape[0]
+        rows = torch.arange(bsz, device=input_pos.device).unsqueeze(1)
+        self.k_cache[rows, :, input_pos] = k.to(self.k_cache.dtype)
+        self.v_cache[rows, :, input_pos] = v.to(self.v_cache.dtype)
+        return self.k_cache[:bsz], self.v_cache[:bsz]
+
+
+def _meta_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, fuse: bool, window: int | None, bias: bool = False,
+                 out_bias: bool = False) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rope_layout = cfg.rope_layout
+        self.window = window
+        self.fused = fuse
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.split = (q_out, kv_out, kv_out)
+        if fuse:
+            self.wqkv = _meta_linear(cfg.dim, q_out + 2 * kv_out, bias)
+        else:
+            self.wq = _meta_linear(cfg.dim, q_out, bias)
+            self.wk = _meta_linear(cfg.dim, kv_out, bias)
+            self.wv = _meta_linear(cfg.dim, kv_out, bias)
+        self.wo = _meta_linear(q_out, cfg.dim, out_bias)
+        self.kv_cache: RowKVCache | None = None
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rope_layout == "half":
+            return apply_rotary_half(x, cos, sin)
+        return apply_rotary_interleaved(x, cos, sin)
+
+    def rotate_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor,
+                         kv_len: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotate q and k, write k and v into the cache: ``q`` ``(B, T, H, D)`` and the cache ``(B, KV, S, D)``."""
+        bsz, seqlen, _ = q.shape
+        q = self._rope(q.view(bsz, seqlen, self.n_heads, self.head_dim), cos, sin)
+        k = self._rope(k.view(bsz, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        keys, values = self.kv_cache.update_rows(input_pos, k, v)
+        if kv_len is not None:  # a static prefix of the cache: the caller keeps every position below kv_len
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        return q, keys, values
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        if self.fused:
+            q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, keys, values = self.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
+        # Grouped-query heads folded into query rows: query head h = j * n_rep + r uses KV head j,
+        # so (B, T, KV, n_rep, D) -> (B, KV, n_rep * T, D) attends to (B, KV, S, D) without expanding K/V.
+        n_rep = self.n_heads // self.n_kv_heads
+        q = q.view(bsz, seqlen, self.n_kv_heads, n_rep, self.head_dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(bsz, self.n_kv_heads, n_rep * seqlen, self.head_dim)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        y = y.view(bsz, self.n_kv_heads, n_rep, seqlen, self.head_dim).permute(0, 3, 1, 2, 4)
+        return self.wo(y.reshape(bsz, seqlen, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: DecoderConfig, fuse: bool) -> None:
+        super().__init__()
+        self.fused = fuse
+        if fuse:
+            self.w13 = _meta_linear(cfg.dim, 2 * cfg.intermediate_size, False)
+        else:
+            self.w1 = _meta_linear(cfg.dim, cfg.intermediate_size, False)
+            self.w3 = _meta_linear(cfg.dim, cfg.intermediate_size, False)
+        self.w2 = _meta_linear(cfg.intermediate_size, cfg.dim, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, fuse: bool, qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.attention = Attention(cfg, fuse, cfg.window(layer), qkv_bias, o_bias)
+        self.feed_forward = FeedForward(cfg, fuse)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, device="meta")
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device="meta")
+
+    def forward(self, x, input_pos, cos, sin, mask, kv_len=None):
+        h = x + self.attention(self.attention_norm(x), input_pos, cos, sin, mask, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode_fused(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                     kv_len: int | None = None, fuse_linears: bool = True, pdl: bool = False,
+                     tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One token per row with the decode kernels: the same arithmetic as ``forward``, in seven kernels.
+
+        RMSNorm into the q/k/v and gate/up GEMVs, the residual adds into the o and down GEMVs,
+        SiLU·mul into the down GEMV, RoPE and the cache write in one kernel, and split-KV
+        attention with the mask taken from the positions (``graphfix.engine.kernels``,
+        ``rope_kernel``, ``attention_kernel``; their eager references elsewhere than CUDA).
+        Needs the fused ``wqkv``/``w13`` layout.
+        ``fuse_linears=False``: only the attention kernel; norms, SiLU and adds stay separate.
+        ``pdl``: the GEMVs, the RoPE kernel and attention use programmatic dependent launch.
+        ``tables``: the whole RoPE tables, for the RoPE kernel (``cos``/``sin`` unused, ``None``);
+        ``None`` leaves RoPE and the cache write to Inductor (``cos``/``sin``, gathered per step).
+        """
+        attn, ffn = self.attention, self.feed_forward
+        bsz = x.shape[0]
+        if not fuse_linears:  # the split-KV attention alone; the linears stay modules (GemvLinear, cuBLAS)
+            q, k, v = attn.wqkv(self.attention_norm(x)).split(attn.split, dim=-1)
+            q, keys, values = attn.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
+            y = decode_attention(q.view(bsz, attn.n_heads, attn.head_dim), keys, values, input_pos[:, 0], attn.window)
+            h = x + attn.wo(y.view(bsz, 1, -1))
+            gate, up = ffn.w13(self.ffn_norm(h)).chunk(2, dim=-1)
+            return h + ffn.w2(F.silu(gate) * up)
+        qkv = fused_linear(x, attn.wqkv.weight, norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps,
+                           bias=attn.wqkv.bias, pdl=pdl)
+        if tables is None:
+            q, k, v = qkv.split(attn.split, dim=-1)
+            q, keys, values = attn.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
+        else:
+            cache = attn.kv_cache
+            q = rope_cache(qkv, input_pos[:, 0], *tables, cache.k_cache, cache.v_cache, attn.n_heads, attn.n_kv_heads,
+                           attn.rope_layout == "interleaved", pdl)
+            keys, values = cache.k_cache[:bsz], cache.v_cache[:bsz]
+            if kv_len is not None:
+                keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        y = decode_attention(q.view(bsz, attn.n_heads, attn.head_dim), keys, values, input_pos[:, 0], attn.window,
+                             pdl=pdl)
+        h = fused_linear(y.view(bsz, 1, -1), attn.wo.weight, bias=attn.wo.bias, residual=x, pdl=pdl)
+        gate_up = fused_linear(h, ffn.w13.weight, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, pdl=pdl)
+        return fused_linear(gate_up, ffn.w2.weight, silu=True, residual=h, pdl=pdl)
+
+
+class LlamaDecoder(nn.Module):
+    """A Llama-family decoder implementing ``StepModel`` (see ``graphfix.engine.protocol``).
+
+    Build it with ``from_hf`` or ``from_meta``; the constructor makes the module tree on the
+    meta device, and ``allocate`` creates the caches and RoPE tables once the weights are in.
+    """
+
+    per_row_positions = True
+    supports_logits_index = True
+    supports_kv_len = True
+
+    def __init__(self, cfg: DecoderConfig, *, fuse: bool = True, qkv_bias: bool = False, o_bias: bool = False) -> None:
+        super().__init__()
+        self.config = cfg
+        self.fused = fuse
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, device="meta")
+        self.layers = nn.ModuleList(Block(cfg, i, fuse, qkv_bias, o_bias) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device="meta")
+        self.output = _meta_linear(cfg.dim, cfg.vocab_size, False)
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+        self.decode_kernels = False
+        self.decode_pdl = False
+        self.decode_rope = False
+
+    def allocate(self, max_batch_size: int, max_seq_len: int) -> LlamaDecoder:
+        """Allocate the KV caches (``max_seq_len`` rounded up to ``CACHE_ALIGN``) and the RoPE tables."""
+        ref = self.tok_embeddings.weight
+        if ref.is_meta:
+            raise InputError("allocate() needs the weights in place first (from_hf / from_meta)")
+        device, dtype = ref.device, ref.dtype
+        cfg = self.config
+        seq = round_cache_len(max_seq_len)
+        self.max_batch_size, self.max_seq_len = max_batch_size, seq
+        for layer in self.layers:
+            layer.attention.kv_cache = RowKVCache(max_batch_size, seq, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+        cos, sin = rope_tables(cfg.head_dim, seq, cfg.rope_theta, cfg.rope_scaling, cfg.rope_layout, device)
+        if cfg.rope_layout == "half":  # HF casts the tables to the activations' dtype before rotating
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("slot_index", torch.arange(seq, device=device), persistent=False)
+        return self
+
+    def reset(self) -> None:
+        """Nothing to rewind: positions come with every call and stale slots are masked (no reallocation)."""
+
+    def _mask(self, input_pos: torch.Tensor, window: int | None, dtype: torch.dtype,
+              kv_len: int | None = None) -> torch.Tensor:
+        """Additive ``(B, 1, n_rep * T, S)`` mask: 0 where ``k_pos <= q_pos`` (and inside the window), else -inf."""
+        q_pos = input_pos.unsqueeze(-1)
+        slots = self.slot_index if kv_len is None else self.slot_index[:kv_len]
+        allowed = slots <= q_pos
+        if window is not None:
+            allowed = allowed & (slots > q_pos - window)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill(~allowed, float("-inf"))
+        bsz, seqlen, slots = bias.shape
+        n_rep = self.config.n_rep
+        return bias[:, None, None].expand(bsz, 1, n_rep, seqlen, slots).reshape(bsz, 1, n_rep * seqlen, slots)
+
+    def step(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_index: torch.Tensor | None = None,
+             kv_len: int | None = None) -> torch.Tensor:
+        """Logits ``(B, T, V)`` (model dtype) of ``tokens`` at ``input_pos`` (both ``(B, T)``).
+
+        ``logits_index`` (``(B,)``): return only that column per row, ``(B, 1, V)``.
+        ``kv_len`` (a static int, one graph per value): attend to the first ``kv_len`` slots only;
+        every position must be below it. Decode compiled per length bucket reads a short
+        prefix of a long cache instead of all of it.
+        """
+        h = self.tok_embeddings(tokens)
+        kernels = bool(self.decode_kernels) and tokens.shape[0] * tokens.shape[1] == 1  # GEMVs: one row
+        fuse_linears = self.decode_kernels == "all"
+        masks: dict[int | None, torch.Tensor] = {}
+        tables = cos = sin = None
+        if kernels and self.decode_rope:  # the RoPE kernel indexes the whole tables itself
+            tables = (self.rope_cos, self.rope_sin)
+        else:
+            cos, sin = self.rope_cos[input_pos].unsqueeze(2), self.rope_sin[input_pos].unsqueeze(2)
+        for layer in self.layers:
+            if kernels:
+                h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears, self.decode_pdl, tables)
+                continue
+            window = layer.attention.window
+            if window not in masks:
+                masks[window] = self._mask(input_pos, window, h.dtype, kv_len)
+            h = layer(h, input_pos, cos, sin, masks[window], kv_len)
+        if logits_index is not None:
+            h = h.gather(1, logits_index.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
+        if kernels and fuse_linears:
+            return fused_linear(h, self.output.weight, norm_weight=self.norm.weight, eps=self.norm.eps,
+                                pdl=self.decode_pdl)
+        return self.output(self.norm(h))
+
+    def use_decode_kernels(self, enabled: bool = True, fuse_linears: bool = True,
+                           pdl: bool = True, rope_kernel: bool = True) -> LlamaDecoder:
+        """Run batch-1 decode steps through ``Block.decode_fused`` (seven kernels a layer); needs ``fuse=True``.
+
+        ``fuse_linears=False``: the split-KV attention kernel only. Prefill and larger
+        batches (GEMMs, where cuBLAS wins) keep the standard path. Compiled graphs made before the switch keep what they traced.
+        ``pdl``: launch every kernel of the layer (GEMVs, RoPE, attention) with programmatic
+        dependent launch where the device has it (sm_90+, ``kernels.pdl_supported``); elsewhere
+        it has no effect. Same arithmetic; a step 3.734 -> 3.560 ms on an H200
+        (``benchmarks/bench_step.py``, docs/benchmarks.md), so it is on by default.
+        ``rope_kernel``: RoPE and the cache write as one kernel (``rope_kernel.rope_cache``)
+        instead of Inductor's three; with ``fuse_linears`` only.
+        """
+        if enabled and not self.fused:
+            raise InputError("the decode kernels need the fused q/k/v and gate/up layout",
+                             hint="build the decoder with fuse=True")
+        self.decode_kernels: str | bool = ("all" if fuse_linears else "attention") if enabled else False
+        self.decode_pdl = bool(enabled and fuse_linears and pdl and pdl_supported(self.output.weight.device))
+        self.decode_rope = bool(enabled and fuse_linears and rope_kernel)
+        return self
+
+    forward = step
+
+    def weight_bytes(self, read_per_token: bool = True) -> int:
+        """Bytes of the parameters; ``read_per_token``: without the embedding table (a step reads B rows of it)."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())
+        emb = self.tok_embeddings.weight
+        if read_per_token and emb is not self.output.weight:
+            total -= emb.numel() * emb.element_size()
+        return total
+
+    def kv_bytes(self, batch: int, kv_len: int | None = None) -> int:
+        """Bytes of K and V a step over ``batch`` rows reads: ``kv_len`` slots (default the whole cache)."""
+        cfg = self.config
+        slots = kv_len or self.max_seq_len
+        itemsize = self.layers[0].attention.kv_cache.k_cache.element_size()
+        return 2 * batch * cfg.n_kv_heads * slots * cfg.head_dim * itemsize * cfg.n_layers
+
+
+# ---------------------------------------------------------------------------
+# Moving parameters in
+# ---------------------------------------------------------------------------
+
+
+def _take(module: nn.Module, name: str, share: bool) -> nn.Parameter | None:
+    """``module.<name>`` as a Parameter; unless ``share``, leave a meta placeholder behind (the memory moves)."""
+    p = getattr(module, name, None)
+    if p is None:
+        return None
+    if not isinstance(p, nn.Parameter):
+        p = nn.Parameter(p, requires_grad=False)
+    p.requires_grad_(False)
+    if not share:
+        setattr(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+    return p
+
+
+def _put(target: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None = None) -> None:
+    target.weight = weight
+    if bias is not None:
+        target.bias = bias
+
+
+def _fuse_into(target: nn.Linear, sources: list[nn.Module], share: bool) -> None:
+    """``target`` gets ``cat(source weights)`` (a copy). The sources then hold views of it (``share``) or nothing."""
+    weights = [_take(s, "weight", True) for s in sources]
+    biases = [_take(s, "bias", True) for s in sources]
+    sizes = [w.shape[0] for w in weights]
+    fused_w = nn.Parameter(torch.cat([w.detach() for w in weights]), requires_grad=False)
+    fused_b = None
+    if biases[0] is not None:
+        fused_b = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+    del weights, biases
+    _put(target, fused_w, fused_b)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for src, off, n in zip(sources, offsets, sizes):
+        if share:  # the source keeps working, on a view of the fused storage (no extra memory)
+            src.weight = nn.Parameter(fused_w.detach()[off:off + n], requires_grad=False)
+            if fused_b is not None:
+                src.bias = nn.Parameter(fused_b.detach()[off:off + n], requires_grad=False)
+        else:
+            src.weight = nn.Parameter(torch.empty(n, fused_w.shape[1], device="meta"), requires_grad=False)
+            if fused_b is not None:
+                src.bias = nn.Parameter(torch.empty(n, device="meta"), requires_grad=False)
+
+
+def _move_linear(target: nn.Linear, source: nn.Module, share: bool) -> None:
+    _put(target, _take(source, "weight", share), _take(source, "bias", share))
+
+
+def _move_block(block: Block, q, k, v, o, gate, up, down, attn_norm, ffn_norm, share: bool) -> None:
+    """Move one layer's projections (fused or not, as ``block`` was built) and norm weights into ``block``."""
+    if block.attention.fused:
+        _fuse_into(block.attention.wqkv, [q, k, v], share)
+        _fuse_into(block.feed_forward.w13, [gate, up], share)
+    else:
+        for mine, theirs in ((block.attention.wq, q), (block.attention.wk, k), (block.attention.wv, v),
+                             (block.feed_forward.w1, gate), (block.feed_forward.w3, up)):
+            _move_linear(mine, theirs, share)
+    _move_linear(block.attention.wo, o, share)
+    _move_linear(block.feed_forward.w2, down, share)
+    block.attention_norm.weight = _take(attn_norm, "weight", share)
+    block.ffn_norm.weight = _take(ffn_norm, "weight", share)
+
+
+def from_hf(model: nn.Module, max_batch_size: int = 1, max_seq_len: int | None = None, *, fuse: bool = True,
+            share: bool = False) -> LlamaDecoder:
+    """A ``LlamaDecoder`` holding ``model``'s parameters (HF ``LlamaForCausalLM``, Mistral, Qwen2).
+
+    The parameters are moved: without ``share`` the HF model is left holding meta-device
+    placeholders (unusable, no memory); with ``share`` it keeps working on the same
+    storage (fused weights become views of the fused tensors), which is how the
+    benchmark runs HF and graphfix on the same weights. ``max_seq_len`` defaults to
+    the config's ``max_position_embeddings``; it is rounded up to ``CACHE_ALIGN``.
+    """
+    cfg = DecoderConfig.from_hf(model.config)
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(f"{type(model).__name__}: expected model.model.layers and model.lm_head")
+    attn0 = inner.layers[0].self_attn
+    dec = LlamaDecoder(cfg, fuse=fuse, qkv_bias=attn0.q_proj.bias is not None, o_bias=attn0.o_proj.bias is not None)
+    tied = model.lm_head.weight is inner.embed_tokens.weight
+    dec.tok_embeddings.weight = _take(inner.embed_tokens, "weight", share or tied)
+    for block, hf in zip(dec.layers, inner.layers):
+        a, m = hf.self_attn, hf.mlp
+        _move_block(block, a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj,
+                    hf.input_layernorm, hf.post_attention_layernorm, share)
+    dec.norm.weight = _take(inner.norm, "weight", share)
+    if tied:
+        dec.output.weight = dec.tok_embeddings.weight
+        if not share:
+            placeholder = nn.Parameter(torch.empty_like(dec.output.weight, device="meta"), requires_grad=False)
+            inner.embed_tokens.weight = placeholder
+            model.lm_head.weight = placeholder
+    else:
+        dec.output.weight = _take(model.lm_head, "weight", share)
+    seq = max_seq_len or getattr(model.config, "max_position_embeddings", 2048)
+    return dec.eval().allocate(max_batch_size, seq)
+
+
+def from_meta(model: nn.Module, max_batch_size: int | None = None, max_seq_len: int | None = None, *,
+              fuse: bool = True, share: bool = False) -> LlamaDecoder:
+    """A ``LlamaDecoder`` holding the parameters of Meta's ``Transformer`` (model parallel of size 1).
+
+    Works on the original or on the model rewritten by the passes (the projections are
+    the same modules either way). RoPE stays in Meta's interleaved layout.
+    """
+    params = model.params
+    layers = list(model.layers)
+    ffn0 = layers[0].feed_forward
+    cfg = DecoderConfig.from_meta_args(params, intermediate_size=ffn0.w1.weight.shape[0])
+    wq = layers[0].attention.wq.weight
+    if tuple(wq.shape) != (cfg.n_heads * cfg.head_dim, cfg.dim) or \
+            tuple(model.tok_embeddings.weight.shape) != (cfg.vocab_size, cfg.dim):
+        raise UnsupportedModelError("the Meta model holds model-parallel shards; from_meta needs world size 1",
+                                    hint="merge the shards with graphfix convert, or load at world size 1")
+    dec = LlamaDecoder(cfg, fuse=fuse)
+    dec.tok_embeddings.weight = _take(model.tok_embeddings, "weight", share)
+    for block, meta in zip(dec.layers, layers):
+        a, f = meta.attention, meta.feed_forward
+        _move_block(block, a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2, meta.attention_norm, meta.ffn_norm, share)
+    dec.norm.weight = _take(model.norm, "weight", share)
+    dec.output.weight = _take(model.output, "weight", share)
+    return dec.eval().allocate(max_batch_size or params.max_batch_size, max_seq_len or params.max_seq_len)

@@ -1,0 +1,391 @@
+"""``verify``: check an optimized model against the original's outputs, with no break and no recompile.
+
+The reference is recorded by ``optimize`` *before* it rewrites anything: the original
+model, eager, runs a prefill and ``decode_steps`` greedy decode steps through its own
+calling convention (HF ``generate``, Meta ``forward(tokens, start_pos)``), and the
+last-position logits of every call and the greedy tokens are kept. ``verify`` then runs
+the optimized model the same way and checks:
+
+1. it compiles with ``fullgraph=True`` (a graph break raises, and is reported);
+2. decode steps 2..N run under ``torch.compiler.set_stance("fail_on_recompile")`` and a
+   second run (the same prompt, timed) and a prompt of another length run entirely under
+   it: any recompile is reported with its guard;
+3. parity: the greedy tokens are identical, and the logits of every step up to the first
+   differing token are within ``tolerance`` of the reference, measured as the largest
+   absolute difference divided by the largest absolute reference logit. Float32 must
+   match exactly in tokens and to 1e-4 in logits; in bfloat16/float16 the error and the
+   greedy match are reported and only the logit tolerance (looser) decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphfix.diagnose.dispatch_state import compile_failure_contained
+from graphfix.errors import GraphfixError, InputError
+
+SCHEMA = "graphfix.verify"
+SCHEMA_VERSION = 1
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+"""Default parity tolerance by model dtype: max |logit error| / max |reference logit|."""
+
+Progress = Callable[[str], None]
+
+
+class VerificationError(GraphfixError):
+    """Verification failed and ``strict=True`` was asked for (CLI exit code 1)."""
+
+    exit_code = 1
+
+
+@dataclasses.dataclass
+class Trace:
+    """What one greedy run produced: the tokens and each call's last-position logits."""
+
+    prompt: torch.Tensor
+    tokens: torch.Tensor
+    """``(batch, steps + 1)``: the prefill's greedy token, then one per decode step."""
+    logits: torch.Tensor
+    """``(steps + 1, batch, vocab)`` float32 on CPU."""
+    seconds: float
+
+    @property
+    def steps(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens.numel() / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class ParityResult:
+    """The optimized model's logits and greedy tokens against the original's."""
+
+    max_abs_error: float
+    logit_scale: float
+    tolerance: float
+    greedy_match: int
+    """Leading greedy tokens identical to the reference's (all rows of the batch)."""
+    greedy_steps: int
+    compared_steps: int
+    """Steps whose logits were compared: all, or up to and including the first differing token."""
+    dtype: str
+    tokens_required: bool = True
+    """Float32: identical tokens are required. Lower precision: reported only."""
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_abs_error / self.logit_scale if self.logit_scale > 0 else self.max_abs_error
+
+    @property
+    def tokens_match(self) -> bool:
+        return self.greedy_match == self.greedy_steps
+
+    @property
+    def passed(self) -> bool:
+        return self.relative_error <= self.tolerance and (self.tokens_match or not self.tokens_required)
+
+    def describe(self) -> str:
+        return (f"max |logit error| {self.max_abs_error:.3g} = {self.relative_error:.2e} of the logit scale "
+                f"{self.logit_scale:.3g} (tolerance {self.tolerance:.0e}); greedy tokens {self.greedy_match}/"
+                f"{self.greedy_steps} identical")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(relative_error=self.relative_error, tokens_match=self.tokens_match, passed=self.passed)
+        return data
+
+
+def compare(reference: Trace, output: Trace, tolerance: float, dtype: torch.dtype) -> ParityResult:
+    """Parity of ``output`` against ``reference`` (see the module docstring)."""
+    steps = min(reference.steps, output.steps)
+    same = (reference.tokens[:, :steps] == output.tokens[:, :steps]).all(dim=0).tolist()
+    match = next((i for i, ok in enumerate(same) if not ok), steps)
+    compared = min(match + 1, steps)
+    ref, out = reference.logits[:compared], output.logits[:compared]
+    return ParityResult(
+        max_abs_error=float((ref - out).abs().max()) if compared else 0.0,
+        logit_scale=float(ref.abs().max()) if compared else 0.0,
+        tolerance=tolerance,
+        greedy_match=match,
+        greedy_steps=reference.steps,
+        compared_steps=compared,
+        dtype=str(dtype).replace("torch.", ""),
+        tokens_required=dtype in (torch.float32, torch.float64),
+    )
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCE.get(dtype, 3e-2)
+
+
+# ---------------------------------------------------------------------------
+# Runners: drive a model through its own calling convention
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No transformers warnings and logs while graphfix drives the model itself."""
+    hf_logger = logging.getLogger("transformers")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="transformers")
+            yield
+    finally:
+        hf_logger.setLevel(level)
+
+
+class HFRunner:
+    """``model.generate(prompt, max_new_tokens=steps + 1, do_sample=False)``, logits kept."""
+
+    kind = "hf"
+
+    def run(self, model: nn.Module, prompt: torch.Tensor, steps: int, *, enforce: str | None = None) -> Trace:
+        """``enforce``: ``"decode"`` fails on a recompile from decode step 2, ``"all"`` on any."""
+        from graphfix.optimize.hf_runtime import runtime_of
+
+        rt = runtime_of(model)
+        config = model.generation_config
+        eos = config.eos_token_id
+        new = steps + 1
+        first_eos = eos[0] if isinstance(eos, list) and eos else eos
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": new, "do_sample": False, "output_logits": True, "return_dict_in_generate": True,
+            "temperature": None, "top_p": None, "top_k": None,
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else first_eos or 0,
+        }
+        if eos is not None:
+            kwargs["min_new_tokens"] = new  # the same number of steps whatever the tokens
+        guard = rt.enforce(prefill=enforce == "all") if rt is not None and enforce else contextlib.nullcontext()
+        with quiet(), guard, torch.no_grad():
+            started = time.perf_counter()
+            out = model.generate(prompt, **kwargs)
+            seconds = time.perf_counter() - started
+        tokens = out.sequences[:, prompt.shape[1]:]
+        logits = torch.stack([x.detach().float().cpu() for x in out.logits])
+        return Trace(prompt, tokens.cpu(), logits, seconds)
+
+
+class StartPosRunner:
+    """Meta's convention: ``model.forward(tokens, start_pos)`` with the cache kept in the model."""
+
+    kind = "meta"
+
+    def run(self, model: nn.Module, prompt: torch.Tensor, steps: int, *, enforce: str | None = None) -> Trace:
+        tokens, logits = [], []
+        started = time.perf_counter()
+        with torch.no_grad():
+            with torch.compiler.set_stance("fail_on_recompile") if enforce == "all" else contextlib.nullcontext():
+                out = model.forward(prompt, 0)
+            pos = prompt.shape[1]
+            for step in range(steps + 1):
+                last = out[:, -1].float()
+                logits.append(last.detach().cpu().clone())
+                token = last.argmax(-1, keepdim=True)
+                tokens.append(token.cpu())
+                if step == steps:
+                    break
+                strict = enforce == "all" or (enforce == "decode" and step + 1 >= 2)
+                with torch.compiler.set_stance("fail_on_recompile") if strict else contextlib.nullcontext():
+                    out = model.forward(token, pos)
+                pos += 1
+        seconds = time.perf_counter() - started
+        return Trace(prompt, torch.cat(tokens, dim=1), torch.stack(logits), seconds)
+
+
+def runner_for(kind: str) -> HFRunner | StartPosRunner:
+    return HFRunner() if kind == "hf" else StartPosRunner()
+
+
+# ---------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """Compile cleanliness, recompiles and parity of an optimized model."""
+
+    ok: bool
+    failures: list[str] = dataclasses.field(default_factory=list)
+    compiled: bool = True
+    graphs: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Graphs compiled per callable (``prefill``, ``decode`` or ``forward``) since the last Dynamo reset.
+    Expected: one each for ``prefill`` and ``decode``; two (prefill, decode) for a single ``forward``."""
+    graph_breaks: int = 0
+    recompiles: int = 0
+    compile_failures: int = 0
+    parity: ParityResult | None = None
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    strict_decode_steps: int = 0
+    """Decode steps run under ``fail_on_recompile`` (steps 2..N of the first run, all of the later runs)."""
+    tokens_per_second: float | None = None
+    reference_tokens_per_second: float | None = None
+    eager_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def total_graphs(self) -> int:
+        return sum(self.graphs.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["parity"] = self.parity.to_dict() if self.parity else None
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **data}
+
+    def describe(self) -> str:
+        if self.ok:
+            return (f"verified: {self.total_graphs} graphs, no break, no recompile over a prefill and "
+                    f"{self.decode_steps} decode steps; {self.parity.describe() if self.parity else 'no parity check'}")
+        return "verification failed: " + "; ".join(self.failures)
+
+
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def classify_failure(exc: BaseException) -> tuple[str, str]:
+    """``(kind, one-line message)`` for an error raised while running the compiled model."""
+    text = str(exc)
+    if "fail_on_recompile" in text or "Detected recompile" in text:
+        guard = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("-")), _first_line(exc))
+        return "recompile", f"recompiled: {guard.lstrip('- ').strip()}"
+    if isinstance(exc, torch._dynamo.exc.Unsupported):
+        return "graph_break", f"graph break under fullgraph=True: {_first_line(exc)}"
+    if isinstance(exc, torch._dynamo.exc.TorchDynamoException):
+        return "compile_failure", f"compile failed: {type(exc).__name__}: {_first_line(exc)}"
+    return "error", f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def verify(model_or_result: Any, *, decode_steps: int | None = None, tolerance: float | None = None,
+           measure_speed: bool = True, other_prompt_length: bool = True, strict: bool = False,
+           progress: Progress | None = None) -> VerifyResult:
+    """Verify a model returned by ``graphfix.optimize`` (or its ``OptimizeResult``).
+
+    ``decode_steps`` defaults to the reference ``optimize`` recorded (and cannot exceed it:
+    the original model is gone). ``strict`` raises ``VerificationError`` on failure.
+    """
+    model = getattr(model_or_result, "model", model_or_result)
+    state = getattr(model, "__dict__", {}).get("graphfix_optimized") if isinstance(model, nn.Module) else None
+    if state is None:
+        raise InputError("this model was not optimized by graphfix, so there is no reference to verify against",
+                         hint="call graphfix.optimize(model) (it verifies by default) and pass its result")
+    result = run_verification(state, decode_steps=decode_steps, tolerance=tolerance, measure_speed=measure_speed,
+                              other_prompt_length=other_prompt_length, progress=progress)
+    if strict and not result.ok:
+        raise VerificationError(result.describe())
+    return result
+
+
+def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: float | None = None,
+                     measure_speed: bool = True, other_prompt_length: bool = True,
+                     progress: Progress | None = None, earlier: Sequence[BaseException] = ()) -> VerifyResult:
+    """The checks of ``verify`` on an ``OptimizedState`` (see ``graphfix.optimize``)."""
+    say = progress or (lambda _msg: None)
+    reference: Trace = state.reference
+    steps = reference.steps - 1 if decode_steps is None else decode_steps
+    if steps < 1 or steps > reference.steps - 1:
+        raise InputError(f"decode_steps must be between 1 and {reference.steps - 1} (the reference optimize recorded)",
+                         hint="optimize with a larger decode_steps to verify longer")
+    reference = dataclasses.replace(reference, tokens=reference.tokens[:, : steps + 1],
+                                    logits=reference.logits[: steps + 1])
+    model, runner = state.model, runner_for(state.kind)
+    result = VerifyResult(ok=False, compiled=state.compiled, prefill_tokens=reference.prompt.shape[1],
+                          decode_steps=steps, reference_tokens_per_second=state.reference.tokens_per_second)
+    started = time.perf_counter()
+    eager_before = dict(state.eager_calls())
+    variants_before = len(state.new_variants_enforced())
+
+    def record(label: str, exc: BaseException) -> None:
+        kind, message = classify_failure(exc)
+        if kind == "graph_break":
+            result.graph_breaks += 1
+        elif kind == "recompile":
+            result.recompiles += 1
+        elif kind == "compile_failure":
+            result.compile_failures += 1
+        result.failures.append(f"{label}: {message}")
+
+    def attempt(label: str, fn: Callable[[], Trace]) -> Trace | None:
+        try:
+            with compile_failure_contained():
+                return fn()
+        except Exception as exc:  # noqa: BLE001 - a break, a recompile, a compile error: all are findings
+            record(label, exc)
+            return None
+
+    for exc in earlier:  # the compiled path failed before (optimize's warm-up) and was switched off
+        record("compiling (warm-up)", exc)
+
+    enforce = "decode" if state.compiled else None
+    say(f"verify: prefill of {reference.prompt.shape[1]} tokens + {steps} decode steps"
+        + (" (decode steps 2.. under fail_on_recompile)" if state.compiled else ""))
+    output = attempt("run 1", lambda: runner.run(model, reference.prompt, steps, enforce=enforce))
+    if output is not None:
+        result.strict_decode_steps += max(0, steps - 1) if state.compiled else 0
+        tol = default_tolerance(state.dtype) if tolerance is None else tolerance
+        result.parity = compare(reference, output, tol, state.dtype)
+        if not result.parity.passed:
+            result.failures.append(f"parity: {result.parity.describe()}")
+        if measure_speed and not result.failures:
+            say("verify: the same run again, timed, everything under fail_on_recompile")
+            again = attempt("run 2 (timed)", lambda: runner.run(model, reference.prompt, steps,
+                                                                 enforce="all" if state.compiled else None))
+            if again is not None:
+                result.tokens_per_second = again.tokens_per_second
+                result.strict_decode_steps += steps if state.compiled else 0
+                if not torch.equal(again.tokens, output.tokens):
+                    result.failures.append("run 2 gave other tokens than run 1 (state left over between runs?)")
+        if other_prompt_length and state.compiled and not result.failures:
+            other = _other_prompt(state)
+            if other is not None:
+                say(f"verify: a prompt of {other.shape[1]} tokens + 2 decode steps, under fail_on_recompile")
+                attempt("prompt of another length", lambda: runner.run(model, other, 2, enforce="all"))
+    result.graphs = state.graphs()
+    result.recompiles += state.recompiles()
+    for variant in state.new_variants_enforced()[variants_before:]:
+        result.failures.append(f"compiled a new call signature while checking for recompiles: {variant}")
+    eager_after = state.eager_calls()
+    result.eager_calls = {k: v - eager_before.get(k, 0) for k, v in eager_after.items() if v > eager_before.get(k, 0)}
+    if state.compiled and result.eager_calls:
+        from graphfix.optimize.hf_runtime import FALLBACK_REASONS
+
+        for reason, n in result.eager_calls.items():
+            result.failures.append(f"{n} call(s) ran uncompiled: {FALLBACK_REASONS.get(reason, reason)}")
+    if state.compiled and result.recompiles and not any("recompile" in f for f in result.failures):
+        result.failures.append(f"{result.recompiles} recompile(s): graphs per callable {result.graphs}")
+    result.ok = not result.failures
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _other_prompt(state: Any) -> torch.Tensor | None:
+    """A prompt 3 tokens longer (or shorter when that does not fit), to show prefill does not recompile."""
+    from graphfix.diagnose.drivers import prompt_tokens
+
+    prompt = state.reference.prompt
+    length = prompt.shape[1] + 3
+    if length + 3 > state.max_seq_len:
+        length = prompt.shape[1] - 3
+    if length < 2:
+        return None
+    return prompt_tokens(state.model, length, prompt.shape[0], seed=1).to(prompt.device)
