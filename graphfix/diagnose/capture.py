@@ -165,9 +165,8 @@ _INTERNAL = (
     os.sep + os.path.join("torch", "nn", "modules", "module.py"),
     os.sep + os.path.join("torch", "utils", "_contextlib.py"),
     os.sep + os.path.join("torch", "_dynamo", "external_utils.py"),
-    os.sep + "graphfix" + os.sep + "capture.py",
-    os.sep + "graphfix" + os.sep + "drivers.py",
-    os.sep + "graphfix" + os.sep + "diagnose.py",
+    os.sep + os.path.join("graphfix", "diagnose") + os.sep,
+    os.sep + os.path.join("graphfix", "optimize") + os.sep,
 )
 
 
