@@ -264,6 +264,8 @@ def capture_dynamo() -> Iterator[Capture]:
     for h in torch_handlers:
         dynamo_logger.removeHandler(h)
     dynamo_logger.propagate = False
+    disabled = logging.root.manager.disable
+    logging.disable(logging.NOTSET)  # an application's logging.disable(...) must not hide Dynamo's events from graphfix
     dedup = getattr(torch._dynamo.utils, "graph_break_dup_warning_checker", None)
     if dedup is not None:
         # Dynamo prints a repeated break once; graphfix counts every occurrence and needs each stack.
@@ -281,4 +283,5 @@ def capture_dynamo() -> Iterator[Capture]:
         if dedup is not None:
             del dedup.add
         torch._logging.set_logs()
+        logging.disable(disabled)
         torch._dynamo.reset()

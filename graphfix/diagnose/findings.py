@@ -43,7 +43,7 @@ class Category(str, enum.Enum):
     INT_ATTRIBUTE = "int_module_attribute"
     """A recompile on an integer attribute of a module (Dynamo specialises them: one graph per value)."""
     DTYPE_RECOMPILE = "dtype_recompile"
-    """A recompile because an input changed dtype (int32 vs int64 positions)."""
+    """A recompile because an input changed dtype (int32 vs int64 positions) or kind (an inference tensor)."""
     SHAPE_REUSE = "function_reused_at_other_shapes"
     """A recompile of a frame compiled on its own (after a graph break) and called with other shapes."""
     NOT_COMPILED = "not_compiled"

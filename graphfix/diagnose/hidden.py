@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import copy
 import functools
+import os
 from collections.abc import Callable
 
 from torch import nn
@@ -56,7 +57,7 @@ def find_hidden_breaks(model: nn.Module, driver: object, report: Report, diagnos
             report.notes.append(f"hidden-break search stopped: the copy with {', '.join(names)} failed to run "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
             return
-        new = [f for f in found.findings if f.key() not in seen]
+        new = [f for f in found.findings if f.key() not in seen and not _in_graphfix(f)]
         for finding in new:
             finding.hidden_behind = _anchor(finding, previous)
             report.findings.append(finding)
@@ -64,6 +65,15 @@ def find_hidden_breaks(model: nn.Module, driver: object, report: Report, diagnos
         report.notes.append(f"hidden-break search: {len(new)} finding(s) more with {', '.join(names)} applied "
                             "to a copy")
         previous = [f for f in new if f.kind in (Kind.GRAPH_BREAK, Kind.COMPILE_FAILURE)]
+
+
+def _in_graphfix(finding: Finding) -> bool:
+    """A finding in graphfix's own blocks (its compiled core's prefill-to-decode recompile, say): the front door
+    that optimize installs handles it, so it is not the user's to fix."""
+    import graphfix
+
+    root = os.path.dirname(os.path.abspath(graphfix.__file__)) + os.sep
+    return bool(finding.location) and os.path.abspath(finding.location.file).startswith(root)
 
 
 def _anchor(finding: Finding, previous: list[Finding]) -> str:

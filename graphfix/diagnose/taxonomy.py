@@ -8,6 +8,7 @@ guard. The first rule that matches wins, so specific causes (fairscale's
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 
@@ -30,13 +31,23 @@ def _inner(stack: list[Location]) -> list[Location]:
     return stack[-1:]
 
 
+def _head(text: str) -> str:
+    """The break type and the reason's first lines, without the user traceback (whose source lines name
+    whatever the surrounding frames call, e.g. an ``sdp_kernel`` context around a collective)."""
+    return text.split("User code traceback:", 1)[0].split("from user code:", 1)[0]
+
+
+_LOGGING_FILES = (os.sep + os.path.join("logging", "__init__.py"), os.sep + "warnings.py")
+
+
 _RULES: list[tuple[Category, Rule]] = [
-    (Category.SDPA_CONTEXT_MANAGER, lambda t, s: _in_stack(_inner(s), "sdp_kernel") or "sdp_kernel" in t),
-    (Category.INFERENCE_MODE, lambda t, s: _text_has(t, "inference tensor", "inference_mode", "version_counter")),
     (
         Category.AUTOGRAD_FUNCTION_CTX,
-        lambda t, s: _text_has(t, "autograd.function context", "mark_dirty", "mark_non_differentiable"),
+        lambda t, s: _text_has(_head(t), "autograd.function context", "mark_dirty", "mark_non_differentiable"),
     ),
+    (Category.SDPA_CONTEXT_MANAGER, lambda t, s: _in_stack(_inner(s), "sdp_kernel") or "sdp_kernel" in _head(t)),
+    (Category.INFERENCE_MODE, lambda t, s: _text_has(t, "inference tensor", "inference_mode", "version_counter")),
+    (Category.PYTHON_SIDE_EFFECT, lambda t, s: any(f.file.endswith(_LOGGING_FILES) for f in s)),
     (
         Category.COLLECTIVE,
         lambda t, s: _text_has(t, "distributed collective", "async_op", "c10d", "processgroup")
@@ -94,7 +105,8 @@ def classify_recompile(guard: str, phase: str = "", nested: bool = False, prefil
 
     - an integer attribute of a module (Dynamo specialises them: one graph per value) is its own
       category, whatever it is named;
-    - a dtype change of an input (int32 positions in decode, int64 in prefill) is another;
+    - a dtype change of an input (int32 positions in decode, int64 in prefill), or a change of its
+      kind (an inference tensor after a normal one: dispatch keys) is another;
     - a shape change of a frame compiled on its own (``nested``: not the forward graphfix compiled,
       but a frame after a graph break), called again with other shapes *within* a phase, is a
       function reused at other shapes (the prompt length becoming one token is the phase change);
@@ -103,7 +115,7 @@ def classify_recompile(guard: str, phase: str = "", nested: bool = False, prefil
     text = guard.split("#")[0].strip()
     if _INT_ATTRIBUTE_GUARD.match(text) or "integer attributes of the nn.Module" in guard:
         return Category.INT_ATTRIBUTE
-    if "dtype mismatch" in guard:
+    if "dtype mismatch" in guard or "dispatch key set mismatch" in guard:
         return Category.DTYPE_RECOMPILE
     shape = "size mismatch" in guard or "stride mismatch" in guard
     if nested and shape and not (phase.startswith("decode") and is_prefill_to_decode(guard, prefill_tokens)):
@@ -128,7 +140,8 @@ SUGGESTIONS: dict[Category, str] = {
     Category.RECOMPILE_LIMIT: "remove the source of recompiles; the frame now runs uncompiled",
     Category.INT_ATTRIBUTE: ("an int attribute of a module changes between calls: compile with it dynamic "
                              "(allow_unspec_int_on_nn_module), one compiled callable per phase"),
-    Category.DTYPE_RECOMPILE: "an input changes dtype between calls: one compiled callable per phase, or one dtype",
+    Category.DTYPE_RECOMPILE: ("an input changes dtype (or becomes an inference tensor) between calls: one compiled "
+                               "callable per phase, or one dtype and one kind of tensor"),
     Category.SHAPE_REUSE: ("a frame compiled on its own (after a graph break) is called with other shapes: remove the "
                            "break above it so that it is inlined, or mark the dimension dynamic"),
     Category.NOT_COMPILED: ("make the loop call the model it is given (model(...) or model.forward(...)); a loop "
