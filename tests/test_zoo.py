@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,12 @@ def test_research_model_marks_every_construct_where_it_is():
         text = "\n".join(lines[n - 1] for n in found[construct])
         missing = [s for s in snippets if s not in text]
         assert not missing, f"{construct}: {missing} not on its marked lines {found[construct]}"
+
+
+def test_zoo_readme_lists_the_research_constructs_at_their_lines():
+    readme = (Path(zoo.__file__).parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z-]+)` \| ([\d, ]+) \|", readme, flags=re.MULTILINE))
+    assert {name: [int(n) for n in lines.split(",")] for name, lines in rows.items()} == research_style.construct_lines()
 
 
 def test_parse_groups_multiline_records_and_strips_guard_comments():
