@@ -16,6 +16,9 @@ from torch import nn
 PROMPT_IDS: tuple[int, ...] = (5, 17, 99, 3, 42)
 """The fixed prompt every zoo loop starts from (ids below the smallest zoo vocabulary, 128)."""
 
+PROMPT = torch.tensor([PROMPT_IDS], dtype=torch.int64)
+"""``PROMPT_IDS`` as a batch of one, ``(1, T)``: what most loops feed their model."""
+
 
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
     """Fill every parameter of ``model`` in place from a generator seeded with ``seed``; returns ``model``.

@@ -13,10 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from tests.zoo._common import PROMPT_IDS, randomize_
-
-PROMPT = torch.tensor([PROMPT_IDS], dtype=torch.int64)
-"""A batch of one prompt, ``(1, T)``."""
+from tests.zoo._common import PROMPT, randomize_
 
 MAX_SEQ_LEN = 128
 """``max_expected_seq_len`` of the config (the RoPE table) and ``generate``'s ``max_seq_len``."""

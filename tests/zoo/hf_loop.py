@@ -17,10 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from tests.fixtures.tiny_hf import tiny_hf
-from tests.zoo._common import PROMPT_IDS, randomize_
-
-PROMPT = torch.tensor([PROMPT_IDS], dtype=torch.int64)
-"""A batch of one prompt, ``(1, T)``."""
+from tests.zoo._common import PROMPT, randomize_
 
 
 def build_llama(seed: int = 0) -> torch.nn.Module:

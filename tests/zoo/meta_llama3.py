@@ -19,10 +19,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from tests.zoo._common import PROMPT_IDS
-
-PROMPT = torch.tensor([PROMPT_IDS], dtype=torch.int64)
-"""The prompt as a ``(1, T)`` batch; ``Llama3.generate`` takes it as a token list (``PROMPT_IDS``)."""
+from tests.zoo._common import PROMPT
 
 
 class IdsTokenizer:
@@ -81,7 +78,7 @@ def loop(model: torch.nn.Module, steps: int = 32) -> torch.Tensor:
 
     generation = import_generation()
     llama = generation.Llama3(model, IdsTokenizer(model.params.vocab_size), model.params)
-    steps_out = llama.generate([LLMInput(tokens=list(PROMPT_IDS))], temperature=0, max_gen_len=steps + 1)
+    steps_out = llama.generate([LLMInput(tokens=PROMPT[0].tolist())], temperature=0, max_gen_len=steps + 1)
     tokens = [[result.token for result in step if not result.ignore_token] for step in steps_out]
     return torch.tensor([[t for step in tokens for t in step]], dtype=torch.int64)
 

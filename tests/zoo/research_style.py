@@ -26,10 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.zoo._common import PROMPT_IDS, randomize_
-
-PROMPT = torch.tensor([PROMPT_IDS], dtype=torch.int64)
-"""A batch of one prompt, ``(1, T)``."""
+from tests.zoo._common import PROMPT, randomize_
 
 
 @dataclass
