@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import sysconfig
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -168,6 +169,15 @@ _INTERNAL = (
     os.sep + os.path.join("graphfix", "diagnose") + os.sep,
     os.sep + os.path.join("graphfix", "optimize") + os.sep,
 )
+
+
+_STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"]) + os.sep
+
+
+def is_stdlib(file: str) -> bool:
+    """A file of Python's standard library (not a package installed into site-packages)."""
+    path = os.path.realpath(file)
+    return path.startswith(_STDLIB) and "site-packages" not in path
 
 
 def is_internal(file: str) -> bool:

@@ -74,6 +74,7 @@ def add_breaks(findings: OrderedDict, breaks: list[cap_mod.RawBreak], index: Mod
                 fixes: dict[Category, str], mode: str) -> None:
     for event in breaks:
         category = classify_break(event.gb_type, event.reason, event.stack or [event.location])
+        event.location = _user_site(event.location, event.stack)
         key = (Kind.GRAPH_BREAK, event.location.file, event.location.line, event.gb_type or _first_line(event.reason))
 
         def make(event: cap_mod.RawBreak = event, category: Category = category) -> Finding:
@@ -104,6 +105,13 @@ def add_breaks(findings: OrderedDict, breaks: list[cap_mod.RawBreak], index: Mod
                 if path not in finding.module_paths:
                     finding.module_paths.append(path)
 
+
+def _user_site(location: Location, stack: list[Location]) -> Location:
+    """A break inside the standard library (``logging``, ``warnings``) is reported at the model's line that called it."""
+    if not cap_mod.is_stdlib(location.file):
+        return location
+    callers = [f for f in stack if not cap_mod.is_stdlib(f.file)]
+    return callers[-1] if callers else location
 
 
 def guard_location(guard: str) -> Location | None:

@@ -67,6 +67,7 @@ class CallLog:
         return torch.stack([x.argmax(-1) for x in self.logits], dim=1)
 
 
+@skip_frame  # called from eager routing frames that Dynamo's callback may be active around
 def new_token_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     """How many new tokens a forward call carries: dim 1 of its token-id tensor, if one can be found.
 

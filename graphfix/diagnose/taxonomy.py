@@ -100,6 +100,22 @@ def is_prefill_to_decode(guard: str, prefill_tokens: int | None) -> bool:
     return bool(m) and int(m.group(2)) == 1 and (prefill_tokens is None or int(m.group(1)) == prefill_tokens)
 
 
+def _grows_by_one(guard: str) -> bool:
+    """A size guard that failed because a dimension grew by one token: a cache growing in decode."""
+    m = _SIZE_CHANGE.search(guard)
+    return bool(m) and int(m.group(2)) == int(m.group(1)) + 1
+
+
+def _is_state(text: str) -> bool:
+    """A guard on a module's own tensor attribute (``self.cache_k``): state that grows between calls."""
+    return bool(re.match(r"^tensor '(?:L\['self'\]|self)[.\[]", text))
+
+
+def _is_length_guard(text: str, prefill_tokens: int | None) -> bool:
+    m = re.match(r"^([A-Za-z_]\w*) == (\d+)$", text)
+    return bool(m) and prefill_tokens is not None and int(m.group(2)) == prefill_tokens and m.group(1) != "self"
+
+
 def classify_recompile(guard: str, phase: str = "", nested: bool = False, prefill_tokens: int | None = None) -> Category:
     """The cause of a recompile, from the guard that failed.
 
@@ -118,7 +134,10 @@ def classify_recompile(guard: str, phase: str = "", nested: bool = False, prefil
     if "dtype mismatch" in guard or "dispatch key set mismatch" in guard:
         return Category.DTYPE_RECOMPILE
     shape = "size mismatch" in guard or "stride mismatch" in guard
-    if nested and shape and not (phase.startswith("decode") and is_prefill_to_decode(guard, prefill_tokens)):
+    if phase.startswith("decode") and _is_length_guard(text, prefill_tokens):
+        return Category.DYNAMIC_CACHE  # an int local equal to the prompt length (a resume frame's seqlen == 5)
+    if nested and shape and not (phase.startswith("decode") and (is_prefill_to_decode(guard, prefill_tokens)
+                                                                 or _grows_by_one(guard) or _is_state(text))):
         return Category.SHAPE_REUSE
     if _POSITION_GUARD.search(text):
         return Category.DYNAMIC_CACHE

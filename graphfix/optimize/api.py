@@ -13,8 +13,8 @@ The flow (docs/optimize.md):
    registry order. An explicit list of names is accepted too;
 4. **front door**: HF models get ``hf_runtime`` (a static cache handed to ``generate``, the
    caller's own caches compiled with a dynamic length), Meta models ``meta_front`` (the
-   tensor core compiled per phase), everything else ``phased`` (prefill and decode compiled
-   apart, dynamic where the loop changes shapes or integer attributes);
+   tensor core compiled per phase), everything else the phase router (prefill and decode compiled
+   apart by ``rewrite.blocks.phase_router``, dynamic where the loop changes shapes or integer attributes);
 5. **after**: ``diagnose`` again, on the rewritten model. A break or failure left means a
    construct no pass rewrote: optimize refuses in one line naming it (``UnsupportedModelError``);
 6. **compile** (warm-up: the loop's prefill and two decode calls, twice, timed), then **verify**:
@@ -405,10 +405,11 @@ def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool) ->
         state.front = meta_front.install(model, backend, cuda_graphs)
         state.disable = lambda: meta_front.uninstall(model)
     else:
-        from graphfix.optimize import phased
+        from graphfix.rewrite.blocks.phase_router import install_router
 
-        state.front = phased.install(model, backend)
-        state.disable = lambda: phased.uninstall(model)
+        router = install_router(model)  # the phase-split pass may have installed it already
+        router.compile(backend)
+        state.front, state.disable = router, router.uncompile
 
 
 def _undo(state: OptimizedState, snapshot: ModelSnapshot) -> None:

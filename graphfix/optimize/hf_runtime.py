@@ -322,6 +322,7 @@ def _reorder_logging(rt: HFRuntime) -> Any:
     return reorder_logging(None, rt.logging_functions)
 
 
+@skip_frame  # called from hf_forward's eager frame: Dynamo must not trace graphfix's bookkeeping
 def _mark_sequence_dynamic(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
     """Mark the prompt length dynamic in every input that has it, so a new length does not recompile."""
     seq = input_ids.shape[1]
@@ -338,6 +339,7 @@ def _mark_sequence_dynamic(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> N
             torch._dynamo.maybe_mark_dynamic(mask, 1)
 
 
+@skip_frame
 def _mark_cache_dynamic(kwargs: dict[str, Any]) -> None:
     """Mark the length of a caller's growing cache (and of its attention mask) dynamic before a decode call.
 

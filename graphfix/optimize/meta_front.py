@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch._dynamo.decorators import skip as skip_frame
 
-from graphfix.optimize.phased import GraphRuns
 from graphfix.rewrite.blocks import meta_llama
+from graphfix.rewrite.blocks.phase_router import GraphRuns
 from graphfix.rewrite.codeobj import own_code
 
 
