@@ -39,6 +39,7 @@ from transformers import StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 
 from graphfix.diagnose.drivers import HFDriver, cache_kwarg, greedy_loop
+from graphfix.rewrite.blocks.side_effects import config_for
 from graphfix.rewrite.codeobj import own_code
 
 ATTR = "graphfix_runtime"
@@ -274,7 +275,8 @@ def hf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     fn = rt.variant(phase, kwargs).fn
     rt.compiled_calls[phase] += 1
     stance = torch.compiler.set_stance("fail_on_recompile") if strict else contextlib.nullcontext()
-    logging = _reorder_logging(rt) if rt.logging_functions else contextlib.nullcontext()
+    logging = torch._dynamo.config.patch(**config_for(None, rt.logging_functions)) if rt.logging_functions \
+        else contextlib.nullcontext()
     with stance, logging:
         out = fn(input_ids, **kwargs)
     if rt.cuda_graphs and not own and getattr(out, "logits", None) is not None:
@@ -314,12 +316,6 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     if tuple(reversed(expected)) == t.stride():
         return t
     return t.clone(memory_format=torch.contiguous_format)
-
-
-def _reorder_logging(rt: HFRuntime) -> Any:
-    from graphfix.rewrite.blocks.side_effects import reorder_logging
-
-    return reorder_logging(None, rt.logging_functions)
 
 
 @skip_frame  # called from hf_forward's eager frame: Dynamo must not trace graphfix's bookkeeping

@@ -43,7 +43,7 @@ from torch import nn
 from torch._dynamo.decorators import skip as skip_frame
 
 from graphfix.diagnose.intercept import new_token_count
-from graphfix.rewrite.blocks.side_effects import reorder_logging
+from graphfix.rewrite.blocks.side_effects import config_for
 from graphfix.rewrite.codeobj import own_code
 
 ATTR = "graphfix_phased"
@@ -135,7 +135,7 @@ def _routed_call(router: PhaseRouter, args: tuple[Any, ...], kwargs: dict[str, A
     if phase == "prefill" and tokens is not None and tokens > 1:
         _mark_length_dynamic(tokens, args, kwargs)
     router.calls[phase] += 1
-    with dynamo_config.patch(allow_unspec_int_on_nn_module=True), reorder_logging(router.model):
+    with dynamo_config.patch(**config_for(router.model, allow_unspec_int_on_nn_module=True)):
         return router.callables[phase](*args, **kwargs)
 
 
