@@ -30,9 +30,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from graphfix.diagnose.findings import Category, display_path
 from graphfix.rewrite import attention_match as am
 from graphfix.rewrite import dataflow
+from graphfix.rewrite.attention_forms import Forms, permuted
 from graphfix.rewrite.blocks import meta_llama as ml
 from graphfix.rewrite.blocks import source_rewrite as sr
 from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
+from graphfix.rewrite.scope_facts import Scope
 from passes._common import as_meta_attention, methods_by_function, no_match, rewrite_methods
 
 SDPA = "_graphfix_sdpa"
@@ -143,10 +145,10 @@ class ManualAttentionRewrite:
         self.upcasts = 0
 
     def __call__(self, fn: types.FunctionType, tree: ast.FunctionDef) -> tuple[int, list[str], dict]:
-        matcher = am.Matcher(am.Scope(fn, tree, self.instances.get(id(fn))))
+        forms = Forms(Scope(fn, tree, self.instances.get(id(fn))))
         path = display_path(fn.__code__.co_filename)
-        sites, reasons, reported = _find_sites(matcher, tree, path)
-        reasons += _unconsumed_softmaxes(matcher, tree, path, reported)
+        sites, reasons, reported = _find_sites(am.Matcher(forms), tree, path)
+        reasons += _unconsumed_softmaxes(forms, tree, path, reported)
         for site in sites:
             _replace_with_sdpa(site)
         self.upcasts += sum(site.upcast for site in sites)
@@ -182,7 +184,7 @@ def _find_sites(matcher: am.Matcher, tree: ast.FunctionDef, path: str) -> tuple[
     return sites, reasons, reported
 
 
-def _unconsumed_softmaxes(matcher: am.Matcher, tree: ast.FunctionDef, path: str, reported: set[int]) -> list[str]:
+def _unconsumed_softmaxes(forms: Forms, tree: ast.FunctionDef, path: str, reported: set[int]) -> list[str]:
     """Softmaxes of q·k scores that no product with v in the same function consumes (not rewritable here)."""
     reasons = []
     for body in dataflow.blocks(tree):
@@ -191,10 +193,10 @@ def _unconsumed_softmaxes(matcher: am.Matcher, tree: ast.FunctionDef, path: str,
                 if id(node) in reported:
                     continue
                 try:
-                    found = matcher.softmax(node)
+                    found = forms.softmax(node)
                 except sr.Unrewritable:
                     found = None
-                if found is not None and matcher.scoreish(body, found[0], index):
+                if found is not None and forms.scoreish(body, found[0], index):
                     reasons.append(f"{path}:{node.lineno}: manual attention not rewritten: the softmax of q·k "
                                    "scores is not multiplied with v by a matmul/einsum in the same straight-line "
                                    "block of this function; call F.scaled_dot_product_attention there")
@@ -212,7 +214,7 @@ def _replace_with_sdpa(site: am.Site) -> None:
     call = ast.Call(func=ast.Name(id=SDPA, ctx=ast.Load()), args=[site.query, site.key, site.value],
                     keywords=keywords)
     call = copy.deepcopy(call)  # operands may still sit in a kept `if` test
-    output = am.permuted(call, site.output_perm) if site.output_perm else call
+    output = permuted(call, site.output_perm) if site.output_perm else call
     if _viewed(site):  # fused kernels may return a non-contiguous output where the product's was contiguous
         output = ast.Call(func=ast.Attribute(value=output, attr="contiguous", ctx=ast.Load()), args=[], keywords=[])
     ast.copy_location(output, site.product)

@@ -17,25 +17,16 @@ scores. Every attention we know writes them so; negative dims and einsum subscri
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
-import inspect
 import math
-import types
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from graphfix.rewrite import dataflow
+from graphfix.rewrite.attention_forms import Forms, Product, Step, method_call, negated, peek, permuted, written_name
 from graphfix.rewrite.blocks import source_rewrite as sr
+from graphfix.rewrite.scope_facts import MAX_DEPTH, constant_value, int_constant
 
-_SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
-_DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
-_CASTS = ("float", "half", "bfloat16", "type_as", "to", "type")
-_IN_PLACE = {"masked_fill_": "masked_fill", "add_": ast.Add, "mul_": ast.Mult, "div_": ast.Div}
-_MAX_DEPTH = 64
 WHERE = "_graphfix_where"
 """The name a combined boolean-and-additive mask calls ``torch.where`` by (the rewrite binds it)."""
 
@@ -86,11 +77,6 @@ class Site:
     upcast: bool
     """The original computed the softmax in float32 (and cast back)."""
 
-    def statements(self) -> set[int]:
-        """Ids of the statements the rewrite touches (removed ones, their ``if``, and the output's)."""
-        touched = {id(r.stmt) for r in self.removed} | {id(r.outer) for r in self.removed if r.outer is not None}
-        return touched | {id(self.body[self.index])}
-
 
 @dataclasses.dataclass
 class Removal:
@@ -101,302 +87,32 @@ class Removal:
     outer: ast.If | None = None
 
 
-class Scope:
-    """What is known about a function's names beyond its source: the module instances a method is bound to."""
-
-    def __init__(self, fn: types.FunctionType, tree: ast.FunctionDef, instances: list[nn.Module] | None) -> None:
-        self.fn = fn
-        self.tree = tree
-        self.instances = instances or []
-        params = tree.args.posonlyargs + tree.args.args
-        self.self_name = params[0].arg if self.instances and params else None
-        self.annotations = {a.arg: a.annotation for a in params + tree.args.kwonlyargs if a.annotation is not None}
-        self.parents: dict[int, tuple[list[ast.stmt], int]] = {}
-        """Block id -> (the block around it, the index of the statement that holds it)."""
-        for block in dataflow.blocks(tree):
-            for i, stmt in enumerate(block):
-                for inner in dataflow.child_blocks(stmt):
-                    self.parents[id(inner)] = (block, i)
-
-    def attribute_values(self, node: ast.AST) -> list[Any] | None:
-        """The values of ``self.a.b`` on every instance, or ``None`` (not such a chain, or not plain attributes)."""
-        chain = []
-        while isinstance(node, ast.Attribute):
-            chain.append(node.attr)
-            node = node.value
-        if not (chain and isinstance(node, ast.Name) and node.id == self.self_name):
-            return None
-        values = []
-        for obj in self.instances:
-            for attr in reversed(chain):
-                obj = _plain_attribute(obj, attr)
-                if obj is _MISSING:
-                    return None
-            values.append(obj)
-        return values
-
-    def is_number(self, node: ast.AST, at: int, body: list[ast.stmt], depth: int = 0) -> bool:
-        """Whether ``node`` (read at ``body[at]``) is provably a Python int or float (SDPA's ``scale`` must be one)."""
-        if depth > _MAX_DEPTH:
-            return False
-        again = lambda n: self.is_number(n, at, body, depth + 1)
-        if isinstance(node, ast.Constant):
-            return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            return again(node.operand)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow,
-                                                                ast.FloorDiv)):
-            return again(node.left) and again(node.right)
-        if isinstance(node, ast.Call):
-            target = sr.resolve(self.fn, node.func)
-            if target in (float, int, len) or getattr(target, "__module__", None) == "math":
-                return True
-            return _is_size_call(node)
-        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "shape":
-            return not isinstance(node.slice, ast.Slice)
-        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Call) and _is_size_call(node.value, 0):
-            return not isinstance(node.slice, ast.Slice)
-        if isinstance(node, ast.Attribute):
-            values = self.attribute_values(node)
-            if values is None:
-                values = [sr.resolve(self.fn, node)]
-            return bool(values) and all(_python_number(v) for v in values)
-        if isinstance(node, ast.Name):
-            return self._is_number_name(node, at, body, depth)
-        return False
-
-    def _is_number_name(self, node: ast.Name, at: int, body: list[ast.stmt], depth: int) -> bool:
-        j = dataflow.last_write(body, at, node.id)
-        if j is not None:
-            stmt = body[j]
-            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
-                target = stmt.targets[0]
-                if isinstance(target, ast.Name):
-                    return self.is_number(stmt.value, j, body, depth + 1)
-                if isinstance(target, ast.Tuple) and any(isinstance(e, ast.Name) and e.id == node.id
-                                                         for e in target.elts):
-                    value = stmt.value  # b, h, t, d = x.shape / x.size()
-                    return (isinstance(value, ast.Attribute) and value.attr == "shape") or _is_size_call(value, 0)
-            return False
-        parent = self.parents.get(id(body))
-        if parent is not None and not dataflow.is_loop(parent[0][parent[1]]):
-            return self._is_number_name(node, parent[1], parent[0], depth + 1)
-        if node.id in self.fn.__code__.co_varnames:
-            annotation = self.annotations.get(node.id)
-            return annotation is not None and ast.unparse(annotation) in ("float", "int")
-        return _python_number(sr.resolve(self.fn, node))
-
-
-_MISSING = object()
-
-
-def _plain_attribute(obj: Any, name: str) -> Any:
-    """``obj.name`` when it is plain data (instance dict, a module's parameters/buffers/children, a class constant).
-
-    Properties and other descriptors are not run: looking must not execute user code.
-    """
-    if isinstance(obj, nn.Module):
-        for store in ("_parameters", "_buffers", "_modules"):
-            table = obj.__dict__.get(store, {})
-            if name in table:
-                return table[name]
-    if name in getattr(obj, "__dict__", {}):
-        return obj.__dict__[name]
-    try:
-        static = inspect.getattr_static(obj, name)
-    except AttributeError:
-        return _MISSING
-    if isinstance(static, (int, float, bool, str, type(None))):
-        return static
-    return _MISSING
-
-
-def _python_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_size_call(node: ast.AST, nargs: int = 1) -> bool:
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "size"
-            and len(node.args) == nargs and not node.keywords)
-
-
-def _int_constant(node: ast.AST) -> int | None:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        inner = _int_constant(node.operand)
-        return None if inner is None else -inner
-    return None
-
-
-def _method(node: ast.AST, *names: str) -> ast.Call | None:
-    """``node`` when it is a call ``<receiver>.<name>(...)`` of one of ``names``."""
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names:
-        return node
-    return None
-
-
-def permuted(expr: ast.expr, perm: tuple[int, ...]) -> ast.expr:
-    """``expr`` with its dims in the order ``perm`` (a transpose when two dims swap, else a permute)."""
-    moved = [i for i, p in enumerate(perm) if i != p]
-    if not moved:
-        return expr
-    if len(moved) == 2:
-        args = [ast.Constant(moved[0]), ast.Constant(moved[1])]
-        name = "transpose"
-    else:
-        args = [ast.Constant(p) for p in perm]
-        name = "permute"
-    return ast.Call(func=ast.Attribute(value=expr, attr=name, ctx=ast.Load()), args=args, keywords=[])
-
-
-def _negated(cond: ast.expr) -> ast.expr:
-    """The boolean mask that keeps what ``cond`` fills: ``m == 0`` -> ``m != 0``, ``~m`` -> ``m``, else ``~(cond)``."""
-    if isinstance(cond, ast.Compare) and len(cond.ops) == 1 and isinstance(cond.ops[0], (ast.Eq, ast.NotEq)):
-        op = ast.NotEq() if isinstance(cond.ops[0], ast.Eq) else ast.Eq()
-        return ast.Compare(left=cond.left, ops=[op], comparators=cond.comparators)
-    if isinstance(cond, ast.UnaryOp) and isinstance(cond.op, ast.Invert):
-        return cond.operand
-    return ast.UnaryOp(op=ast.Invert(), operand=cond)
-
-
-@dataclasses.dataclass
-class _Product:
-    kind: str  # "matmul", "bmm" or "einsum"
-    left: ast.expr
-    right: ast.expr
-    spec: tuple[str, str, str] | None = None
-
-
-@dataclasses.dataclass
-class _Step:
-    """A value an intermediate name holds, read at ``body[at]``: its expression and where it was written."""
-
-    value: ast.expr
-    at: int
-    condition: ast.expr | None
-    stmt: ast.stmt
-    block: list[ast.stmt]
-    outer: ast.If | None
-
-
 class Matcher:
     """Finds attention sites in one function; ``match`` answers for one product node of one block."""
 
-    def __init__(self, scope: Scope) -> None:
-        self.scope = scope
-        self.fn = scope.fn
-
-    # --- recognisers for single nodes -------------------------------------------------------------
-
-    def product(self, node: ast.AST) -> _Product | None:
-        """``a @ b``, ``torch.matmul/bmm(a, b)``, ``a.matmul/bmm(b)``, ``torch.einsum("..", a, b)``."""
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
-            return _Product("matmul", node.left, node.right)
-        if not isinstance(node, ast.Call) or node.keywords:
-            return None
-        target = sr.resolve(self.fn, node.func)
-        if target in (torch.matmul, torch.bmm) and len(node.args) == 2:
-            return _Product("bmm" if target is torch.bmm else "matmul", *node.args)
-        if target is torch.einsum:
-            args = node.args
-            if len(args) == 2 and isinstance(args[1], (ast.List, ast.Tuple)):
-                args = [args[0], *args[1].elts]
-            if len(args) == 3 and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
-                spec = args[0].value.replace(" ", "")
-                inputs, _, output = spec.partition("->")
-                operands = inputs.split(",")
-                if len(operands) == 2 and output:
-                    return _Product("einsum", args[1], args[2], (operands[0], operands[1], output))
-            return None
-        if target is sr.MISSING and _method(node, "matmul", "bmm") and len(node.args) == 1:
-            return _Product(node.func.attr, node.func.value, node.args[0])
-        return None
-
-    def softmax(self, node: ast.AST) -> tuple[ast.expr, ast.expr | None, ast.expr | None] | None:
-        """``(input, dim, dtype)`` of ``F.softmax``, ``torch.softmax``, ``x.softmax``, or an ``nn.Softmax`` module."""
-        if not isinstance(node, ast.Call):
-            return None
-        target = sr.resolve(self.fn, node.func)
-        if target is F.softmax:
-            args = sr.bind_call(node, F.softmax)
-            return args["input"], args.get("dim"), args.get("dtype")
-        keywords = {k.arg: k.value for k in node.keywords}
-        if target is torch.softmax and node.args:
-            rest = list(node.args[1:]) + [None, None]
-            return node.args[0], keywords.get("dim", rest[0]), keywords.get("dtype", rest[1])
-        modules = self.scope.attribute_values(node.func)
-        if modules is not None:  # self.<name>(x): a module, never the tensor method
-            if all(type(m) is nn.Softmax for m in modules) and len(node.args) == 1 and not node.keywords:
-                dims = {m.dim for m in modules}
-                return node.args[0], ast.Constant(dims.pop()) if len(dims) == 1 else None, None
-            return None
-        if target is sr.MISSING and _method(node, "softmax"):
-            rest = list(node.args) + [None, None]
-            return node.func.value, keywords.get("dim", rest[0]), keywords.get("dtype", rest[1])
-        return None
-
-    def dropout(self, node: ast.AST) -> tuple[ast.expr, ast.expr | None, ast.expr | None] | None:
-        """``(input, p, training)`` of ``F.dropout``/``torch.dropout`` or an ``nn.Dropout`` module (``p`` ``None``:
-        an ``nn.Identity``, no dropout)."""
-        if not isinstance(node, ast.Call):
-            return None
-        target = sr.resolve(self.fn, node.func)
-        if target is F.dropout:
-            args = sr.bind_call(node, F.dropout)
-            return args["input"], args.get("p", ast.Constant(0.5)), args.get("training", ast.Constant(True))
-        if target is torch.dropout and len(node.args) == 3 and not node.keywords:
-            return tuple(node.args)
-        modules = self.scope.attribute_values(node.func)
-        if modules and len(node.args) == 1 and not node.keywords:
-            if all(type(m) is nn.Dropout for m in modules):
-                attr = lambda name: ast.Attribute(value=copy.deepcopy(node.func), attr=name, ctx=ast.Load())
-                return node.args[0], attr("p"), attr("training")
-            if all(type(m) is nn.Identity for m in modules):
-                return node.args[0], None, None
-        return None
-
-    def cast(self, node: ast.AST) -> tuple[ast.expr, bool] | None:
-        """``(receiver, to float32)`` of a dtype cast: ``.float()``, ``.type_as(x)``, ``.to(x.dtype)``, ..."""
-        call = _method(node, *_CASTS)
-        if call is None:
-            return None
-        name, args, keywords = call.func.attr, call.args, {k.arg: k.value for k in call.keywords}
-        if name in ("float", "half", "bfloat16"):
-            return (call.func.value, name == "float") if not args and not keywords else None
-        if name == "type_as":
-            return (call.func.value, False) if len(args) == 1 and not keywords else None
-        dtype = keywords.pop("dtype", None) if not args else (args[0] if len(args) == 1 else None)
-        if dtype is None or keywords:
-            return None
-        return call.func.value, sr.resolve(self.fn, dtype) is torch.float32
-
-    def neg_inf(self, node: ast.AST) -> bool:
-        """Whether ``node`` is minus infinity: ``float("-inf")``, ``-math.inf``, ``-torch.inf``, ..."""
-        return _constant_value(self.fn, node) == -math.inf
-
-    # --- the walk -------------------------------------------------------------------------------
+    def __init__(self, forms: Forms) -> None:
+        self.forms = forms
 
     def match(self, body: list[ast.stmt], index: int, node: ast.AST) -> Site | None:
         """The attention whose output product is ``node`` (in ``body[index]``); ``None``: not attention.
 
         ``NoMatch`` says what did not match when it is attention.
         """
-        found = self.product(node)
+        found = self.forms.product(node)
         if found is None:
             return None
         operands = [(found.left, found.right, 0)]
         if found.kind == "einsum":
             operands.append((found.right, found.left, 1))
         for probs, value, position in operands:
-            softmax = self._reaches_softmax(body, probs, index)
+            softmax = self.forms.reaches_softmax(body, probs, index)
             if softmax is None:
                 continue
             try:
                 try:
-                    return _Walk(self, body, index, fold_named_query=True).run(node, found, probs, value, position)
+                    return _Walk(self.forms, body, index, True).run(node, found, probs, value, position)
                 except _QueryReadElsewhere:
-                    return _Walk(self, body, index, fold_named_query=False).run(node, found, probs, value, position)
+                    return _Walk(self.forms, body, index, False).run(node, found, probs, value, position)
             except sr.Unrewritable as exc:
                 error = NoMatch(node.lineno, str(exc))
             except NoMatch as exc:
@@ -405,123 +121,19 @@ class Matcher:
             raise error
         return None
 
-    def _reaches_softmax(self, body: list[ast.stmt], expr: ast.expr, at: int) -> ast.Call | None:
-        """The softmax call ``expr`` comes from through casts and dropout, if any."""
-        for _ in range(_MAX_DEPTH):
-            if isinstance(expr, ast.Name):
-                step = peek(body, expr, at)
-                if step is None:
-                    return None
-                expr, at = step.value, step.at
-                continue
-            if self._quietly(self.softmax, expr) is not None:
-                return expr
-            inner = self.cast(expr) or self._quietly(self.dropout, expr)
-            if inner is None:
-                return None
-            expr = inner[0]
-        return None
-
-    @staticmethod
-    def _quietly(recogniser, expr: ast.expr):
-        try:
-            return recogniser(expr)
-        except sr.Unrewritable:
-            return None
-
-    def scoreish(self, body: list[ast.stmt], expr: ast.expr, at: int, depth: int = 0) -> bool:
-        """Whether ``expr`` carries the ``q kᵀ`` scores (possibly scaled, masked, cast), as opposed to a mask or scale."""
-        if depth > _MAX_DEPTH:
-            return False
-        again = lambda e, a=at: self.scoreish(body, e, a, depth + 1)
-        if self.product(expr) is not None:
-            return True
-        if isinstance(expr, ast.Name):
-            step = peek(body, expr, at)
-            return step is not None and again(step.value, step.at)
-        if isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Add, ast.Mult, ast.Div, ast.Sub)):
-            return again(expr.left) or again(expr.right)
-        cast = self.cast(expr)
-        if cast is not None:
-            return again(cast[0])
-        fill = _method(expr, "masked_fill")
-        if fill is not None:
-            return again(fill.func.value)
-        if isinstance(expr, ast.Call) and sr.resolve(self.fn, expr.func) is torch.where and len(expr.args) == 3:
-            return again(expr.args[1]) or again(expr.args[2])
-        return False
-
-
-def peek(body: list[ast.stmt], name: ast.Name, at: int) -> _Step | None:
-    """What ``name``, read at ``body[at]``, holds when a single assignment of this block wrote it last.
-
-    The assignment may be ``x = e``, ``x op= e``, ``x.masked_fill_/add_/mul_/div_(...)``, or the last
-    statement of an ``if <test>:`` without ``else`` (then ``condition`` is the test). ``None``: anything else.
-    """
-    j = dataflow.last_write(body, at, name.id)
-    if j is None:
-        return None
-    stmt, condition, block, outer = body[j], None, body, None
-    if isinstance(stmt, ast.If) and not stmt.orelse:
-        outer, block, condition = stmt, stmt.body, stmt.test
-        stmt = stmt.body[-1]
-        if any(dataflow.binds(s, name.id) or dataflow.mutates(s, name.id) for s in block[:-1]):
-            return None
-    value = _written_value(stmt, name.id)
-    return None if value is None else _Step(value, j, condition, stmt, block, outer)
-
-
-def _written_value(stmt: ast.stmt, name: str) -> ast.expr | None:
-    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name) \
-            and stmt.targets[0].id == name:
-        return stmt.value
-    if isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == name:
-        return ast.copy_location(ast.BinOp(left=ast.copy_location(ast.Name(id=name, ctx=ast.Load()), stmt),
-                                           op=stmt.op, right=stmt.value), stmt)
-    call = _method(getattr(stmt, "value", None), *_IN_PLACE) if isinstance(stmt, ast.Expr) else None
-    if call is not None and isinstance(call.func.value, ast.Name) and call.func.value.id == name:
-        kind = _IN_PLACE[call.func.attr]
-        if isinstance(kind, str):
-            func = ast.Attribute(value=call.func.value, attr=kind, ctx=ast.Load())
-            return ast.copy_location(ast.Call(func=func, args=call.args, keywords=call.keywords), call)
-        if len(call.args) == 1 and not call.keywords:
-            return ast.copy_location(ast.BinOp(left=call.func.value, op=kind(), right=call.args[0]), call)
-    return None
-
-
-def _constant_value(fn: types.FunctionType, node: ast.AST) -> Any:
-    """The value of a constant-like expression (literals, ``float("...")``, module constants), else ``None``."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        inner = _constant_value(fn, node.operand)
-        if isinstance(inner, (int, float)) and not isinstance(inner, bool):
-            return -inner if isinstance(node.op, ast.USub) else inner
-        return None
-    if isinstance(node, ast.Call) and sr.resolve(fn, node.func) is float and len(node.args) == 1 \
-            and not node.keywords and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-        try:
-            return float(node.args[0].value)
-        except ValueError:
-            return None
-    if isinstance(node, (ast.Name, ast.Attribute)):
-        value = sr.resolve(fn, node)
-        return value if isinstance(value, float) else None
-    return None
-
 
 class _Walk:
     """One attempt to match an output product, collecting what the site needs; ``NoMatch`` on a mismatch."""
 
-    def __init__(self, matcher: Matcher, body: list[ast.stmt], index: int, fold_named_query: bool) -> None:
-        self.m = matcher
-        self.fn = matcher.fn
+    def __init__(self, forms: Forms, body: list[ast.stmt], index: int, fold_named_query: bool) -> None:
+        self.forms = forms
+        self.fn = forms.fn
         self.body = body
         self.index = index
         self.fold_named_query = fold_named_query
         self.edges: set[int] = set()
         self.intermediates: set[str] = set()
-        self.removed: list[tuple[list[ast.stmt], ast.stmt]] = []
+        self.removed: list[Removal] = []
         self.origins: list[int] = []
         self.moved: list[tuple[ast.expr, int]] = []
         self.masks: list[MaskPart] = []
@@ -534,12 +146,12 @@ class _Walk:
     def fail(self, node: ast.AST, what: str) -> NoMatch:
         return NoMatch(getattr(node, "lineno", None), what)
 
-    def follow(self, name: ast.Name, at: int) -> _Step:
+    def follow(self, name: ast.Name, at: int) -> Step:
         """The step that wrote intermediate ``name``; it joins the statements the rewrite removes."""
         step = peek(self.body, name, at)
         if step is None:
             j = dataflow.last_write(self.body, at, name.id)
-            where = f"is written at line {self.body[j].lineno}" if j is not None else "comes from outside this block"
+            where = f"is written at line {self.body[j].lineno}" if j is not None else "comes from outside the block"
             raise self.fail(name, f"`{name.id}` {where}, not by a single assignment in the same straight-line block")
         self.edges.add(id(name))
         self.intermediates.add(name.id)
@@ -560,7 +172,7 @@ class _Walk:
 
     # --- output ---------------------------------------------------------------------------------
 
-    def run(self, node: ast.expr, product: _Product, probs: ast.expr, value: ast.expr, position: int) -> Site:
+    def run(self, node: ast.expr, product: Product, probs: ast.expr, value: ast.expr, position: int) -> Site:
         value_in, output_perm = value, None
         if product.kind == "bmm":
             self.rank = 3
@@ -603,11 +215,11 @@ class _Walk:
         """The values the chain computes must be read only along it (weights returned or stored: no rewrite)."""
         first_writes: dict[str, ast.stmt] = {}
         for removal in reversed(self.removed):  # the walk goes backwards: the last removal is the first write
-            name = _written_name(removal.stmt)
+            name = written_name(removal.stmt)
             if name is not None and name not in first_writes:
                 first_writes[name] = removal.stmt
         chain = {id(r.stmt) for r in self.removed}
-        stray = dataflow.stray_reads(self.m.scope.tree, first_writes, chain, self.edges)
+        stray = dataflow.stray_reads(self.forms.scope.tree, first_writes, chain, self.edges)
         if not stray:
             return
         node = stray[0]
@@ -655,29 +267,29 @@ class _Walk:
                     raise self.fail(step.stmt, f"the probabilities change under `if {ast.unparse(step.condition)}`")
                 expr, at = step.value, step.at
                 continue
-            if self.m.softmax(expr) is not None:
+            if self.forms.softmax(expr) is not None:
                 return (expr, at), dropout_p
-            cast = self.m.cast(expr)
+            cast = self.forms.cast(expr)
             if cast is not None:
                 expr = cast[0]
                 continue
-            dropped = self.m.dropout(expr)
+            dropped = self.forms.dropout(expr)
             if dropped is None:
                 raise self.fail(expr, f"`{ast.unparse(expr)}` between the softmax and the product with v is not a "
                                       "cast or a dropout")
             if dropout_p is not None:
                 raise self.fail(expr, "dropout is applied twice to the probabilities")
-            expr, p, training = dropped
-            dropout_p = self._dropout_p(expr, p, training, at)
+            dropout_p = self._dropout_p(expr, dropped[1], dropped[2], at)
+            expr = dropped[0]
 
-    def _dropout_p(self, node: ast.expr, p: ast.expr | None, training: ast.expr | None, at: int) -> ast.expr:
-        if p is None:
-            return ast.Constant(0.0)
-        if not self.m.scope.is_number(p, at, self.body):
+    def _dropout_p(self, node: ast.expr, p: ast.expr | None, training: ast.expr | None, at: int) -> ast.expr | None:
+        if p is None:  # nn.Identity
+            return None
+        if not self.forms.scope.is_number(p, at, self.body):
             raise self.fail(node, f"dropout probability `{ast.unparse(p)}` is not provably a Python number")
         self._move(p, at)
         self._move(training, at)
-        constant = _constant_value(self.fn, training)
+        constant = constant_value(self.fn, training)
         if constant is True:
             return p
         if constant is False:
@@ -688,26 +300,26 @@ class _Walk:
 
     def _scores(self, softmax: tuple[ast.Call, int]) -> tuple[ast.expr, ast.expr]:
         call, at = softmax
-        expr, dim, dtype = self.m.softmax(call)
+        expr, dim, dtype = self.forms.softmax(call)
         if dtype is not None:
             if sr.resolve(self.fn, dtype) is not torch.float32:
                 raise self.fail(call, f"softmax in dtype `{ast.unparse(dtype)}` (SDPA keeps the input dtype)")
             self.upcast = True
         self._softmax_dim = (call, dim)
         scaled = False
-        for _ in range(_MAX_DEPTH):
+        for _ in range(MAX_DEPTH):
             if isinstance(expr, ast.Name):
                 step = self.follow(expr, at)
                 expr, at = step.value, step.at
                 if step.condition is not None:
                     expr = self._mask(expr, at, scaled, step)
                 continue
-            product = self.m.product(expr)
+            product = self.forms.product(expr)
             if product is not None:
                 query, key = self._qk(product, at)
                 self._check_softmax_dim()
                 return query, key
-            cast = self.m.cast(expr)
+            cast = self.forms.cast(expr)
             if cast is not None:
                 expr, upcast = cast
                 self.upcast |= upcast
@@ -725,20 +337,19 @@ class _Walk:
 
     def _check_softmax_dim(self) -> None:
         call, dim = self._softmax_dim
-        value = _int_constant(dim) if dim is not None else None
+        value = int_constant(dim) if dim is not None else None
         if value == -1 or (value is not None and self.rank is not None and value == self.rank - 1):
             return
         raise self.fail(call, f"softmax over dim `{ast.unparse(dim) if dim is not None else None}`, not provably "
                               "the key dim (-1)")
 
-    def _mask(self, expr: ast.expr, at: int, scaled: bool, step: _Step) -> ast.expr:
+    def _mask(self, expr: ast.expr, at: int, scaled: bool, step: Step) -> ast.expr:
         """A mask written under ``if``: it must mask the name itself, so that skipping it leaves the scores."""
         masked = self._mask_or_none(expr, at, scaled)
-        if masked is None or not (isinstance(masked, ast.Name) and isinstance(step.stmt, (ast.Assign, ast.AugAssign,
-                                                                                          ast.Expr))):
+        if not isinstance(masked, ast.Name):
             raise self.fail(step.stmt, f"under `if {ast.unparse(step.condition)}` the scores change by more than a "
                                        "mask")
-        target = _written_name(step.stmt)
+        target = written_name(step.stmt)
         if masked.id != target:
             raise self.fail(step.stmt, f"under `if {ast.unparse(step.condition)}` the scores are not masked in place")
         self.masks[-1].condition = step.condition
@@ -746,7 +357,7 @@ class _Walk:
 
     def _mask_or_none(self, expr: ast.expr, at: int, scaled: bool) -> ast.expr | None:
         """The scores operand of a mask applied to them (the mask is recorded), or ``None``: not a mask."""
-        scoreish = lambda e: self.m.scoreish(self.body, e, at)
+        scoreish = lambda e: self.forms.scoreish(self.body, e, at)
         part = None
         if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
             left, right = scoreish(expr.left), scoreish(expr.right)
@@ -754,22 +365,22 @@ class _Walk:
                 raise self.fail(expr, f"cannot tell the scores from the mask in `{ast.unparse(expr)}`")
             scores, mask = (expr.left, expr.right) if left else (expr.right, expr.left)
             part = MaskPart(mask, boolean=False)
-        fill = _method(expr, "masked_fill")
+        fill = method_call(expr, "masked_fill")
         if fill is not None:
             args = {**dict(zip(("mask", "value"), fill.args)), **{k.arg: k.value for k in fill.keywords}}
             if set(args) != {"mask", "value"}:
                 raise self.fail(expr, "masked_fill with unexpected arguments")
-            if not self.m.neg_inf(args["value"]):
+            if not self.forms.neg_inf(args["value"]):
                 raise self.fail(expr, f"masked_fill with `{ast.unparse(args['value'])}`, not -inf: SDPA's boolean "
                                       "mask fills -inf, and rows masked everywhere would differ")
-            scores, part = fill.func.value, MaskPart(_negated(args["mask"]), boolean=True)
+            scores, part = fill.func.value, MaskPart(negated(args["mask"]), boolean=True)
         if isinstance(expr, ast.Call) and sr.resolve(self.fn, expr.func) is torch.where and len(expr.args) == 3 \
                 and not expr.keywords:
             cond, a, b = expr.args
-            if scoreish(a) and self.m.neg_inf(b):
+            if scoreish(a) and self.forms.neg_inf(b):
                 scores, part = a, MaskPart(cond, boolean=True)
-            elif scoreish(b) and self.m.neg_inf(a):
-                scores, part = b, MaskPart(_negated(cond), boolean=True)
+            elif scoreish(b) and self.forms.neg_inf(a):
+                scores, part = b, MaskPart(negated(cond), boolean=True)
             else:
                 raise self.fail(expr, "torch.where on the scores with something other than -inf")
         if part is None:
@@ -784,7 +395,7 @@ class _Walk:
         """The scores operand of ``scores * s`` / ``s * scores`` / ``scores / s`` (``s`` recorded), else ``None``."""
         if not (isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Mult, ast.Div))):
             return None
-        scoreish = lambda e: self.m.scoreish(self.body, e, at)
+        scoreish = lambda e: self.forms.scoreish(self.body, e, at)
         if isinstance(expr.op, ast.Div) or scoreish(expr.left):
             scores, factor = expr.left, expr.right
         else:
@@ -795,7 +406,7 @@ class _Walk:
         return scores
 
     def _factor(self, factor: ast.expr, divide: bool, at: int, where: ast.AST) -> None:
-        if not self.m.scope.is_number(factor, at, self.body):
+        if not self.forms.scope.is_number(factor, at, self.body):
             raise self.fail(where, f"scale `{ast.unparse(factor)}` is not provably a Python number (SDPA's scale "
                                    "must be a float)")
         self._move(factor, at)
@@ -803,7 +414,7 @@ class _Walk:
 
     # --- the q·k product ------------------------------------------------------------------------
 
-    def _qk(self, product: _Product, at: int) -> tuple[ast.expr, ast.expr]:
+    def _qk(self, product: Product, at: int) -> tuple[ast.expr, ast.expr]:
         if product.kind == "einsum":
             query, key = self._einsum_scores(product)
         else:
@@ -811,11 +422,29 @@ class _Walk:
                 self.rank = 3
             query, key = product.left, self._untransposed(product.right)
         query = self._query(query, at)
+        for operand, role in ((query, "q"), (key, "k")):
+            self._check_not_cast(operand, role, at)
         self._move(query, at)
         self._move(key, at)
         return query, key
 
-    def _einsum_scores(self, product: _Product) -> tuple[ast.expr, ast.expr]:
+    def _check_not_cast(self, operand: ast.expr, role: str, at: int) -> None:
+        """q or k cast to another dtype for the product (``q.float()``, ``q = q.to(torch.float32)``): SDPA takes
+        q, k, v in one dtype, and the output would change dtype too."""
+        while isinstance(operand, ast.Call) and isinstance(operand.func, ast.Attribute) \
+                and operand.func.attr in ("transpose", "permute"):
+            operand = operand.func.value
+        written = operand
+        if isinstance(operand, ast.Name):
+            j = dataflow.last_write(self.body, at, operand.id)
+            stmt = self.body[j] if j is not None else None
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+                written = stmt.value
+        if self.forms.cast(written) is not None:
+            raise self.fail(operand, f"{role} is cast (`{ast.unparse(written)}`) for the product: SDPA takes q, k, v "
+                                     "in one dtype")
+
+    def _einsum_scores(self, product: Product) -> tuple[ast.expr, ast.expr]:
         a_spec, b_spec, s_spec = product.spec
         _check_letters(self, product.left, a_spec, b_spec, s_spec)
         q_letter, k_letter = s_spec[-2], s_spec[-1]
@@ -839,19 +468,19 @@ class _Walk:
         self.rank = len(s_spec)
         q_perm = tuple(q_spec.index(c) for c in batch + q_letter + d)
         k_perm = tuple(k_spec.index(c) for c in batch + k_letter + d)
-        self._einsum_query_perm = q_perm
         return _Permute(q, q_perm), permuted(k, k_perm)
 
     def _untransposed(self, kt: ast.expr) -> ast.expr:
-        """``k`` from ``k.transpose(-2, -1)``/``.mT``/``.permute(0, 1, 3, 2)``; else ``kt.transpose(-2, -1)`` (exact)."""
+        """``k`` from ``k.transpose(-2, -1)``, ``.mT``, ``.permute(0, 1, 3, 2)``; else ``kt.transpose(-2, -1)``
+        (exact for any operand)."""
         if isinstance(kt, ast.Attribute) and kt.attr == "mT":
             return kt.value
-        call = _method(kt, "transpose", "swapaxes", "swapdims", "permute")
+        call = method_call(kt, "transpose", "swapaxes", "swapdims", "permute")
         receiver, dims = None, None
         if call is not None and not call.keywords:
-            receiver, dims = call.func.value, [_int_constant(a) for a in call.args]
+            receiver, dims = call.func.value, [int_constant(a) for a in call.args]
         elif isinstance(kt, ast.Call) and sr.resolve(self.fn, kt.func) is torch.transpose and len(kt.args) == 3:
-            receiver, dims = kt.args[0], [_int_constant(a) for a in kt.args[1:]]
+            receiver, dims = kt.args[0], [int_constant(a) for a in kt.args[1:]]
         if receiver is not None and None not in dims:
             if call is not None and call.func.attr == "permute":
                 rank = len(dims)
@@ -885,7 +514,7 @@ class _Walk:
     def _query_scale(self, expr: ast.expr, at: int, probe: bool = False) -> ast.expr | None:
         if not (isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Mult, ast.Div))):
             return None
-        number = lambda e: self.m.scope.is_number(e, at, self.body)
+        number = lambda e: self.forms.scope.is_number(e, at, self.body)
         if isinstance(expr.op, ast.Div):
             q, factor = (expr.left, expr.right) if number(expr.right) else (None, None)
         elif number(expr.right):
@@ -922,16 +551,6 @@ def _tests_not_none(test: ast.expr, expr: ast.expr) -> bool:
     return (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.IsNot)
             and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value is None
             and isinstance(test.left, ast.Name) and isinstance(expr, ast.Name) and test.left.id == expr.id)
-
-
-def _written_name(stmt: ast.stmt) -> str | None:
-    if isinstance(stmt, ast.Assign):
-        return stmt.targets[0].id if isinstance(stmt.targets[0], ast.Name) else None
-    if isinstance(stmt, ast.AugAssign):
-        return stmt.target.id if isinstance(stmt.target, ast.Name) else None
-    if isinstance(stmt, ast.Expr):
-        return dataflow.root_name(stmt.value)
-    return None
 
 
 def _check_letters(walk: _Walk, node: ast.AST, *specs: str) -> None:

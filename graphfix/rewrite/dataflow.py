@@ -89,13 +89,16 @@ def binds(stmt: ast.stmt, name: str) -> bool:
 
 
 def mutates(stmt: ast.stmt, name: str) -> bool:
-    """Whether ``stmt`` may change the object ``name`` holds: ``name[...] = ``, ``name.a = ``, ``name.<op>_(...)``."""
+    """Whether ``stmt`` may change the object ``name`` holds: ``name[...] = ``, ``name.a = ``, ``name.<op>_(...)``,
+    or a method of it called for its effect alone (``name.cache.update(...)`` as a statement)."""
     for node in ast.walk(stmt):
         if isinstance(node, (ast.Attribute, ast.Subscript)) and not isinstance(node.ctx, ast.Load) \
                 and root_name(node) == name:
             return True
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_")
                 and not node.func.attr.startswith("_") and root_name(node.func.value) == name):
+            return True
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and root_name(node.value.func) == name:
             return True
     return False
 
