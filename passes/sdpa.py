@@ -210,9 +210,10 @@ def _unconsumed_softmaxes(forms: Forms, tree: ast.FunctionDef, path: str, report
                 except sr.Unrewritable:
                     found = None
                 if found is not None and forms.scoreish(body, found[0], index):
-                    reasons.append(f"{path}:{node.lineno}: manual attention not rewritten: the softmax of q·k "
-                                   "scores is not multiplied with v by a matmul/einsum in the same straight-line "
-                                   "block of this function; call F.scaled_dot_product_attention there")
+                    reasons.append(f"{path}:{node.lineno}: manual attention not rewritten: a softmax of a tensor "
+                                   "product (attention scores?) is not multiplied with v by a matmul/einsum in the "
+                                   "same straight-line block of this function; if it is attention, call "
+                                   "F.scaled_dot_product_attention there")
     return reasons
 
 
@@ -231,8 +232,8 @@ def _replace_with_sdpa(site: am.Site) -> None:
     if _viewed(site):  # fused kernels may return a non-contiguous output where the product's was contiguous
         output = ast.Call(func=ast.Attribute(value=output, attr="contiguous", ctx=ast.Load()), args=[], keywords=[])
     ast.copy_location(output, site.product)
-    stmt = site.body[site.index]
-    site.body[site.index] = _Substitute(site.product, output).visit(stmt)
+    index = _position(site.body, site.stmt)  # an earlier site of the block may have removed statements
+    site.body[index] = _Substitute(site.product, output).visit(site.stmt)
     for removal in site.removed:
         removal.block[:] = [s for s in removal.block if s is not removal.stmt]
         if removal.outer is not None and not removal.block:
@@ -241,7 +242,7 @@ def _replace_with_sdpa(site: am.Site) -> None:
 
 def _viewed(site: am.Site) -> bool:
     """Whether the output goes to ``.view``: directly, or through the name it is assigned to (same block)."""
-    stmt = site.body[site.index]
+    stmt = site.stmt
     for node in ast.walk(stmt):
         if isinstance(node, ast.Attribute) and node.attr == "view" and node.value is site.product:
             return True
@@ -249,13 +250,17 @@ def _viewed(site: am.Site) -> bool:
             and isinstance(stmt.targets[0], ast.Name)):
         return False
     name = stmt.targets[0].id
-    for later in site.body[site.index + 1:]:
+    for later in site.body[_position(site.body, stmt) + 1:]:
         if any(isinstance(n, ast.Attribute) and n.attr == "view" and isinstance(n.value, ast.Name)
                and n.value.id == name for n in ast.walk(later)):
             return True
         if dataflow.binds(later, name):
             return False
     return False
+
+
+def _position(body: list[ast.stmt], stmt: ast.stmt) -> int:
+    return next(i for i, s in enumerate(body) if s is stmt)
 
 
 class _Substitute(ast.NodeTransformer):

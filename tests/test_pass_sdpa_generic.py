@@ -109,6 +109,13 @@ def test_rewritten_model_compiles_whole_and_calls_sdpa(cls):
     _assert_same(_prefill_and_decode(ref), _prefill_and_decode(compiled))
     called = _called(graphs)
     assert F.scaled_dot_product_attention in called and not called & UNFUSED, called
+    head_dim = ma.DIM // ma.HEADS
+    for node in (n for g in graphs for n in g.graph.nodes if n.target is F.scaled_dot_product_attention):
+        shapes = [tuple(a.meta["example_value"].shape) for a in node.args[:3]]
+        if cls is ma.BmmAttention:  # (batch * heads, seq, head_dim)
+            assert all(len(s) == 3 and s[0] == 2 * ma.HEADS and s[-1] == head_dim for s in shapes), shapes
+        else:  # the contract: (batch, heads, seq, head_dim)
+            assert all(len(s) == 4 and s[:2] == (2, ma.HEADS) and s[-1] == head_dim for s in shapes), shapes
 
 
 def test_the_graph_check_sees_the_unfused_original():
@@ -256,6 +263,28 @@ class LoggedScores(nn.Module):
         scores = q @ k.transpose(-2, -1)
         self.seen.append(scores)
         return torch.softmax(scores, dim=-1) @ v
+
+
+class SelfAndCross(nn.Module):
+    """Two attentions in one block (self, then cross): each becomes its own call."""
+
+    def forward(self, q, k, v, memory):
+        s = q @ k.transpose(-2, -1) / 8.0
+        p = s.softmax(-1)
+        x = p @ v
+        c = x @ memory.transpose(-2, -1)
+        c = torch.softmax(c * 0.125, dim=-1)
+        return c @ memory
+
+
+def test_two_sites_in_one_block():
+    q, k, v = _qkv()
+    memory = torch.randn(2, 4, 3, 8)
+    ref, model = SelfAndCross(), SelfAndCross()
+    assert SdpaAttentionPass().apply(model, CTX).rewritten == 2
+    source = sr.rewritten_source(model)
+    assert source.count("_graphfix_sdpa(") == 2 and "softmax" not in source, source
+    _assert_same([ref(q, k, v, memory)], [model(q, k, v, memory)])
 
 
 def test_mask_under_if_with_other_statements_keeps_them():

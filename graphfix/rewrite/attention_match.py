@@ -61,7 +61,7 @@ class Site:
     """A matched attention: where it is, the SDPA arguments, and what the rewrite removes."""
 
     body: list[ast.stmt]
-    index: int
+    stmt: ast.stmt
     """The statement of ``body`` that computes the output (the product is replaced there)."""
     product: ast.expr
     softmax: ast.Call
@@ -182,8 +182,8 @@ class _Walk:
         query, key = self._scores(softmax)
         self._check_reads()
         self._check_moves()
-        return Site(self.body, self.index, node, softmax[0], query, key, value_in, output_perm, self._attn_mask(),
-                    self._scale_expr(), dropout_p, self.removed, self.upcast)
+        return Site(self.body, self.body[self.index], node, softmax[0], query, key, value_in, output_perm,
+                    self._attn_mask(), self._scale_expr(), dropout_p, self.removed, self.upcast)
 
     def _attn_mask(self) -> ast.expr | None:
         """One SDPA mask for every mask the scores got: a sum of additive ones, an AND of boolean ones."""
