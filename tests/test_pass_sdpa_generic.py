@@ -254,6 +254,28 @@ class ConditionCalls(nn.Module):
         return torch.softmax(scores, dim=-1) @ v
 
 
+class DeletedProbabilities(nn.Module):
+    def forward(self, q, k, v):
+        probs = torch.softmax(q @ k.mT, dim=-1)
+        out = probs @ v
+        del probs
+        return out
+
+
+class CallInBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def forward(self, q, k, v):
+        scores = q @ torch.tanh(k).mT
+        self.count_step()
+        return torch.softmax(scores, dim=-1) @ v
+
+    def count_step(self):
+        self.steps += 1
+
+
 class LoggedScores(nn.Module):
     def __init__(self):
         super().__init__()
@@ -316,7 +338,10 @@ def test_boolean_and_additive_masks_join_into_one_and_nn_softmax_matches():
     (CastQuery, "q is cast (`q.float()`) for the product"),
     (SplitOverBlocks, "`scores` is written at line"),
     (ConditionCalls, "`if mask.any()` calls a function"),
-], ids=["tensor-scale", "logged-scores", "mask-before-scale", "cast-query", "split-over-blocks", "condition-calls"])
+    (DeletedProbabilities, "`probs`, computed by the attention at line"),
+    (CallInBetween, "`torch.tanh(k)` calls a function and line"),
+], ids=["tensor-scale", "logged-scores", "mask-before-scale", "cast-query", "split-over-blocks", "condition-calls",
+        "deleted", "call-in-between"])
 def test_small_forms_that_cannot_be_rewritten_are_reported(cls, reason):
     result = SdpaAttentionPass().apply(cls(), CTX)
     assert result.rewritten == 0 and len(result.skipped) == 1 and reason in result.skipped[0][1], result

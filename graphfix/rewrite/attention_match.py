@@ -9,9 +9,11 @@ operands in ``(batch..., heads, seq, head_dim)`` layout (transposes applied), th
 expressions, and the statements the rewrite removes. A construct that is attention but does not match in full
 raises ``NoMatch`` with what did not match; nothing is ever half-rewritten.
 
-Two readings are assumptions, stated so a reader can check them: ``k.transpose(2, 3)`` (positive dims) is read
+Three readings are assumptions, stated so a reader can check them: ``k.transpose(2, 3)`` (positive dims) is read
 as the transpose of the last two dims of a 4-D tensor, and a softmax over ``dim=3`` as the key dim of 4-D
-scores. Every attention we know writes them so; negative dims and einsum subscripts need no assumption.
+scores (negative dims and einsum subscripts need no assumption); a tensor *added* to the scores is a float mask
+(a bool tensor added to scores adds 0 or 1, where SDPA would read it as keep or drop). Every attention we know
+writes them so.
 """
 
 from __future__ import annotations
@@ -236,7 +238,8 @@ class _Walk:
         for expr, origin in self.moved:
             reason = dataflow.movable(self.body, origin, self.index, expr, gone)
             if reason:
-                raise NoMatch(getattr(expr, "lineno", None), f"{reason} before the attention output")
+                raise NoMatch(getattr(expr, "lineno", None), f"{reason}, so it cannot move down to the attention "
+                                                             f"output at line {self.body[self.index].lineno}")
 
     def _einsum_output(self, node: ast.expr, spec: tuple[str, str, str], position: int,
                        value: ast.expr) -> tuple[ast.expr, tuple[int, ...]]:

@@ -114,9 +114,11 @@ def last_write(body: list[ast.stmt], index: int, name: str) -> int | None:
 def movable(body: list[ast.stmt], start: int, end: int, expr: ast.AST, ignore: set[int]) -> str | None:
     """Why ``expr``, written in ``body[start]``, cannot be evaluated at ``body[end]`` instead (``None``: it can).
 
-    Statements in between whose ids are in ``ignore`` (those the rewrite removes) do not count.
+    Statements in between whose ids are in ``ignore`` (those the rewrite removes) do not count. A call in
+    ``expr`` never moves past another call: either may have effects the other sees.
     """
     names = names_read(expr)
+    calls = any(isinstance(n, ast.Call) for n in ast.walk(expr))
     for m in range(start + 1, end):
         stmt = body[m]
         if id(stmt) in ignore:
@@ -124,6 +126,8 @@ def movable(body: list[ast.stmt], start: int, end: int, expr: ast.AST, ignore: s
         for name in sorted(names):
             if binds(stmt, name) or mutates(stmt, name):
                 return f"line {stmt.lineno} changes `{name}`, which `{ast.unparse(expr)}` reads"
+        if calls and any(isinstance(n, ast.Call) for n in ast.walk(stmt)):
+            return f"`{ast.unparse(expr)}` calls a function and line {stmt.lineno} does too"
     return None
 
 
@@ -161,8 +165,8 @@ def stray_reads(fdef: ast.FunctionDef, first_writes: dict[str, ast.stmt], chain:
         in_loop = {id(n) for loop in ast.walk(fdef) if isinstance(loop, _LOOPS)
                    and any(n is write for n in ast.walk(loop)) for n in ast.walk(loop)}
         for node in ast.walk(fdef):  # nested scopes too: a closure may read the name
-            if not (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id == name):
-                continue
+            if not (isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Load, ast.Del)) and node.id == name):
+                continue  # a `del` counts: it would fail once the chain no longer binds the name
             pos = _position(node)
             if id(node) in along or (kill is not None and pos > _end(kill)):
                 continue
