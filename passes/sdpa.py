@@ -209,7 +209,7 @@ def _unconsumed_softmaxes(forms: Forms, tree: ast.FunctionDef, path: str, report
                     found = forms.softmax(node)
                 except sr.Unrewritable:
                     found = None
-                if found is not None and forms.scoreish(body, found[0], index):
+                if found is not None and forms.from_product(body, found[0], index):
                     reasons.append(f"{path}:{node.lineno}: manual attention not rewritten: a softmax of a tensor "
                                    "product (attention scores?) is not multiplied with v by a matmul/einsum in the "
                                    "same straight-line block of this function; if it is attention, call "

@@ -377,6 +377,17 @@ def test_plain_matmuls_and_other_softmaxes_are_left_alone():
     assert result.rewritten == 0 and len(result.skipped) == 1
     assert "not multiplied with v" in result.skipped[0][1]
 
+    class Gates(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(8, 4)
+
+        def forward(self, x, experts):
+            return self.router(torch.softmax(self.router(x), dim=-1)) @ experts  # no product under the softmax
+
+    result = SdpaAttentionPass().apply(Gates(), CTX)
+    assert result.rewritten == 0 and not result.skipped
+
     class Mlp(nn.Module):
         def forward(self, x, w1, w2):
             return torch.relu(x @ w1) @ w2

@@ -175,7 +175,7 @@ class Forms:
         return constant_value(self.fn, node) == -math.inf
 
     def reaches_softmax(self, body: list[ast.stmt], expr: ast.expr, at: int) -> ast.Call | None:
-        """The softmax call ``expr`` comes from through casts and dropout, if any."""
+        """The softmax of a tensor product that ``expr`` comes from (through casts, dropout, other calls), if any."""
         for _ in range(MAX_DEPTH):
             if isinstance(expr, ast.Name):
                 step = peek(body, expr, at)
@@ -183,8 +183,9 @@ class Forms:
                     return None
                 expr, at = step.value, step.at
                 continue
-            if self._quietly(self.softmax, expr) is not None:
-                return expr
+            found = self._quietly(self.softmax, expr)
+            if found is not None:
+                return expr if self.from_product(body, found[0], at) else None
             inner = self.cast(expr) or self._quietly(self.dropout, expr) or _first_operand(expr)
             if inner is None:
                 return None
@@ -197,6 +198,41 @@ class Forms:
             return recogniser(expr)
         except sr.Unrewritable:
             return None
+
+    def from_product(self, body: list[ast.stmt], expr: ast.expr, at: int, depth: int = 0) -> bool:
+        """Whether ``expr`` derives from a tensor product through element-wise steps (operators, tensor methods,
+        torch functions), the way attention scores do; looser than ``scoreish``: it decides what is attention
+        (and so is rewritten or reported), not how it is rewritten. Module and user-function calls stop it."""
+        if depth > MAX_DEPTH:
+            return False
+        again = lambda e, b=body, a=at: self.from_product(b, e, a, depth + 1)
+        if self.product(expr) is not None:
+            return True
+        if isinstance(expr, ast.Name):
+            j = dataflow.last_write(body, at, expr.id)
+            if j is None:
+                parent = self.scope.parents.get(id(body))
+                return parent is not None and again(expr, parent[0], parent[1])
+            values = [n.value for n in ast.walk(body[j]) if isinstance(n, (ast.Assign, ast.AugAssign))
+                      and expr.id in {t.id for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                                      if isinstance(t, ast.Name)}]
+            if any(isinstance(n, ast.AugAssign) for n in ast.walk(body[j])) or any(
+                    method_call(n, *_IN_PLACE) for n in ast.walk(body[j])):
+                values.append(expr)  # updated in place: what it held before counts too
+            return any(again(v, body, j) for v in values)
+        if isinstance(expr, ast.BinOp):
+            return again(expr.left) or again(expr.right)
+        if isinstance(expr, ast.UnaryOp):
+            return again(expr.operand)
+        if isinstance(expr, ast.IfExp):
+            return again(expr.body) or again(expr.orelse)
+        if not isinstance(expr, ast.Call):
+            return False
+        if isinstance(expr.func, ast.Attribute) and sr.resolve(self.fn, expr.func) is sr.MISSING:
+            if self.scope.attribute_values(expr.func) is not None:
+                return False  # self.<module>(...)
+            return again(expr.func.value) or any(again(a) for a in expr.args)
+        return _torch_function(sr.resolve(self.fn, expr.func)) and any(again(a) for a in expr.args)
 
     def scoreish(self, body: list[ast.stmt], expr: ast.expr, at: int, depth: int = 0) -> bool:
         """Whether ``expr`` carries the q·k scores (maybe scaled, masked, cast), rather than a mask or a scale."""
@@ -219,6 +255,10 @@ class Forms:
         if isinstance(expr, ast.Call) and sr.resolve(self.fn, expr.func) is torch.where and len(expr.args) == 3:
             return again(expr.args[1]) or again(expr.args[2])
         return False
+
+
+def _torch_function(fn_obj: object) -> bool:
+    return (getattr(fn_obj, "__module__", None) or "").partition(".")[0] == "torch"
 
 
 def _first_operand(node: ast.AST) -> tuple[ast.expr] | None:
