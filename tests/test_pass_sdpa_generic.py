@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import math
 import warnings
@@ -44,10 +45,8 @@ def _assert_same(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> No
         assert (want - got).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
-def _sdpa_sites(model: nn.Module) -> list[tuple[object, ast_call]]:  # noqa: F821 - annotation only
+def _sdpa_sites(model: nn.Module) -> list[tuple[object, ast.Call]]:
     """Every call in the code the model runs that resolves to F.scaled_dot_product_attention (the contract)."""
-    import ast
-
     sites = []
     for fn, _, _ in reachable.reachable_functions(model):
         try:
@@ -58,9 +57,8 @@ def _sdpa_sites(model: nn.Module) -> list[tuple[object, ast_call]]:  # noqa: F82
     return sites
 
 
-def _unfused_calls(fn, tree) -> list[str]:
-    import ast
-
+def _unfused_calls(fn, tree: ast.FunctionDef) -> list[str]:
+    """Softmax, matmul, bmm or einsum calls and ``@`` left in a rewritten function."""
     return [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call) and (
         sr.resolve(fn, n.func) in UNFUSED or (isinstance(n.func, ast.Attribute) and n.func.attr in UNFUSED))
         or isinstance(n, ast.BinOp) and isinstance(n.op, ast.MatMult)]
@@ -160,6 +158,7 @@ def test_dropout_becomes_dropout_p_under_the_same_training_condition(cls, set_p)
 
 
 def ast_source(model: nn.Module) -> str:
+    """The rewritten forward of the block's attention ("" when it was not rewritten)."""
     return sr.rewritten_source(model.attention) or ""
 
 
@@ -299,12 +298,17 @@ class SelfAndCross(nn.Module):
         return c @ memory
 
 
+def _rewritten(cls: type[nn.Module], sites: int = 1) -> tuple[nn.Module, nn.Module, str]:
+    """An original and a rewritten instance (``sites`` rewritten) and the rewritten forward's source."""
+    ref, model = cls(), cls()
+    assert SdpaAttentionPass().apply(model, CTX).rewritten == sites
+    return ref, model, sr.rewritten_source(model)
+
+
 def test_two_sites_in_one_block():
     q, k, v = _qkv()
     memory = torch.randn(2, 4, 3, 8)
-    ref, model = SelfAndCross(), SelfAndCross()
-    assert SdpaAttentionPass().apply(model, CTX).rewritten == 2
-    source = sr.rewritten_source(model)
+    ref, model, source = _rewritten(SelfAndCross, sites=2)
     assert source.count("_graphfix_sdpa(") == 2 and "softmax" not in source, source
     _assert_same([ref(q, k, v, memory)], [model(q, k, v, memory)])
 
@@ -312,9 +316,7 @@ def test_two_sites_in_one_block():
 def test_mask_under_if_with_other_statements_keeps_them():
     q, k, v = _qkv()
     mask = torch.randn(2, 1, 5, 9)
-    ref, model = HFOlderMask(), HFOlderMask()
-    assert SdpaAttentionPass().apply(model, CTX).rewritten == 1
-    source = sr.rewritten_source(model)
+    ref, model, source = _rewritten(HFOlderMask)
     assert "causal_mask = attention_mask[:, :, :, :k.shape[-2]]" in source
     assert "attn_mask=causal_mask if attention_mask is not None else None" in source
     for m in (mask, None):
@@ -325,9 +327,8 @@ def test_boolean_and_additive_masks_join_into_one_and_nn_softmax_matches():
     q, k, v = _qkv()
     keep, bias = torch.rand(5, 7) > 0.3, torch.randn(4, 5, 7)
     keep[:, 0] = True
-    ref, model = TwoMasks(), TwoMasks()
-    assert SdpaAttentionPass().apply(model, CTX).rewritten == 1
-    assert "attn_mask=_graphfix_where(keep != 0, bias, -inf)" in sr.rewritten_source(model).replace("1e309", "inf")
+    ref, model, source = _rewritten(TwoMasks)
+    assert "attn_mask=_graphfix_where(keep != 0, bias, -inf)" in source.replace("1e309", "inf")
     _assert_same([ref(q, k, v, keep, bias)], [model(q, k, v, keep, bias)])
 
 
