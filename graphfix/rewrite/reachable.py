@@ -34,6 +34,13 @@ from graphfix.rewrite.blocks import source_rewrite as sr
 Transform = Callable[[types.FunctionType, ast.FunctionDef], tuple[int, list[str], dict]]
 """``(fn, tree) -> (sites rewritten in tree, reasons for sites left alone, helper names used)``; mutates tree."""
 
+Unwrap = Callable[[types.FunctionType], types.FunctionType]
+"""``wrapper -> the function it wraps`` for decorators a transform can see through (identity otherwise)."""
+
+
+def _same(fn: types.FunctionType) -> types.FunctionType:
+    return fn
+
 _LIBRARY_PACKAGES = frozenset({
     "torch", "graphfix", "passes", "numpy", "typing_extensions", "functorch", "triton", "sympy", "einops",
     "safetensors", "accelerate", "fairscale_internal_never",
@@ -82,19 +89,32 @@ class ReachableRewriter:
     (one function) is rewritten once, and recursion through mutually calling helpers ends.
     """
 
-    def __init__(self, transform: Transform, *, follow_callees: bool = True) -> None:
+    def __init__(self, transform: Transform, *, follow_callees: bool = True, unwrap: Unwrap | None = None) -> None:
         self.transform = transform
         self.follow_callees = follow_callees
+        self.unwrap = unwrap or _same
+        """Applied to every function before it is read: a decorator's wrapper has neither the source nor the
+        globals and closure of the function it wraps, so a transform that handles the decorator in the source
+        (``torch.inference_mode()``) rewrites the wrapped function in its place."""
         self.done: dict[int, FunctionRewrite] = {}
-        self.helpers_rewritten: list[tuple[types.FunctionType, FunctionRewrite]] = []
+        self.helpers_seen: list[tuple[types.FunctionType, FunctionRewrite]] = []
+        """Every module-level helper (not a method) the transform was shown, in order, changed or not: the
+        reasons of a helper left alone are reported too."""
+
+    @property
+    def helpers_rewritten(self) -> list[tuple[types.FunctionType, FunctionRewrite]]:
         """Module-level helpers (not methods) that changed, in the order they were rewritten."""
+        return [(fn, outcome) for fn, outcome in self.helpers_seen if outcome.changed]
 
     def rewrite(self, fn: types.FunctionType, *, is_method: bool = True) -> FunctionRewrite:
+        fn = self.unwrap(fn)
         key = id(fn)
         if key in self.done:
             return self.done[key]
         outcome = FunctionRewrite(fn)
         self.done[key] = outcome  # a recursive call sees "unchanged" and stops
+        if not is_method:
+            self.helpers_seen.append((fn, outcome))
         try:
             tree = sr.function_tree(fn)
         except sr.Unrewritable:
@@ -116,8 +136,6 @@ class ReachableRewriter:
             outcome.reasons.append(str(exc))
             return outcome
         outcome.function, outcome.sites, outcome.changed = new, sites, True
-        if not is_method:
-            self.helpers_rewritten.append((fn, outcome))
         return outcome
 
     def _redirect_callees(self, fn: types.FunctionType, tree: ast.FunctionDef, helpers: dict[str, object]) -> bool:
@@ -126,6 +144,8 @@ class ReachableRewriter:
             if not isinstance(node, ast.Call):
                 continue
             target = sr.resolve(fn, node.func)
+            if isinstance(target, types.FunctionType):
+                target = self.unwrap(target)
             if not user_function(target):
                 continue
             sub = self.rewrite(target, is_method=False)
