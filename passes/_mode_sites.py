@@ -335,10 +335,11 @@ class InferenceModeSites:
             self._mark(dec, seen)
         if not decorators:
             return 0
-        if any(u is None for u in uses) or any(u.mode is None for u in uses):
+        if any(u is None or u.mode is None for u in uses):
             if any(u is not None and u.kind == "inference" for u in uses):
+                why = "it has decorators other than grad modes" if None in uses else "a decorator's mode is a runtime value"
                 reasons.append(f"line {decorators[0].lineno}: @torch.inference_mode() on {fn.__qualname__} left in "
-                               "place: it has decorators other than constant grad modes")
+                               f"place: {why}")
             return 0
         count = 0
         doc, body = _split_docstring(tree.body)

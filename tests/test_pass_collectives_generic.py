@@ -10,13 +10,10 @@ shards of one set of full weights.
 from __future__ import annotations
 
 import ast
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +22,7 @@ from graphfix.rewrite.pass_manager import PassContext
 from passes._autograd_functions import TRACED_CTX_METHODS
 from passes.collectives import FunctionalCollectivesPass
 from tests.fixtures.synthetic import ensure_single_process_group
+from tests.helpers_meta import free_port, run_processes
 
 CTX = PassContext()
 DIM, HIDDEN, VOCAB = 8, 16, 32
@@ -77,6 +75,9 @@ class _Scale(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13's name for it
+
+
 class _GatherRows(torch.autograd.Function):
     """A collective that Dynamo traces (save_for_backward only)."""
 
@@ -84,7 +85,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        gather_single(out, x.contiguous())
         return out
 
     @staticmethod
@@ -106,9 +107,6 @@ def reduce_each(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     for w in works:
         w.wait()
     return tensors
-
-
-gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13's name for it
 
 
 def reduce_by_halves(y: torch.Tensor) -> torch.Tensor:
@@ -308,24 +306,12 @@ def _worker(rank: int, port: int, path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_world_size_2_matches_world_size_1(tmp_path):
     with torch.no_grad():
         ref = ShardedModel()(TOKENS)  # world size 1: the full weights
     path = str(tmp_path / "rank0.pt")
-    ctx = mp.start_processes(_worker, args=(_free_port(), path), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("tensor-parallel workers did not finish in 120 s")
+    run_processes(_worker, (free_port(), path))
     got = torch.load(path, weights_only=False)
     scale = ref.abs().max().item()
     for name in ("original", "rewritten", "compiled inference_mode"):
@@ -334,3 +320,24 @@ def test_world_size_2_matches_world_size_1(tmp_path):
     for op in ("_c10d_functional.all_reduce", "_c10d_functional.reduce_scatter_tensor",
                "_c10d_functional.all_gather_into_tensor", "_c10d_functional.wait_tensor"):
         assert any(op in o for o in ops), (op, ops)
+
+
+def test_fairscales_own_mappings_are_matched_as_a_construct(monkeypatch):
+    """Without the class swap, the generic rewrite reaches fairscale's _ReduceFromModelParallelRegion.apply."""
+    import passes.collectives as pass_module
+    from tests.helpers_meta import init_model_parallel
+    from tests.test_pass_collectives import FairscaleMLP
+
+    init_model_parallel(1)
+    monkeypatch.setattr(pass_module, "_fairscale_swaps", dict)
+    torch.manual_seed(0)
+    model = FairscaleMLP().eval()
+    ids = torch.tensor([[1, 5, 15, -1]])
+    with torch.no_grad():
+        ref = model(ids)
+    result = FunctionalCollectivesPass().apply(model, CTX)
+    assert result.rewritten == 1 and "_ReduceFromModelParallelRegion (1)" in " ".join(result.notes)  # one helper
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref)
+        assert torch.equal(torch.compile(model, backend="aot_eager", fullgraph=True)(ids), ref)

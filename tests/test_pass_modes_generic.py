@@ -320,6 +320,14 @@ def wrapped_helper(x: torch.Tensor) -> torch.Tensor:
     return x + 1
 
 
+ENABLED = True
+
+
+@torch.inference_mode(ENABLED)
+def runtime_mode_helper(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
 class Unprovable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -333,7 +341,7 @@ class Unprovable(nn.Module):
         manager = torch.inference_mode()
         with manager:
             x = x - 1
-        return wrapped_helper(x)
+        return runtime_mode_helper(wrapped_helper(x))
 
 
 def test_sites_that_cannot_be_proven_equal_are_reported():
@@ -341,12 +349,14 @@ def test_sites_that_cannot_be_proven_equal_are_reported():
     result = InferenceModePass().apply(model, CTX)
     assert result.rewritten == 0 and "forward" not in model.__dict__
     reasons = [r for _, r in result.skipped]
-    assert len(reasons) == 4, reasons
+    assert len(reasons) == 5, reasons
     line = Unprovable.forward.__code__.co_firstlineno
     assert reasons[0].startswith(f"line {line + 1}:") and "its mode is a runtime value" in reasons[0]
     assert f"line {line + 3}:" in reasons[1] and "`with ... as` binds" in reasons[1]
     assert f"line {line + 5}:" in reasons[2] and "other than as a decorator or `with`" in reasons[2]
-    assert "wrapped_helper is wrapped by a decorator graphfix does not see through" in reasons[3]
+    assert any("wrapped_helper is wrapped by a decorator graphfix does not see through" in r for r in reasons[3:])
+    [(site, why)] = [s for s in result.skipped if "runtime_mode_helper" in s[1]]
+    assert "a decorator's mode is a runtime value" in why and "test_pass_modes_generic.py:" in site
     assert all(site == "<root>" for site, _ in result.skipped[:3])
 
 
