@@ -107,6 +107,8 @@ def test_the_construct_fails_under_aot_eager_whatever_the_callers_mode():
         torch._dynamo.reset()
         with pytest.raises(Exception, match="version_counter"), compile_failure_contained(), ambient():
             torch.compile(model, backend="aot_eager", fullgraph=True)(torch.tensor([[1, 2, 3]]), 0)
+        # the failed graph had entered inference mode: the thread must not stay in it (graphfix.diagnose.dispatch_state)
+        assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
 
 
 def test_submodule_helper_and_decorated_helper_sites_become_no_grad():
@@ -210,6 +212,12 @@ def test_outputs_keep_values_requires_grad_and_inference_ness(cls):
             assert _kind(a) == _kind(b), (name, _kind(a), _kind(b))
     if cls is Partial:
         assert ref[0].requires_grad is False and _kind(out[1]) == (False, True)  # under inference_mode: as given
+        for ambient in AMBIENTS.values():
+            torch._dynamo.reset()
+            with ambient():
+                ref, compiled = ref_model(x), torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+            assert all(torch.equal(a, b) and _kind(a) == _kind(b) for a, b in zip(ref, compiled))
+        assert InferenceModePass().apply(model, CTX).rewritten == 0
 
 
 def test_root_with_block_covering_the_body_moves_into_the_wrapper():
