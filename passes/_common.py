@@ -75,17 +75,17 @@ MethodFilter = Callable[[types.FunctionType, str], bool]
 
 
 def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform, *,
-                    unwrap: reachable.Unwrap | None = None, select: MethodFilter | None = None) -> None:
+                    select: MethodFilter | None = None) -> None:
     """Apply a source transform to every user method of ``model`` and to the helpers they call.
 
     The transform runs once per function object (instances of one class share it);
     ``rewritten`` counts the sites in the source, not the instances. A helper that
     changes is reached through a rewritten copy of each caller (``graphfix.rewrite.reachable``).
-    ``unwrap`` sees through decorators the transform handles itself; ``select(fn, name)`` keeps
-    only the methods it returns True for (with the helpers they call).
+    Grad-mode decorators are seen through (``graphfix.rewrite.grad_modes``); ``select(fn, name)``
+    keeps only the methods it returns True for (with the helpers they call).
     """
-    rewriter = reachable.ReachableRewriter(transform, unwrap=unwrap)
-    setup_only = reachable.ReachableRewriter(transform, follow_callees=False, unwrap=unwrap)
+    rewriter = reachable.ReachableRewriter(transform)
+    setup_only = reachable.ReachableRewriter(transform, follow_callees=False)
     for fn, name, instances in methods_by_function(model):
         if select is not None and not select(fn, name):
             continue

@@ -32,65 +32,22 @@ from torch import nn
 
 from graphfix.diagnose.findings import display_path
 from graphfix.rewrite import reachable
-from graphfix.rewrite.blocks import inference_mode as im
 from graphfix.rewrite.blocks import source_rewrite as sr
+from graphfix.rewrite.grad_modes import (
+    ModeUse,
+    decorators_as_blocks,
+    grad_mode_decorator_of,
+    mode_use,
+    split_docstring,
+    without_grad_mode_decorators,
+)
 
-_KINDS = {torch.inference_mode: "inference", torch.no_grad: "no_grad", torch.enable_grad: "enable_grad",
-          torch.set_grad_enabled: "set_grad_enabled"}
 NO_GRAD = "_graphfix_no_grad"
 """The name the rewritten code calls ``torch.no_grad`` by (a closure cell, whatever the module imported)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModeUse:
-    """One grad-mode context manager in the source: ``torch.<kind>(<mode>)``."""
-
-    kind: str
-    mode: bool | None
-    """The constant mode (``inference_mode``, ``set_grad_enabled``; ``True`` for the others), ``None`` at runtime."""
-
-    @property
-    def enters_inference(self) -> bool:
-        return self.kind == "inference" and self.mode is True
-
-    @property
-    def may_enable_grad(self) -> bool:
-        return self.kind == "enable_grad" or (self.kind == "set_grad_enabled" and self.mode is not False)
-
-
-def mode_use(fn: types.FunctionType, expr: ast.expr) -> ModeUse | None:
-    """The grad-mode context manager ``expr`` builds (``torch.no_grad()``, a bare ``@torch.inference_mode``), if any."""
-    call = expr if isinstance(expr, ast.Call) else None
-    target = sr.resolve(fn, call.func if call else expr)
-    kind = next((k for cls, k in _KINDS.items() if cls is target), None)
-    if kind is None:
-        return None
-    if kind in ("no_grad", "enable_grad") or call is None:
-        return ModeUse(kind, True)
-    try:
-        value = sr.bind_call(call, torch.inference_mode if kind == "inference" else torch.set_grad_enabled).get("mode")
-    except sr.Unrewritable:
-        return ModeUse(kind, None)
-    if value is None:
-        return ModeUse(kind, True)
-    constant = isinstance(value, ast.Constant) and isinstance(value.value, bool)
-    return ModeUse(kind, value.value if constant else None)
-
-
-def _mode_call(node: ast.expr) -> ast.Call:
-    """The context manager of a decorator, as a call (``@torch.inference_mode`` -> ``torch.inference_mode()``)."""
-    return node if isinstance(node, ast.Call) else ast.Call(func=node, args=[], keywords=[])
-
-
 def _no_grad_call() -> ast.Call:
     return ast.Call(func=ast.Name(id=NO_GRAD, ctx=ast.Load()), args=[], keywords=[])
-
-
-def _split_docstring(body: list[ast.stmt]) -> tuple[list[ast.stmt], list[ast.stmt]]:
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-            and isinstance(body[0].value.value, str):
-        return body[:1], body[1:]
-    return [], body
 
 
 def _where(fn: types.FunctionType, line: int) -> str:
@@ -123,7 +80,7 @@ def step_methods(model: nn.Module) -> set[int]:
 
 def _attribute_calls(fn: types.FunctionType) -> set[str]:
     try:
-        tree = sr.function_tree(im.without_grad_mode_decorators(fn))
+        tree = sr.function_tree(without_grad_mode_decorators(fn))
     except sr.Unrewritable:
         return set()
     return {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
@@ -147,9 +104,9 @@ def root_cover(model: nn.Module) -> RootCover | None:
     fn = getattr(model.forward, "__func__", None)
     if not isinstance(fn, types.FunctionType):
         return None
-    plain = im.without_grad_mode_decorators(fn)
+    plain = without_grad_mode_decorators(fn)
     layer: object = fn
-    while (found := im.grad_mode_decorator_of(layer)) is not None:
+    while (found := grad_mode_decorator_of(layer)) is not None:
         if isinstance(found[0], torch.inference_mode):
             return RootCover(plain, bool(found[0].mode), "decorator", found[1])
         layer = found[1]
@@ -159,7 +116,7 @@ def root_cover(model: nn.Module) -> RootCover | None:
         tree = sr.function_tree(plain)
     except sr.Unrewritable:
         return None
-    _, body = _split_docstring(tree.body)
+    _, body = split_docstring(tree.body)
     if len(body) == 1 and isinstance(body[0], ast.With) and not body[0].items[0].optional_vars:
         use = mode_use(plain, body[0].items[0].context_expr)
         if use is not None and use.enters_inference:
@@ -203,7 +160,7 @@ class GradModeScan:
 def scan_step(model: nn.Module, selected: set[int]) -> GradModeScan:
     """The grad-mode uses in the step methods of ``model`` (ids in ``selected``) and the helpers they call."""
     scan = GradModeScan()
-    rewriter = reachable.ReachableRewriter(scan, unwrap=im.without_grad_mode_decorators)
+    rewriter = reachable.ReachableRewriter(scan)
     for fn, _, _ in reachable.methods_by_function(model):
         if id(fn) in selected:
             rewriter.rewrite(fn)
@@ -290,14 +247,14 @@ class InferenceModeSites:
                 self.converted += 1
                 count += 1
         if covering is not None and not covering.items:
-            doc, _ = _split_docstring(tree.body)
+            doc, _ = split_docstring(tree.body)
             tree.body = doc + covering.body  # the block's statements, one level up
         return count
 
     def _covering_with(self, fn: types.FunctionType, tree: ast.FunctionDef) -> ast.With | None:
         if self.cover is None or self.cover.how != "with" or fn is not self.cover.function:
             return None
-        _, body = _split_docstring(tree.body)
+        _, body = split_docstring(tree.body)
         return body[0] if len(body) == 1 and isinstance(body[0], ast.With) else None
 
     # -- decorators ------------------------------------------------------------------------------
@@ -324,44 +281,37 @@ class InferenceModeSites:
         return count
 
     def _decorators(self, fn: types.FunctionType, tree: ast.FunctionDef, reasons: list[str], seen: set[int]) -> int:
-        """Turn ``fn``'s own grad-mode decorators into ``with`` blocks around its body (innermost first).
+        """``fn``'s own ``inference_mode`` decorators: the root cover dropped, any other made ``no_grad()``.
 
-        The rewritten function is compiled without decorators, so each one becomes the block it
-        stands for; an ``inference_mode(True)`` one is the root cover (dropped) or a ``no_grad`` block.
+        The rewritten function is compiled without decorators: the rewriter turns what is left into
+        the ``with`` blocks they stand for (``grad_modes.decorators_as_blocks``).
         """
         decorators = tree.decorator_list
         uses = [mode_use(fn, d) for d in decorators]
         for dec in decorators:
             self._mark(dec, seen)
-        if not decorators:
-            return 0
         if any(u is None or u.mode is None for u in uses):
             if any(u is not None and u.kind == "inference" for u in uses):
                 why = "it has decorators other than grad modes" if None in uses else "a decorator's mode is a runtime value"
                 reasons.append(f"line {decorators[0].lineno}: @torch.inference_mode() on {fn.__qualname__} left in "
                                f"place: {why}")
             return 0
-        count = 0
-        doc, body = _split_docstring(tree.body)
+        count, ours = 0, set()
         is_root = self.cover is not None and self.cover.how == "decorator" and fn is self.cover.function
-        for dec, use in reversed(list(zip(decorators, uses))):
-            manager = _mode_call(dec)
-            if use.enters_inference or (is_root and use.kind == "inference"):
-                if is_root:
-                    self.root_moved = True
-                    count += 1
-                    is_root = False  # one cover; any other inference_mode decorator is an ordinary site
-                    continue
+        for i, (dec, use) in reversed(list(enumerate(zip(decorators, uses)))):
+            if is_root and use.kind == "inference":
+                del decorators[i]  # the wrapper enters it around the compiled core
+                self.root_moved, is_root = True, False
+                count += 1
+            elif use.enters_inference:
                 why = self._refusal(use, False)
                 if why:
                     reasons.append(f"line {dec.lineno}: @torch.inference_mode() on {fn.__qualname__} left in place: "
                                    f"{why}")
-                else:
-                    manager = _no_grad_call()
-                    self.converted += 1
-                    count += 1
-            block = ast.With(items=[ast.withitem(context_expr=manager, optional_vars=None)], body=body)
-            body = [ast.copy_location(block, dec)]
-        tree.decorator_list = []
-        tree.body = doc + body
+                    continue
+                decorators[i] = ast.copy_location(_no_grad_call(), dec)
+                ours.add(id(decorators[i]))
+                self.converted += 1
+                count += 1
+        decorators_as_blocks(fn, tree, frozenset(ours))
         return count

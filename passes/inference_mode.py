@@ -39,8 +39,7 @@ class InferenceModePass(Pass):
         selected = ms.step_methods(model)
         scan = ms.scan_step(model, selected)
         sites = ms.InferenceModeSites(cover, scan.enables_grad)
-        rewrite_methods(model, result, sites, unwrap=im.without_grad_mode_decorators,
-                        select=lambda fn, _name: id(fn) in selected)
+        rewrite_methods(model, result, sites, select=lambda fn, _name: id(fn) in selected)
         if cover is not None:
             self._move_root_outside(model, cover, sites, result)
         if result.rewritten and "graphfix_inference_mode" in model.__dict__:

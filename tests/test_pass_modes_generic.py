@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -387,3 +388,27 @@ def test_a_step_that_switches_grad_on_keeps_its_inference_mode_sites():
     [(site, reason)] = result.skipped
     assert site == "inner" and "grad is switched on at" in reason and "test_pass_modes_generic.py:" in reason
     assert "forward" not in model.inner.__dict__
+
+
+def test_the_zoo_research_models_grad_mode_and_collective_constructs_are_gone():
+    """tests/zoo/research_style.py: an async all_reduce inside an inference_mode-decorated forward, and a
+    mark_dirty collective Function; after functional-collectives and inference-mode only its .item() breaks."""
+    from passes.collectives import FunctionalCollectivesPass
+    from tests.zoo import load
+    from tests.zoo.research_style import PROMPT
+
+    ref_model, loop = load("research")
+    model, _ = load("research")
+    assert FunctionalCollectivesPass().apply(model, CTX).rewritten == 2  # the Function call, the async all_reduce
+    result = InferenceModePass().apply(model, CTX)
+    assert result.rewritten == 1 and not result.skipped
+    assert "with _graphfix_no_grad():" in rewritten_source(model.layers[0].feed_forward)
+    torch._dynamo.reset()
+    model.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        breaks = [b.reason.splitlines()[0] for b in torch._dynamo.explain(model)(PROMPT).break_reasons]
+    assert len(breaks) == 1 and "item()" in breaks[0], breaks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(loop(model, steps=4), loop(ref_model, steps=4))

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
+from graphfix.rewrite import grad_modes
 from graphfix.rewrite.blocks import source_rewrite as sr
 
 Transform = Callable[[types.FunctionType, ast.FunctionDef], tuple[int, list[str], dict]]
@@ -36,10 +37,6 @@ Transform = Callable[[types.FunctionType, ast.FunctionDef], tuple[int, list[str]
 
 Unwrap = Callable[[types.FunctionType], types.FunctionType]
 """``wrapper -> the function it wraps`` for decorators a transform can see through (identity otherwise)."""
-
-
-def _same(fn: types.FunctionType) -> types.FunctionType:
-    return fn
 
 _LIBRARY_PACKAGES = frozenset({
     "torch", "graphfix", "passes", "numpy", "typing_extensions", "functorch", "triton", "sympy", "einops",
@@ -89,13 +86,14 @@ class ReachableRewriter:
     (one function) is rewritten once, and recursion through mutually calling helpers ends.
     """
 
-    def __init__(self, transform: Transform, *, follow_callees: bool = True, unwrap: Unwrap | None = None) -> None:
+    def __init__(self, transform: Transform, *, follow_callees: bool = True,
+                 unwrap: Unwrap = grad_modes.without_grad_mode_decorators) -> None:
         self.transform = transform
         self.follow_callees = follow_callees
-        self.unwrap = unwrap or _same
+        self.unwrap = unwrap
         """Applied to every function before it is read: a decorator's wrapper has neither the source nor the
-        globals and closure of the function it wraps, so a transform that handles the decorator in the source
-        (``torch.inference_mode()``) rewrites the wrapped function in its place."""
+        globals and closure of the function it wraps, so the wrapped function is rewritten in its place, its
+        grad-mode decorators turned into the ``with`` blocks they stand for (``grad_modes.decorators_as_blocks``)."""
         self.done: dict[int, FunctionRewrite] = {}
         self.helpers_seen: list[tuple[types.FunctionType, FunctionRewrite]] = []
         """Every module-level helper (not a method) the transform was shown, in order, changed or not: the
@@ -131,6 +129,7 @@ class ReachableRewriter:
             return outcome
         helpers.update(used)
         try:
+            grad_modes.decorators_as_blocks(fn, tree)
             new = sr.compile_function(fn, tree, helpers)
         except sr.Unrewritable as exc:
             outcome.reasons.append(str(exc))
@@ -176,6 +175,7 @@ def reachable_functions(model: nn.Module) -> Iterator[tuple[types.FunctionType, 
     stack: list[tuple[types.FunctionType, str, list[tuple[str, nn.Module]]]] = list(reversed(methods_by_function(model)))
     while stack:
         fn, name, instances = stack.pop()
+        fn = grad_modes.without_grad_mode_decorators(fn)
         if id(fn) in seen:
             continue
         seen.add(id(fn))
@@ -189,5 +189,7 @@ def reachable_functions(model: nn.Module) -> Iterator[tuple[types.FunctionType, 
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 target = sr.resolve(fn, node.func)
+                if isinstance(target, types.FunctionType):
+                    target = grad_modes.without_grad_mode_decorators(target)
                 if user_function(target) and id(target) not in seen:
                     stack.append((target, "", instances))

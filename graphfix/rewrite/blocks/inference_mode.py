@@ -20,30 +20,10 @@ import torch
 from torch import nn
 from torch._dynamo.decorators import skip as skip_frame
 
-_DECORATED_CODE = torch.inference_mode()(lambda: None).__code__
-"""The code object of ``torch.utils._contextlib.context_decorator``'s wrapper (shared by every grad-mode decorator)."""
+from graphfix.rewrite.grad_modes import grad_mode_decorator_of, without_grad_mode_decorators
 
-GRAD_MODE_CLASSES = (torch.inference_mode, torch.no_grad, torch.enable_grad, torch.set_grad_enabled)
-"""The context managers whose decorator form graphfix sees through (all switch autograd state only)."""
-
-
-def grad_mode_decorator_of(fn: Any) -> tuple[Any, Callable] | None:
-    """``(context manager, wrapped function)`` if ``fn`` is ``torch.<grad mode>(...)(f)``, else ``None``.
-
-    Matched by the wrapper's code object and its closure (``ctx_factory`` is the
-    bound ``clone`` of a grad-mode context manager instance), not by names.
-    """
-    fn = getattr(fn, "__func__", fn)
-    if getattr(fn, "__code__", None) is not _DECORATED_CODE or not fn.__closure__:
-        return None
-    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
-    if "ctx_factory" not in cells or "func" not in cells:
-        return None
-    ctx = getattr(cells["ctx_factory"].cell_contents, "__self__", None)
-    if not isinstance(ctx, GRAD_MODE_CLASSES):
-        return None
-    return ctx, cells["func"].cell_contents
-
+__all__ = ["core_callable", "forward_outside_inference_mode", "grad_mode_decorator_of", "inference_mode_of",
+           "move_outside", "without_grad_mode_decorators"]
 
 def inference_mode_of(fn: Any) -> tuple[bool, Callable] | None:
     """``(mode, undecorated function)`` if ``fn`` is ``torch.inference_mode(mode)(f)``, else ``None``."""
@@ -51,19 +31,6 @@ def inference_mode_of(fn: Any) -> tuple[bool, Callable] | None:
     if found is None or not isinstance(found[0], torch.inference_mode):
         return None
     return bool(found[0].mode), found[1]
-
-
-def without_grad_mode_decorators(fn: types.FunctionType) -> types.FunctionType:
-    """The plain function under any stack of grad-mode decorators (``fn`` itself when it has none).
-
-    Its source still shows the decorators (``inspect`` reads from the first one), so a source
-    transform sees them and can turn them into ``with`` blocks.
-    """
-    found = grad_mode_decorator_of(fn)
-    while found is not None and isinstance(found[1], types.FunctionType):
-        fn = found[1]
-        found = grad_mode_decorator_of(fn)
-    return fn
 
 
 def core_callable(model: nn.Module) -> Callable:
