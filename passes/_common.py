@@ -73,16 +73,21 @@ def where(paths: list[str], method: str = "forward") -> str:
 Transform = reachable.Transform
 
 
-def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform) -> None:
-    """Apply a source transform to every user method of ``model`` and to the helpers they call.
+def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform,
+                    methods: list[tuple[types.FunctionType, str, list[tuple[str, nn.Module]]]] | None = None) -> None:
+    """Apply a source transform to every user method of ``model`` (or to ``methods``) and to the helpers they call.
 
+    ``methods`` narrows the methods to start from, e.g. to those that run in a step
+    (``graphfix.rewrite.step_code``); its helpers (method name ``""``) are reached through their callers.
     The transform runs once per function object (instances of one class share it);
     ``rewritten`` counts the sites in the source, not the instances. A helper that
     changes is reached through a rewritten copy of each caller (``graphfix.rewrite.reachable``).
     """
     rewriter = reachable.ReachableRewriter(transform)
     setup_only = reachable.ReachableRewriter(transform, follow_callees=False)
-    for fn, name, instances in methods_by_function(model):
+    for fn, name, instances in methods_by_function(model) if methods is None else methods:
+        if not name:
+            continue
         outcome = (rewriter if reachable.runs_in_step(name) else setup_only).rewrite(fn)
         loc = where([p for p, _ in instances], name)
         result.skipped.extend((loc, r) for r in outcome.reasons)
