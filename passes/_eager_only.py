@@ -21,20 +21,17 @@ import ast
 import builtins
 import dataclasses
 import logging
-import time
 import types
 import warnings
 
 import torch
 
 from graphfix.rewrite.blocks import source_rewrite as sr
-from passes._purity import impurity
+from passes._purity import TIMERS, impurity
 from passes._scalar_checks import child_blocks, scalar_calls
 
 LOGGING_FUNCTIONS = tuple(getattr(logging, n) for n in ("debug", "info", "warning", "warn", "error", "exception",
                                                         "critical", "fatal", "log"))
-TIMERS = (time.time, time.perf_counter, time.monotonic, time.time_ns, time.perf_counter_ns, time.process_time,
-          time.monotonic_ns, time.process_time_ns)
 GUARD = "_graphfix_is_compiling"
 HELPERS = {GUARD: torch.compiler.is_compiling}
 _IS_COMPILING = tuple(f for f in (torch.compiler.is_compiling, getattr(torch.compiler, "is_dynamo_compiling", None),

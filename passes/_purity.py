@@ -6,14 +6,15 @@ made eager-only stops evaluating its test when compiled. Either is safe only whe
 the expression has no side effect: no in-place op, no draw from a random generator
 (that shifts every later random number), no call into code that may update state
 (a submodule writing its KV cache, a user helper). Only torch functions and tensor
-methods that are neither in-place nor random, ``math`` functions and a few builtins
-are known not to; anything else is answered with the reason.
+methods that are neither in-place nor random, ``math`` functions, clock reads and
+builtins that only compute are known not to; anything else is answered with the reason.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import time
 import types
 
 import torch
@@ -27,8 +28,13 @@ _RANDOM = frozenset({
 })
 _STATEFUL = frozenset({"backward", "register_hook", "retain_grad", "record_stream", "manual_seed", "seed",
                        "set_rng_state", "save", "set_default_dtype", "set_grad_enabled"})
-_PURE_BUILTINS = frozenset({builtins.abs, builtins.len, builtins.min, builtins.max, builtins.isinstance,
-                            builtins.int, builtins.float, builtins.bool})
+_PURE_BUILTINS = tuple(getattr(builtins, n) for n in (
+    "abs", "len", "min", "max", "sum", "any", "all", "round", "divmod", "pow", "isinstance", "hasattr", "getattr",
+    "callable", "type", "id", "int", "float", "bool", "str", "repr", "format", "tuple", "list", "dict", "set",
+    "sorted", "zip", "enumerate", "range", "chr", "ord", "hex"))
+TIMERS = (time.time, time.perf_counter, time.monotonic, time.time_ns, time.perf_counter_ns, time.process_time,
+          time.monotonic_ns, time.process_time_ns)
+"""Clock reads: no effect of their own (a graph break under Dynamo, but nothing changes when one is skipped)."""
 _PURE_MODULES = ("torch", "math")
 
 
@@ -54,12 +60,12 @@ def _call_impurity(fn: types.FunctionType, call: ast.Call, receiver: str | None)
         return f"{text} writes into `out=`"
     target = sr.resolve(fn, call.func)
     if target is not sr.MISSING:
-        if _hashable(target) and target in _PURE_BUILTINS:
+        if any(target is f for f in _PURE_BUILTINS + TIMERS):
             return None
         module = getattr(target, "__module__", None) or ""
         name = getattr(target, "__name__", "")
         if module.partition(".")[0] not in _PURE_MODULES or module.startswith("torch.distributed"):
-            return f"{text} may have side effects (only torch functions, tensor methods and math are known not to)"
+            return f"{text} may have side effects (only torch, math, clock and computing builtins are known not to)"
         return _op_impurity(text, name)
     if not isinstance(call.func, ast.Attribute):
         return f"{text} may have side effects (it is not a torch function)"
@@ -76,14 +82,6 @@ def _op_impurity(text: str, name: str) -> str | None:
     if name in _RANDOM:
         return f"{text} draws random numbers"
     return None
-
-
-def _hashable(value: object) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
 
 
 def root_name(expr: ast.AST) -> str | None:

@@ -98,7 +98,7 @@ def _select_statements(fn: types.FunctionType, tree: ast.FunctionDef, node: ast.
                               "condition is false")
         reason = impurity(fn, stmt.value, receiver)
         if reason:
-            raise Unsupported(f"computing both sides would run {reason}")
+            raise Unsupported(f"both sides would be computed, and {reason}")
     condition = _condition(fn, node.test, receiver)
     statements: list[ast.stmt] = []
     if len(assigns) > 1:  # later right-hand sides may change what the condition reads: evaluate it once, first
@@ -149,7 +149,7 @@ def _value(fn: types.FunctionType, node: ast.expr, receiver: str | None) -> ast.
             raise Unsupported(f"`{ast.unparse(node)}` is not a scalar (`.item()`) read")
         reason = impurity(fn, node.func.value, receiver)
         if reason:
-            raise Unsupported(f"evaluating `{ast.unparse(node.func.value)}` unconditionally would run {reason}")
+            raise Unsupported(f"every part of the condition would be evaluated, and {reason}")
         return _call(SCALAR, node.func.value)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
         return node

@@ -105,9 +105,10 @@ def _transform(fn: types.FunctionType, tree: ast.FunctionDef, root: bool,
     receiver = _receiver(fn, tree)
     sites = 0
     replaced: list[tuple[list[ast.stmt], ast.stmt, list[ast.stmt]]] = []
+    eager = eo.eager_only_nodes(fn, tree)  # code that never runs compiled needs no tensor form
     for block in sr.statement_lists(tree):
         for stmt in block:
-            if not checks.is_data_dependent(stmt):
+            if id(stmt) in eager or not checks.is_data_dependent(stmt):
                 continue
             try:
                 replaced.append((block, stmt, checks.rewrite(fn, tree, stmt, receiver)))
@@ -227,7 +228,7 @@ class _Report:
                 lines[eo.statement_key(self.fn, stmt)] = stmt.lineno
             if isinstance(node, (ast.Expr, ast.Assign)) and self.calls_check_helper(node):
                 lines[eo.statement_key(self.fn, node)] = node.lineno
-        for key, line in lines.items():
+        for key, line in sorted(lines.items(), key=lambda item: item[1]):
             if key in self.pending:
                 self.result.notes.append(f"{self.loc} line {line}: {self.pending.pop(key)}")
         return len(lines)
