@@ -127,6 +127,28 @@ class Counting(nn.Module):
         return h
 
 
+class NoTensorForm(nn.Module):
+    """.item() control flow with no exact tensor form: each one reported with the reason."""
+
+    strict = True
+
+    def forward(self, x):
+        h = x * 2
+        if h.max().item() > 1:
+            h = h - 1
+        else:
+            h = h + 1
+        if h.sum().item() > 0 and self.strict:
+            raise ValueError("positive")
+        if x.tolist() == [0.0]:
+            raise ValueError("zero")
+        if x.mean().item() > 0:
+            fresh = x + 1  # noqa: F841 - bound only in the branch
+        if x.mean().item() < 0:
+            h = F.dropout(h, 0.5)
+        return h
+
+
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 def _twins(cls, seed: int = 0):
@@ -277,6 +299,21 @@ def test_branches_with_side_effects_are_reported_and_left_as_they_are():
     x = torch.ones(2, 8)
     model(x)
     assert model.positive_calls == 1  # the model still does what it did
+
+
+def test_control_flow_without_an_exact_tensor_form_is_reported_with_the_reason():
+    model = NoTensorForm()
+    result = SideEffectsPass().apply(model, CTX)
+    assert result.rewritten == 0 and sr.rewritten_source(model) is None
+    reasons = [r for _, r in result.skipped]
+    expected = ["it has an `else`/`elif` branch",
+                "`self.strict` is not built from .item() values",
+                "`x.tolist()` is not a scalar (`.item()`) read",
+                "`fresh` is not bound before the branch",
+                "`F.dropout(...)` draws random numbers"]
+    assert len(reasons) == len(expected), reasons
+    for text in expected:
+        assert any(text in r for r in reasons), (text, reasons)
 
 
 def test_select_falls_back_to_the_python_branch_when_where_would_broadcast():
