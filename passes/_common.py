@@ -74,10 +74,13 @@ Transform = reachable.Transform
 MethodFilter = Callable[[types.FunctionType, str], bool]
 
 
-def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform, *,
+def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform,
+                    methods: list[tuple[types.FunctionType, str, list[tuple[str, nn.Module]]]] | None = None, *,
                     select: MethodFilter | None = None) -> None:
-    """Apply a source transform to every user method of ``model`` and to the helpers they call.
+    """Apply a source transform to every user method of ``model`` (or to ``methods``) and to the helpers they call.
 
+    ``methods`` narrows the methods to start from, e.g. to those that run in a step
+    (``graphfix.rewrite.step_code``); its helpers (method name ``""``) are reached through their callers.
     The transform runs once per function object (instances of one class share it);
     ``rewritten`` counts the sites in the source, not the instances. A helper that
     changes is reached through a rewritten copy of each caller (``graphfix.rewrite.reachable``).
@@ -86,8 +89,8 @@ def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform, 
     """
     rewriter = reachable.ReachableRewriter(transform)
     setup_only = reachable.ReachableRewriter(transform, follow_callees=False)
-    for fn, name, instances in methods_by_function(model):
-        if select is not None and not select(fn, name):
+    for fn, name, instances in methods_by_function(model) if methods is None else methods:
+        if not name or (select is not None and not select(fn, name)):
             continue
         outcome = (rewriter if reachable.runs_in_step(name) else setup_only).rewrite(fn)
         loc = where([p for p, _ in instances], name)
