@@ -58,19 +58,37 @@ def logging_call(fn: types.FunctionType, node: ast.AST) -> LoggingCall | None:
     if not isinstance(node, ast.Call):
         return None
     target = sr.resolve(fn, node.func)
+    formats = _formats_values(node)
     if target is builtins.print:
         to_file = any(k.arg == "file" for k in node.keywords)
-        return LoggingCall(node, target, "print(file=...) passes a file object Dynamo cannot reorder" if to_file else None)
+        return LoggingCall(node, target, "print(file=...) passes a file object Dynamo cannot reorder" if to_file
+                           else formats)
     if any(target is f for f in LOGGING_FUNCTIONS):
-        return LoggingCall(node, target, None)
+        return LoggingCall(node, target, formats)
     if target is warnings.warn:
         extra = node.args[1:] + [k.value for k in node.keywords if k.arg in ("category", "source")]
         return LoggingCall(node, target, "warnings.warn with a category/source argument cannot be reordered (Dynamo "
-                           "reorders only tensor, constant and format-string arguments)" if extra else None)
+                           "reorders only tensor, constant and format-string arguments)" if extra else formats)
     if isinstance(node.func, ast.Attribute) and isinstance(sr.resolve(fn, node.func.value),
                                                            (logging.Logger, logging.LoggerAdapter)):
         return LoggingCall(node, logging.Logger, "Dynamo cannot reorder Logger methods (it can only drop them, "
                            "torch._dynamo.config.ignore_logging_functions)")
+    return None
+
+
+def _formats_values(node: ast.Call) -> str | None:
+    """Why a call that builds a string from values in the step cannot be reordered: the string is built in the graph,
+    and a value Dynamo makes dynamic (a position counter once it is a SymInt) breaks it ('BUILD_STRING type error')."""
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.FormattedValue) and not isinstance(sub.value, ast.Constant):
+            return (f"it formats `{ast.unparse(sub.value)}` into a string inside the step, which breaks the graph once "
+                    "that value is dynamic ('BUILD_STRING type error')")
+        if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr == "format" \
+                and isinstance(sub.func.value, ast.Constant) and isinstance(sub.func.value.value, str):
+            return "it builds a string with str.format inside the step, which breaks once a value is dynamic"
+        if isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.Mod) and isinstance(sub.left, ast.Constant) \
+                and isinstance(sub.left.value, str):
+            return "it builds a string with % inside the step, which breaks once a value is dynamic"
     return None
 
 
