@@ -228,7 +228,7 @@ def rewrite_owner(owner: Owner, ctx: PassContext, result: PassResult) -> None:
     functions = {}
     for name, rewrite in owner.rewrites.items():
         try:
-            functions[name] = sr.compile_function(rewrite.fn, rewrite.tree, HELPERS)
+            functions[name] = sr.compile_function(rewrite.fn, rewrite.tree, {**HELPERS, **rewrite.helpers})
         except sr.Unrewritable as exc:
             owner.refuse(str(exc), name)
     if owner.reasons:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from graphfix.diagnose.findings import display_path
+from graphfix.rewrite import reachable
 from graphfix.rewrite.blocks import attention, kv_cache
 from graphfix.rewrite.blocks import source_rewrite as sr
 
@@ -197,6 +198,8 @@ class PositionEnd:
 
 
 AMBIGUOUS = "ambiguous"
+STALE = "stale"
+"""A local that held a cache view before a later write to that cache (the original keeps the old tensor)."""
 Kind = View | Position | PositionEnd | str | None
 """``None``: a plain value that has nothing to do with the cache."""
 
@@ -233,20 +236,26 @@ class MethodRewrite:
     constructs rewritten (a write, a reset, a length read, a position use, an attention call).
     """
 
-    def __init__(self, fn: types.FunctionType, tree: ast.FunctionDef, caches: dict[str, int]) -> None:
-        self.fn, self.tree, self.caches = fn, tree, caches
+    def __init__(self, fn: types.FunctionType, tree: ast.FunctionDef, caches: dict[str, int],
+                 helper: bool = False) -> None:
+        self.fn, self.tree, self.caches, self.helper = fn, tree, caches, helper
         params = tree.args.posonlyargs + tree.args.args
-        self.self_name = params[0].arg if params else "self"
+        self.self_name = params[0].arg if params and not helper else ""
+        self.helpers: dict[str, types.FunctionType] = {}
+        """Rewritten copies of the helpers this method hands the cache to, by the name the method calls them."""
         self.sites = 0
         self.reasons: list[str] = []
         self.fresh = 0
+        self.written: set[str] = set()
+        """Caches written by the statement being rewritten (``invalidate_views`` after it)."""
 
     @property
     def touches_cache(self) -> bool:
         return any(self_attr(n, self.self_name) in self.caches for n in ast.walk(self.tree))
 
-    def run(self) -> None:
-        self.tree.body = self.block(self.tree.body, {})
+    def run(self, env: dict[str, Kind] | None = None) -> None:
+        """Rewrite the tree; ``env`` says what the parameters hold (a helper's cache views and positions)."""
+        self.tree.body = self.block(self.tree.body, dict(env or {}))
 
     # -- reporting ---------------------------------------------------------
 
@@ -260,6 +269,12 @@ class MethodRewrite:
 
     # -- small AST builders ------------------------------------------------
 
+    def length_of(self, view: View) -> ast.expr:
+        """The written length that masks ``view``: the cache's own, or, in a helper, the one its caller passes."""
+        if self.helper:
+            return ast.Name(id=length_parameter(view.attr), ctx=ast.Load())
+        return self._cache(view.attr, "length")
+
     def _cache(self, attr: str, member: str | None = None) -> ast.expr:
         node: ast.expr = ast.Attribute(value=ast.Name(id=self.self_name, ctx=ast.Load()), attr=attr, ctx=ast.Load())
         return ast.Attribute(value=node, attr=member, ctx=ast.Load()) if member else node
@@ -268,7 +283,15 @@ class MethodRewrite:
               keywords: list[ast.keyword] | None = None) -> ast.stmt:
         call = ast.Call(func=self._cache(attr, method), args=args, keywords=keywords or [])
         self.sites += 1
+        self.written.add(attr)
         return ast.copy_location(ast.Expr(value=call), at)
+
+    def invalidate_views(self, env: dict[str, Kind]) -> None:
+        """After writes: locals holding a view of a written cache are stale (the original holds the old tensor)."""
+        for name, kind in list(env.items()):
+            if isinstance(kind, View) and kind.attr in self.written:
+                env[name] = STALE
+        self.written.clear()
 
     # -- statements ----------------------------------------------------------
 
@@ -276,6 +299,7 @@ class MethodRewrite:
         out: list[ast.stmt] = []
         for stmt in stmts:
             out.extend(self.statement(stmt, env))
+            self.invalidate_views(env)
         return out
 
     def statement(self, stmt: ast.stmt, env: dict[str, Kind]) -> list[ast.stmt]:
@@ -613,6 +637,9 @@ class MethodRewrite:
         if isinstance(kind, (Position, PositionEnd)):
             return (f"`{self._src(node)}` uses the cache length (a tensor after the rewrite) other than as "
                     "table[pos : pos + n] or torch.arange(pos, pos + n)")
+        if kind == STALE:
+            return (f"`{self._src(node)}` holds the cache as it was before a later write; the preallocated cache "
+                    "would show the write")
         return f"`{self._src(node)}` may hold a cache value or not, depending on a branch"
 
     def expr(self, node: ast.expr, env: dict[str, Kind]) -> tuple[ast.expr, Kind]:
@@ -624,7 +651,7 @@ class MethodRewrite:
             return self._cache(attr, "buffer"), View(attr, self.caches[attr])
         if isinstance(node, ast.Name):
             kind = env.get(node.id)
-            if kind == AMBIGUOUS:
+            if kind in (AMBIGUOUS, STALE):
                 self.refuse(node, self._misuse(node, kind))
                 return node, None
             return node, kind
@@ -632,7 +659,7 @@ class MethodRewrite:
         if length is not None:
             return length
         if isinstance(node, ast.Call):
-            for handler in (self.attention_call, self.arange_call, self.layout_call):
+            for handler in (self.attention_call, self.arange_call, self.layout_call, self.helper_call):
                 handled = handler(node, env)
                 if handled is not None:
                     return handled
@@ -712,8 +739,11 @@ class MethodRewrite:
             return None
         if not (self.refers_to_cache(bound[key_name], env) or self.refers_to_cache(bound[value_name], env)):
             return None
+        reported = len(self.reasons)
         key, key_kind = self.expr(bound[key_name], env)
         value, value_kind = self.expr(bound[value_name], env)
+        if len(self.reasons) > reported:
+            return node, None
         problem = self.attention_problem(node, bound, mask_name, key_kind, value_kind)
         if problem:
             self.refuse(node, problem)
@@ -723,7 +753,7 @@ class MethodRewrite:
                     if name not in (query_name, key_name, value_name, mask_name)]
         self.sites += 1
         call = ast.Call(func=ast.Name(id=helper, ctx=ast.Load()),
-                        args=[self._cache(key_kind.attr, "length"), query, key, value], keywords=keywords)
+                        args=[self.length_of(key_kind), query, key, value], keywords=keywords)
         return ast.copy_location(call, node), None
 
     def attention_problem(self, node: ast.Call, bound: dict[str, ast.expr], mask_name: str, key_kind: Kind,
@@ -738,6 +768,65 @@ class MethodRewrite:
                     "attention over a growing cache only when its mask is SDPA's own (is_causal, or none); an "
                     "explicit mask sized to the grown cache cannot be rebuilt over a preallocated one")
         return None
+
+    def helper_call(self, node: ast.Call, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
+        """A cache view or position handed to a user function: call a rewritten copy of it instead.
+
+        The copy is analysed with its parameters holding what the call passes; for each view it
+        gets a keyword ``_graphfix_length_<param>`` (the written length that masks it), which the
+        call passes. The function itself is left as it is for its other callers.
+        """
+        target = sr.resolve(self.fn, node.func)
+        if not reachable.user_function(target):
+            return None
+        values = [*node.args, *(k.value for k in node.keywords)]
+        if not any(self.refers_to_cache(v, env) for v in values) or not any(self.peek(v, env) for v in values):
+            return None
+        try:
+            bound = sr.bind_call(node, target)
+            tree = sr.function_tree(target)
+        except sr.Unrewritable as exc:
+            self.refuse(node, f"the cache reaches {target.__qualname__}, which graphfix cannot follow: {exc}")
+            return node, None
+        passed: dict[str, Kind] = {}
+        for param, arg in bound.items():
+            if not isinstance(arg, ast.expr):  # *args / **kwargs of the helper: not followed
+                if any(self.refers_to_cache(a, env) for a in (arg.values() if isinstance(arg, dict) else arg)):
+                    self.refuse(node, f"`{self._src(node)}` hands the cache to {target.__qualname__} through "
+                                      f"*{param}")
+                    return node, None
+                continue
+            kind = self.peek(arg, env)
+            if isinstance(kind, View):
+                passed[param] = View(param, kind.seq_dim, kind.dims)
+            elif isinstance(kind, (Position, PositionEnd)) or kind is not None:
+                passed[param] = Position(param) if isinstance(kind, Position) else kind
+        if any(not isinstance(k, (View, Position)) for k in passed.values()):
+            self.refuse(node, f"`{self._src(node)}` hands {target.__qualname__} a cache value it cannot follow")
+            return node, None
+        inner = MethodRewrite(target, tree, {}, helper=True)
+        inner.run(passed)
+        if inner.reasons:
+            self.reasons.extend(inner.reasons)
+            return node, None
+        views = [p for p, k in passed.items() if isinstance(k, View)]
+        tree.args.kwonlyargs.extend(ast.arg(arg=length_parameter(p)) for p in views)
+        tree.args.kw_defaults.extend(None for _ in views)
+        try:
+            copy_fn = sr.compile_function(target, tree, {**HELPERS, **inner.helpers})
+        except sr.Unrewritable as exc:
+            self.refuse(node, str(exc))
+            return node, None
+        name = f"_graphfix_fn_{target.__name__}_{len(self.helpers)}"
+        self.helpers[name] = copy_fn
+        lengths = {p: self.length_of(self.peek(bound[p], env)) for p in views}
+        node.args = [self.expr(a, env)[0] for a in node.args]
+        for kw in node.keywords:
+            kw.value = self.expr(kw.value, env)[0]
+        node.keywords.extend(ast.keyword(arg=length_parameter(p), value=v) for p, v in lengths.items())
+        node.func = ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node.func)
+        self.sites += inner.sites
+        return node, None
 
     def layout_call(self, node: ast.Call, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
         """Layout-only steps on a cache view: transpose, permute, dtype/device moves, repeats on a head dim."""
@@ -858,6 +947,11 @@ class MethodRewrite:
                     return None
                 return node, PositionEnd(start.id, ast.dump(count), copy.deepcopy(count))
         return None
+
+
+def length_parameter(param: str) -> str:
+    """The keyword a rewritten helper takes for the written length of the cache view in ``param``."""
+    return f"_graphfix_length_{param}"
 
 
 def _merge_into(env: dict[str, Kind], *branches: dict[str, Kind]) -> None:

@@ -1,0 +1,198 @@
+"""Pass static-kv-cache on growing caches in any module: torch.cat onto self.A -> a preallocated cache.
+
+Research-style attention modules (tests/fixtures/growing_cache.py) keep their caches on the
+module and grow them with torch.cat. After the pass, the same calls give the same logits, a
+reset and a second prompt still match, and decode compiles once for every position.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from graphfix.rewrite.blocks import source_rewrite as sr
+from graphfix.rewrite.blocks.kv_cache import PreallocatedCache
+from graphfix.rewrite.pass_manager import PassContext
+from passes.kv_cache import StaticKVCachePass
+from tests.fixtures import growing_cache as gc
+
+VOCAB = 96
+GROWING = [gc.NoneCatAttention, gc.EmptyCatAttention, gc.SeqFirstAttention, gc.HelperAttention]
+
+
+def _ctx(*example, **kwargs) -> PassContext:
+    options = {"example_inputs": example} if example else {}
+    return PassContext(max_seq_len=32, max_batch_size=2, options=options, **kwargs)
+
+
+def _rewritten(cls, seed: int = 0):
+    ref, model = gc.tiny_lm(cls, seed), gc.tiny_lm(cls, seed)
+    extra = (0,) if cls is gc.StartPosAttention else ()
+    result = StaticKVCachePass().apply(model, _ctx(torch.zeros(2, 3, dtype=torch.long), *extra))
+    return ref, model, result
+
+
+def _generate(ref, model, prompt: torch.Tensor, steps: int, start_pos: bool = False,
+              stance_after: int | None = None) -> tuple[float, bool]:
+    """Greedy decoding of ``ref``; ``model`` gets the same tokens. Largest logit gap (relative), same tokens."""
+    extra = (lambda p: (p,)) if start_pos else (lambda p: ())
+    with torch.no_grad():
+        want, got = ref(prompt, *extra(0)), model(prompt, *extra(0))
+        scale = want.abs().max()
+        gap, same_tokens, pos = (want - got).abs().max() / scale, True, prompt.shape[1]
+        for step in range(steps):
+            token = want[:, -1:].argmax(-1)
+            same_tokens &= bool(torch.equal(token, got[:, -1:].argmax(-1)))
+            stance = "fail_on_recompile" if stance_after is not None and step >= stance_after else "default"
+            with torch.compiler.set_stance(stance):
+                got = model(token, *extra(pos))
+            want = ref(token, *extra(pos))
+            gap, pos = max(gap, (want - got).abs().max() / scale), pos + 1
+    return float(gap), same_tokens
+
+
+@pytest.mark.parametrize("cls", [*GROWING, gc.StartPosAttention])
+def test_parity_over_prefill_decode_reset_and_second_prompt(cls):
+    ref, model, result = _rewritten(cls)
+    assert result.rewritten >= 5 and not result.skipped, result.skipped
+    attention = model.layers[0].attention
+    slots = [m for m in attention.children() if isinstance(m, PreallocatedCache)]
+    assert len(slots) == 2 and all(s.length.item() == 0 for s in slots)  # the probe left nothing behind
+    start_pos = cls is gc.StartPosAttention
+    torch.manual_seed(1)
+    gap, same = _generate(ref, model, torch.randint(0, VOCAB, (2, 5)), 9, start_pos)
+    assert gap <= 1e-5 and same
+    assert all(s.length.item() == 14 for s in slots)
+    if not start_pos:  # start_pos == 0 is the reset of the start_pos style
+        ref.reset()
+        model.reset()
+        assert all(s.length.item() == 0 for s in slots)
+    gap, same = _generate(ref, model, torch.randint(0, VOCAB, (2, 3)), 8, start_pos)
+    assert gap <= 1e-5 and same
+
+
+@pytest.mark.parametrize("cls", GROWING)
+def test_decode_compiles_once_for_all_positions(cls):
+    torch._dynamo.reset()
+    ref, model, _ = _rewritten(cls)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    slot = model.layers[0].attention.get_submodule(next(n for n, m in model.layers[0].attention.named_children()
+                                                         if isinstance(m, PreallocatedCache)))
+    address = slot.buffer.data_ptr()
+    torch.manual_seed(2)
+    gap, same = _generate(ref, compiled, torch.randint(0, VOCAB, (2, 4)), 9, stance_after=1)
+    assert gap <= 1e-5 and same
+    assert counter.frame_count == 2  # the prefill and one decode graph for positions 4..12
+    assert slot.buffer.data_ptr() == address
+
+
+def test_rewritten_source_reads_as_the_construct():
+    _, model, _ = _rewritten(gc.NoneCatAttention)
+    source = sr.rewritten_source(model.layers[0].attention)
+    assert "torch.cat" not in source and "is None" not in source
+    assert "self.cache_k.append(k)" in source and "self.cache_v.append(v, restart=" in source
+    assert "pos = self.cache_k.seq_len()" in source and "_graphfix_take_positions(self.cos, 0, pos, seqlen)" in source
+    assert "_graphfix_attend_written(self.cache_k.length, q, self.cache_k.buffer" in source
+    assert sr.rewritten_source(model.layers[0].attention, "reset_cache").count(".reset()") == 2
+
+
+def test_helpers_get_rewritten_copies_and_stay_unchanged():
+    _, model, _ = _rewritten(gc.HelperAttention)
+    source = sr.rewritten_source(model.layers[0].attention)
+    assert "_graphfix_fn_attend_" in source and "_graphfix_length_k=self.cache_k.length" in source
+    assert "_graphfix_fn_table_rows_" in source
+    assert gc.attend.__code__.co_kwonlyargcount == 0  # the module's helper is not patched
+
+
+def test_state_dict_keys_unchanged_and_idempotent():
+    ref, model, _ = _rewritten(gc.EmptyCatAttention)
+    assert set(model.state_dict()) == set(ref.state_dict())
+    model.load_state_dict(ref.state_dict(), strict=True)
+    again = StaticKVCachePass().apply(model, _ctx(torch.zeros(2, 3, dtype=torch.long)))
+    assert again.rewritten == 0 and not again.skipped
+    assert any("already preallocated" in n for n in again.notes)
+
+
+def test_cache_content_at_pass_time_is_kept_without_a_probe():
+    ref, model = gc.tiny_lm(gc.NoneCatAttention), gc.tiny_lm(gc.NoneCatAttention)
+    prompt = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        ref(prompt)
+        model(prompt)
+    result = StaticKVCachePass().apply(model, _ctx())  # shapes from what the caches hold
+    assert result.rewritten and not result.skipped
+    assert model.layers[1].attention.cache_v.length.item() == 6
+    gap, same = _generate(ref, model, torch.randint(0, VOCAB, (1, 1)), 4)
+    assert gap <= 1e-5 and same
+
+
+def test_none_cache_without_example_is_reported_and_left_alone():
+    model = gc.tiny_lm(gc.NoneCatAttention)
+    result = StaticKVCachePass().apply(model, _ctx())
+    assert result.rewritten == 0
+    assert any("self.cache_k is None" in reason and "example_inputs" in reason for _, reason in result.skipped)
+    assert model.layers[0].attention.cache_k is None and sr.rewritten_source(model.layers[0].attention) is None
+
+
+def _left_alone(model, ctx) -> list[tuple[str, str]]:
+    before = {n: type(m) for n, m in model.named_modules()}
+    result = StaticKVCachePass().apply(model, ctx)
+    assert result.rewritten == 0
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert all(sr.rewritten_source(m) is None for m in model.modules())
+    return result.skipped
+
+
+def test_explicit_mask_consumer_is_skipped():
+    attention = gc.MaskedConsumerAttention(32, 4, 2, 64)
+    skipped = _left_alone(attention, _ctx(torch.zeros(1, 3, 32), torch.ones(3, 3, dtype=torch.bool)))
+    assert len(skipped) == 1 and "attn_mask=mask" in skipped[0][1] and "growing_cache.py:" in skipped[0][1]
+    assert attention.cache_k is None
+
+
+def test_manual_attention_consumer_is_skipped():
+    skipped = _left_alone(gc.tiny_lm(gc.ManualConsumerAttention), _ctx(torch.zeros(1, 3, dtype=torch.long)))
+    assert skipped and all(site == "layers.*.attention" for site, _ in skipped)
+    assert any("self.cache_k other than as the key/value of F.scaled_dot_product_attention" in r for _, r in skipped)
+
+
+def test_caller_owned_tuple_cache_is_reported():
+    skipped = _left_alone(gc.tiny_lm(gc.TupleCacheAttention), _ctx())
+    assert len(skipped) == 1
+    site, reason = skipped[0]
+    assert site == "layers.*.attention" and reason.startswith("caller-owned cache: `past_key_value_state`")
+    assert "compiled with a dynamic cache length instead" in reason
+
+
+class _ViewBeforeWrite(gc.NoneCatAttention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads_first(x)
+        old_k, old_v = self.cache_k, self.cache_v
+        self.cache_k = torch.cat([self.cache_k, k], dim=2)
+        self.cache_v = torch.cat([self.cache_v, v], dim=2)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, old_k, old_v, enable_gqa=True))
+
+
+def test_view_taken_before_a_write_is_skipped():
+    attention = _ViewBeforeWrite(32, 4, 2, 64)
+    attention.cache_k, attention.cache_v = torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8)
+    skipped = _left_alone(attention, _ctx())
+    assert any("`old_k` holds the cache as it was before a later write" in r for _, r in skipped)
+
+
+class _RootReadsLayerCache(gc.TinyLM):
+    """Positions from layer 0's cache, read by the root: another module's attribute."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        first = self.layers[0].attention
+        _ = 0 if first.cache_k is None else first.cache_k.shape[2]
+        return super().forward(tokens)
+
+
+def test_cache_reached_from_another_module_is_skipped():
+    torch.manual_seed(0)
+    model = _RootReadsLayerCache(gc.NoneCatAttention).eval()
+    skipped = _left_alone(model, _ctx(torch.zeros(1, 3, dtype=torch.long)))
+    assert any("`first.cache_k` reaches the cache of another module" in r for _, r in skipped)
