@@ -38,18 +38,30 @@ def _root(node: ast.AST) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
-def _grown_argument(fn: types.FunctionType, node: ast.AST, optional: set[str]) -> str | None:
+def _unpacked_from(tree: ast.FunctionDef, optional: set[str]) -> dict[str, str]:
+    """Locals unpacked or indexed out of the optional arguments (``past_key, past_value = layer_past``),
+    mapped to the argument they come from; the arguments map to themselves."""
+    origin = {name: name for name in optional}
+    for _ in range(2):  # a second round catches aliases of aliases
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and _root(node.value) in origin:
+                for target in node.targets:
+                    for sub in ast.walk(target):
+                        if isinstance(sub, ast.Name):
+                            origin.setdefault(sub.id, origin[_root(node.value)])
+    return origin
+
+
+def _grown_argument(fn: types.FunctionType, node: ast.AST, origin: dict[str, str]) -> str | None:
     """The optional argument ``node`` grows: ``torch.cat([arg..., x])`` or ``arg.update(k, v, ...)``."""
     if not isinstance(node, ast.Call):
         return None
     if any(sr.is_call_to(fn, node, c) for c in _CATS) and node.args:
         tensors = node.args[0]
         if isinstance(tensors, (ast.List, ast.Tuple)) and len(tensors.elts) == 2:
-            root = _root(tensors.elts[0])
-            return root if root in optional else None
+            return origin.get(_root(tensors.elts[0]))
     if isinstance(node.func, ast.Attribute) and node.func.attr == "update" and len(node.args) >= 2:
-        root = _root(node.func.value)
-        return root if root in optional else None
+        return origin.get(_root(node.func.value))
     return None
 
 
@@ -61,8 +73,9 @@ def report_caller_owned(model: nn.Module, skipped: list[tuple[str, str]]) -> Non
         optional = _optional_params(tree)
         if not optional:
             continue
+        origin = _unpacked_from(tree, optional)
         for node in ast.walk(tree):
-            argument = _grown_argument(fn, node, optional)
+            argument = _grown_argument(fn, node, origin)
             if argument is None:
                 continue
             how = "updated" if isinstance(node.func, ast.Attribute) and node.func.attr == "update" else \

@@ -166,6 +166,34 @@ def test_caller_owned_tuple_cache_is_reported():
     assert "compiled with a dynamic cache length instead" in reason
 
 
+class _LayerPastAttention(gc._Projections):
+    """GPT-2 style: the past comes in as ``layer_past`` and is unpacked before it grows."""
+
+    def forward(self, x: torch.Tensor, layer_past: tuple | None = None):
+        q, k, v = self.heads_first(x)
+        if layer_past is not None:
+            past_key, past_value = layer_past
+            k, v = torch.cat((past_key, k), dim=-2), torch.cat((past_value, v), dim=-2)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)), (k, v)
+
+
+class _CacheObjectAttention(gc._Projections):
+    """A cache object handed in whose ``update(k, v, layer)`` returns everything so far (HF ``Cache`` API)."""
+
+    def forward(self, x: torch.Tensor, past_key_values=None):
+        q, k, v = self.heads_first(x)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, 0)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+@pytest.mark.parametrize("cls, argument, how", [(_LayerPastAttention, "layer_past", "grown by torch.cat"),
+                                                (_CacheObjectAttention, "past_key_values", "updated")])
+def test_other_caller_owned_caches_are_reported(cls, argument, how):
+    skipped = _left_alone(cls(32, 4, 2, 64), _ctx())
+    assert len(skipped) == 1 and skipped[0][1].startswith(f"caller-owned cache: `{argument}` is passed in and {how}")
+
+
 class _ViewBeforeWrite(gc.NoneCatAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.heads_first(x)
