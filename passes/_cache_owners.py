@@ -67,6 +67,7 @@ def find_owners(model: nn.Module) -> list[Owner]:
     owners = [o for o in groups.values() if _find_caches(o)]
     for owner in owners:
         _analyse(owner)
+        _descriptors(owner)
     _foreign_accesses(model, owners)
     return owners
 
@@ -126,12 +127,31 @@ def _analyse(owner: Owner) -> None:
         owner.reasons.extend((owner.where(name), r) for r in rewrite.reasons)
 
 
+def _descriptors(owner: Owner) -> None:
+    """Refuse an owner whose properties, static or class methods touch a cache (``user_methods`` lists plain
+    functions only, so these would keep reading a tensor that is gone)."""
+    module = owner.instances[0][1]
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("torch.", "graphfix.")) or cls is object:
+            continue
+        for attr_name, value in vars(cls).items():
+            functions = [value.fget, value.fset] if isinstance(value, property) else \
+                [value.__func__] if isinstance(value, (staticmethod, classmethod)) else []
+            for fn in filter(None, functions):
+                try:
+                    tree = sr.function_tree(fn)
+                except sr.Unrewritable:
+                    continue
+                if any(isinstance(n, ast.Attribute) and n.attr in owner.caches for n in ast.walk(tree)):
+                    owner.refuse(f"{cls.__qualname__}.{attr_name} (a property, static or class method) touches "
+                                 "the cache; graphfix rewrites plain methods only", attr_name)
+
+
 def _foreign_accesses(model: nn.Module, owners: list[Owner]) -> None:
     """Refuse an owner whose cache attributes other code reaches (``layer.attn.cache_k``): it would see a module."""
-    own = {id(fn) for o in owners for _, fn in o.methods}
     names = {attr: o for o in owners for attr in o.caches}
     for fn, name, instances, tree in parsed_methods(model):
-        self_name = _self_name(tree) if name and id(fn) in own else None
+        self_name = _self_name(tree) if name else None  # a method's self.X is its own module's attribute
         for node in ast.walk(tree):
             if not isinstance(node, ast.Attribute) or node.attr not in names:
                 continue

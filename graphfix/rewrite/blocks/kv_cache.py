@@ -102,7 +102,7 @@ class PreallocatedCache(nn.Module):
         shape[0], shape[seq_dim] = max(max_batch, shape[0]), max_seq_len
         cache = cls(tuple(shape), seq_dim, dtype or example.dtype, device or example.device)
         if content is not None and content.shape[seq_dim] > 0:
-            cache.append(content)
+            cache.append(content.to(cache.buffer.device))
         return cache
 
     @property
