@@ -16,7 +16,7 @@ below, so the rewritten method provably computes what the original did:
 
 - writes: ``torch.cat([self.A, x], dim)`` (append), ``None`` or a zero-length tensor (reset),
   any other tensor (the cache becomes it), the ``x if self.A is None else torch.cat(...)``
-  conditional, and ``if self.A is None: ... else: ...`` whose branches only write caches and
+  conditional (a conditional on anything else stays a Python ``if`` around the writes), and ``if self.A is None: ... else: ...`` whose branches only write caches and
   locals (merged into one branch-free sequence: "is None" becomes the tensor ``is_empty()``);
 - reads that reach ``F.scaled_dot_product_attention`` (or graphfix's ``sdpa``) as key and value
   through layout-only steps (``transpose``, ``permute``, ``to``, ``contiguous``, ``repeat_interleave``
@@ -489,6 +489,14 @@ class MethodRewrite:
                                            tested, stmt, env, prelude)
                 if merged is not None:
                     return prelude + merged
+            elif not self.refers_to_cache(value.test, env):  # x if start_pos == 0 else torch.cat(...): a Python test
+                ops = [self.write_op(attr, branch) for branch in (value.body, value.orelse)]
+                if all(op in ("append", "replace", "reset") for op, _ in ops):
+                    body, orelse = ([self._call(attr, op, [] if x is None else [self.plain(x, env)], stmt)]
+                                    for op, x in ops)
+                    self.sites -= 1  # one write site, two branches
+                    return [ast.copy_location(ast.If(test=self.plain(value.test, env), body=body, orelse=orelse),
+                                              stmt)]
         self.refuse(stmt, f"`{self._src(stmt)}` writes the cache in a form graphfix does not rewrite "
                           "(it rewrites torch.cat([self.A, x], dim), None, a zero-length tensor, a tensor, "
                           "and `x if self.A is None else torch.cat(...)`)")

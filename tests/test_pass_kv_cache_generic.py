@@ -55,7 +55,7 @@ def _generate(ref, model, prompt: torch.Tensor, steps: int, start_pos: bool = Fa
 @pytest.mark.parametrize("cls", [*GROWING, gc.StartPosAttention])
 def test_parity_over_prefill_decode_reset_and_second_prompt(cls):
     ref, model, result = _rewritten(cls)
-    assert result.rewritten >= 5 and not result.skipped, result.skipped
+    assert result.rewritten >= 3 and not result.skipped, result.skipped  # two writes and the attention, at least
     attention = model.layers[0].attention
     slots = [m for m in attention.children() if isinstance(m, PreallocatedCache)]
     assert len(slots) == 2 and all(s.length.item() == 0 for s in slots)  # the probe left nothing behind
