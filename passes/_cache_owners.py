@@ -31,6 +31,7 @@ from graphfix.rewrite.pass_manager import PassContext, PassResult
 from passes._common import helper_site, parsed_methods, where
 from passes._growing_cache import HELPERS, RANK, MethodRewrite, cat_append, self_attr
 
+_JOINS = (torch.cat, torch.concat, torch.concatenate, torch.stack)
 SEQ_DIMS = (1, 2)
 """``(batch, heads, seq, dim)`` and ``(batch, seq, heads, dim)``: the layouts attention reads."""
 
@@ -302,3 +303,28 @@ def _install_slot(module: nn.Module, attr: str, slot: PreallocatedCache) -> None
 def already_static(model: nn.Module) -> int:
     """How many ``PreallocatedCache`` modules a previous run left."""
     return sum(isinstance(m, PreallocatedCache) for m in model.modules())
+
+
+def report_list_caches(model: nn.Module, skipped: list[tuple[str, str]]) -> None:
+    """Report caches kept as a Python list on the module (``self.keys.append(k)``, then ``torch.cat(self.keys)``).
+
+    They grow like a tensor cache but through a list (Dynamo guards on its length: a recompile
+    per step); graphfix does not rewrite them.
+    """
+    for fn, name, instances, tree in parsed_methods(model):
+        if not name or name == "__init__":
+            continue
+        self_name = _self_name(tree)
+        appended = {self_attr(n.func.value, self_name) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                    and isinstance(n.func, ast.Attribute) and n.func.attr == "append"} - {None}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and node.args and any(sr.is_call_to(fn, node, c) for c in _JOINS)):
+                continue
+            attr = self_attr(node.args[0], self_name)
+            if attr is not None and isinstance(getattr(instances[0][1], attr, None), list):
+                how = "appended to and joined" if attr in appended else "joined"
+                skipped.append((where([p for p, _ in instances], name), (
+                    f"{display_path(fn.__code__.co_filename)}:{node.lineno}: self.{attr} is a list cache ({how} by "
+                    f"`{ast.unparse(node)[:50]}`): its length changes every step; graphfix rewrites tensor caches "
+                    f"(self.{attr} = torch.cat([self.{attr}, x], dim)) or hold a "
+                    "graphfix.rewrite.blocks.kv_cache.StaticKVCache")))

@@ -17,7 +17,7 @@ from torch import nn
 from graphfix.diagnose.findings import Category
 from graphfix.rewrite.blocks import meta_llama as ml
 from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
-from passes._cache_owners import already_static, find_owners, learn_shapes, rewrite_owner
+from passes._cache_owners import already_static, find_owners, learn_shapes, report_list_caches, rewrite_owner
 from passes._caller_cache import report_caller_owned
 from passes._common import as_meta_attention, layer_attentions, no_match, parsed_methods, where
 
@@ -51,6 +51,7 @@ class StaticKVCachePass(Pass):
             self._meta(model, ctx, result)
         _growing_caches(model, ctx, result)
         report_caller_owned(model, result.skipped)
+        report_list_caches(model, result.skipped)
         _report_other_caches(model, result)
         return no_match(result, "module-attribute KV cache graphfix can rewrite")
 

@@ -12,7 +12,7 @@ import torch
 import torch._dynamo.testing
 
 from graphfix.rewrite.blocks import source_rewrite as sr
-from graphfix.rewrite.blocks.kv_cache import PreallocatedCache
+from graphfix.rewrite.blocks.kv_cache import PreallocatedCache, attend_written
 from graphfix.rewrite.pass_manager import PassContext
 from passes.kv_cache import StaticKVCachePass
 from tests.fixtures import growing_cache as gc
@@ -86,6 +86,26 @@ def test_decode_compiles_once_for_all_positions(cls):
     assert gap <= 1e-5 and same
     assert counter.frame_count == 2  # the prefill and one decode graph for positions 4..12
     assert slot.buffer.data_ptr() == address
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_over_the_buffer_equals_sdpa_over_the_written_prefix(is_causal):
+    """Also for a 3-token call into a cache that already holds 4 (SDPA's is_causal is top-left aligned)."""
+    torch.manual_seed(3)
+    cache_k, cache_v = PreallocatedCache((2, 2, 16, 8), 2), PreallocatedCache((2, 2, 16, 8), 2)
+    for chunk in (4, 3):
+        k, v = torch.randn(2, 2, chunk, 8), torch.randn(2, 2, chunk, 8)
+        cache_k.append(k)
+        cache_v.append(v)
+    q = torch.randn(2, 4, 3, 8)
+    got = attend_written(cache_k.length, q, cache_k.buffer, cache_v.buffer, is_causal=is_causal, enable_gqa=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, cache_k.buffer[:, :, :7], cache_v.buffer[:, :, :7],
+                                                            is_causal=is_causal, enable_gqa=True)
+    assert (got - want).abs().max() <= 1e-6
+    cache_k.reset(torch.tensor(False))
+    assert cache_k.seq_len() == 7 and not cache_k.is_empty()
+    cache_k.reset()
+    assert cache_k.is_empty() and cache_k.buffer.abs().sum() > 0  # forgotten, not zeroed
 
 
 def test_rewritten_source_reads_as_the_construct():
@@ -192,6 +212,25 @@ class _CacheObjectAttention(gc._Projections):
 def test_other_caller_owned_caches_are_reported(cls, argument, how):
     skipped = _left_alone(cls(32, 4, 2, 64), _ctx())
     assert len(skipped) == 1 and skipped[0][1].startswith(f"caller-owned cache: `{argument}` is passed in and {how}")
+
+
+class _ListCacheAttention(gc._Projections):
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.keys, self.values = [], []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads_first(x)
+        self.keys.append(k)
+        self.values.append(v)
+        keys, values = torch.cat(self.keys, dim=2), torch.cat(self.values, dim=2)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True))
+
+
+def test_list_cache_is_reported():
+    skipped = _left_alone(_ListCacheAttention(32, 4, 2, 64), _ctx())
+    assert [r.split(": ", 1)[1][:40] for _, r in skipped] == ["self.keys is a list cache (appended to a",
+                                                             "self.values is a list cache (appended to"]
 
 
 class _ViewBeforeWrite(gc.NoneCatAttention):
