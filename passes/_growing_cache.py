@@ -243,6 +243,8 @@ class MethodRewrite:
         self.self_name = params[0].arg if params and not helper else ""
         self.helpers: dict[str, types.FunctionType] = {}
         """Rewritten copies of the helpers this method hands the cache to, by the name the method calls them."""
+        self.copies: dict[tuple, str] = {}
+        """``(helper, what its parameters hold)`` -> the name of its rewritten copy."""
         self.sites = 0
         self.reasons: list[str] = []
         self.fresh = 0
@@ -621,9 +623,9 @@ class MethodRewrite:
 
     def peek(self, node: ast.expr, env: dict[str, Kind]) -> Kind:
         """What ``node`` holds, without rewriting it or counting or reporting anything."""
-        state = (self.sites, len(self.reasons), self.fresh)
+        state = (self.sites, len(self.reasons), self.fresh, dict(self.helpers), dict(self.copies))
         _, kind = self.expr(copy.deepcopy(node), dict(env))
-        self.sites, self.fresh = state[0], state[2]
+        self.sites, self.fresh, self.helpers, self.copies = state[0], state[2], state[3], state[4]
         del self.reasons[state[1]:]
         return kind
 
@@ -812,28 +814,31 @@ class MethodRewrite:
         if any(not isinstance(k, (View, Position)) for k in passed.values()):
             self.refuse(node, f"`{self._src(node)}` hands {target.__qualname__} a cache value it cannot follow")
             return node, None
-        inner = MethodRewrite(target, tree, {}, helper=True)
-        inner.run(passed)
-        if inner.reasons:
-            self.reasons.extend(inner.reasons)
-            return node, None
         views = [p for p, k in passed.items() if isinstance(k, View)]
-        tree.args.kwonlyargs.extend(ast.arg(arg=length_parameter(p)) for p in views)
-        tree.args.kw_defaults.extend(None for _ in views)
-        try:
-            copy_fn = sr.compile_function(target, tree, {**HELPERS, **inner.helpers})
-        except sr.Unrewritable as exc:
-            self.refuse(node, str(exc))
-            return node, None
-        name = f"_graphfix_fn_{target.__name__}_{len(self.helpers)}"
-        self.helpers[name] = copy_fn
+        key = (target, tuple(sorted(passed.items())))
+        name = self.copies.get(key)
+        if name is None:  # one copy per helper and what its parameters hold
+            inner = MethodRewrite(target, tree, {}, helper=True)
+            inner.run(passed)
+            if inner.reasons:
+                self.reasons.extend(inner.reasons)
+                return node, None
+            tree.args.kwonlyargs.extend(ast.arg(arg=length_parameter(p)) for p in views)
+            tree.args.kw_defaults.extend(None for _ in views)
+            try:
+                copy_fn = sr.compile_function(target, tree, {**HELPERS, **inner.helpers})
+            except sr.Unrewritable as exc:
+                self.refuse(node, str(exc))
+                return node, None
+            name = f"_graphfix_fn_{target.__name__}_{len(self.helpers)}"
+            self.helpers[name], self.copies[key] = copy_fn, name
+            self.sites += inner.sites
         lengths = {p: self.length_of(self.peek(bound[p], env)) for p in views}
         node.args = [self.expr(a, env)[0] for a in node.args]
         for kw in node.keywords:
             kw.value = self.expr(kw.value, env)[0]
         node.keywords.extend(ast.keyword(arg=length_parameter(p), value=v) for p, v in lengths.items())
         node.func = ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node.func)
-        self.sites += inner.sites
         return node, None
 
     def layout_call(self, node: ast.Call, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
