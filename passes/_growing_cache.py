@@ -20,8 +20,9 @@ below, so the rewritten method provably computes what the original did:
   locals (merged into one branch-free sequence: "is None" becomes the tensor ``is_empty()``);
 - reads that reach ``F.scaled_dot_product_attention`` (or graphfix's ``sdpa``) as key and value
   through layout-only steps (``transpose``, ``permute``, ``to``, ``contiguous``, ``repeat_interleave``
-  on a head dim, graphfix's ``repeat_kv_heads``), with no ``attn_mask``: attention runs over the
-  whole buffer with a mask of the written positions (and SDPA's own ``is_causal``);
+  on a head dim, graphfix's ``repeat_kv_heads``): attention runs over the whole buffer with a
+  mask of the written positions, combined with SDPA's own ``is_causal`` or with the original's
+  ``attn_mask`` widened to the buffer (``kv_cache.over_written``);
 - the length (``self.A.shape[d]``, ``.size(d)``, ``0 if self.A is None else ...``), a tensor
   after the rewrite, used only as ``table[pos : pos + n]`` (becomes ``index_select``) or
   ``torch.arange(pos, pos + n)`` (becomes ``shifted_arange(pos, n)``).
@@ -732,9 +733,9 @@ class MethodRewrite:
     def attention_call(self, node: ast.Call, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
         target = sr.resolve(self.fn, node.func)
         if target is F.scaled_dot_product_attention:
-            signature, mask_name, helper = _sdpa_signature, "attn_mask", "_graphfix_attend_written"
+            signature, helper = _sdpa_signature, "_graphfix_attend_written"
         elif target is attention.sdpa:
-            signature, mask_name, helper = attention.sdpa, "mask", "_graphfix_attend_written_grouped"
+            signature, helper = attention.sdpa, "_graphfix_attend_written_grouped"
         else:
             return None
         try:
@@ -754,29 +755,24 @@ class MethodRewrite:
         value, value_kind = self.expr(bound[value_name], env)
         if len(self.reasons) > reported:
             return node, None
-        problem = self.attention_problem(node, bound, mask_name, key_kind, value_kind)
+        problem = self.attention_problem(node, key_kind, value_kind)
         if problem:
             self.refuse(node, problem)
             return node, None
         query = self.plain(bound[query_name], env)
         keywords = [ast.keyword(arg=name, value=self.plain(value_node, env)) for name, value_node in bound.items()
-                    if name not in (query_name, key_name, value_name, mask_name)]
+                    if name not in (query_name, key_name, value_name)]
         self.sites += 1
         call = ast.Call(func=ast.Name(id=helper, ctx=ast.Load()),
                         args=[self.length_of(key_kind), query, key, value], keywords=keywords)
         return ast.copy_location(call, node), None
 
-    def attention_problem(self, node: ast.Call, bound: dict[str, ast.expr], mask_name: str, key_kind: Kind,
-                          value_kind: Kind) -> str | None:
+    def attention_problem(self, node: ast.Call, key_kind: Kind, value_kind: Kind) -> str | None:
         if not isinstance(key_kind, View) or not isinstance(value_kind, View):
             return f"`{self._src(node)}` attends over a cache for only one of key and value"
         if not (key_kind.sdpa_ready and value_kind.sdpa_ready):
             return (f"`{self._src(node)}`: graphfix cannot show that the cache's sequence dim reaches attention "
                     "as dim -2 (batch first)")
-        if mask_name in bound and not is_none(bound[mask_name]):
-            return (f"`{self._src(node)}` passes {mask_name}={self._src(bound[mask_name])}: graphfix rewrites an "
-                    "attention over a growing cache only when its mask is SDPA's own (is_causal, or none); an "
-                    "explicit mask sized to the grown cache cannot be rebuilt over a preallocated one")
         return None
 
     def helper_call(self, node: ast.Call, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:

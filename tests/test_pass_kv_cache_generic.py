@@ -7,6 +7,8 @@ reset and a second prompt still match, and decode compiles once for every positi
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -165,10 +167,33 @@ def _left_alone(model, ctx) -> list[tuple[str, str]]:
     return result.skipped
 
 
-def test_explicit_mask_consumer_is_skipped():
-    attention = gc.MaskedConsumerAttention(32, 4, 2, 64)
-    skipped = _left_alone(attention, _ctx(torch.zeros(1, 3, 32), torch.ones(3, 3, dtype=torch.bool)))
-    assert len(skipped) == 1 and "attn_mask=mask" in skipped[0][1] and "growing_cache.py:" in skipped[0][1]
+def test_explicit_mask_is_widened_over_the_buffer():
+    """The caller's mask over the grown cache (bool or additive, full or broadcast keys) keeps its meaning."""
+    torch.manual_seed(4)
+    ref = gc.MaskedConsumerAttention(32, 4, 2, 64)
+    model = gc.MaskedConsumerAttention(32, 4, 2, 64)
+    model.load_state_dict(ref.state_dict())
+    result = StaticKVCachePass().apply(model, _ctx(torch.zeros(2, 3, 32), torch.ones(3, 3, dtype=torch.bool)))
+    assert result.rewritten and not result.skipped
+    prompt = torch.randn(2, 5, 32)
+    masks = [torch.ones(5, 5, dtype=torch.bool).tril(), None, torch.rand(1, 7) > 0.3, torch.ones(1, 1, dtype=torch.bool),
+             torch.randn(2, 1, 1, 9), torch.zeros(1, 1)]
+    with torch.no_grad():
+        gaps = [(ref(prompt, masks[0]) - model(prompt, masks[0])).abs().max()]
+        for mask in masks[1:]:
+            x = torch.randn(2, 1, 32)
+            gaps.append((ref(x, mask) - model(x, mask)).abs().max())
+    assert max(gaps) <= 1e-5, gaps
+
+
+def test_window_consumer_is_skipped():
+    attention = gc.WindowConsumerAttention(32, 4, 2, 64)
+    skipped = _left_alone(attention, _ctx(torch.zeros(1, 3, 32)))
+    assert len(skipped) == 2 and all("growing_cache.py:" in r for _, r in skipped)
+    lines, start = inspect.getsourcelines(gc.WindowConsumerAttention.forward)
+    line = start + next(i for i, text in enumerate(lines) if "[:, :, -4:]" in text)
+    assert f"growing_cache.py:{line}: `self.cache_k` uses the cache self.cache_k other than as the key/value" \
+        in skipped[0][1]
     assert attention.cache_k is None
 
 

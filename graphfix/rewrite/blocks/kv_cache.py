@@ -167,21 +167,49 @@ def shifted_arange(start: torch.Tensor, count: int, **arange_kwargs) -> torch.Te
     return start.to(device) + torch.arange(count, device=device, **arange_kwargs)
 
 
+def over_written(mask: torch.Tensor | None, length: torch.Tensor, q_len: int, kv_len: int,
+                 is_causal: bool = False) -> torch.Tensor:
+    """The mask that makes attention over a preallocated cache equal attention over its written prefix.
+
+    ``mask`` is the original's own mask over the grown cache (bool, True = attend, or additive
+    float), its last dim the written length or 1 (what SDPA accepts); it is widened to
+    ``kv_len`` keys as "not attended" (a dim of 1 is broadcast) and combined with
+    ``written_mask``. ``None`` gives ``written_mask`` itself.
+    """
+    written = written_mask(length, q_len, kv_len, is_causal)
+    if mask is None:
+        return written
+    if mask.shape[-1] == 1:
+        mask = mask.expand(*mask.shape[:-1], kv_len)
+    elif mask.dtype == torch.bool:
+        mask = F.pad(mask, (0, kv_len - mask.shape[-1]), value=False)
+    else:
+        mask = F.pad(mask, (0, kv_len - mask.shape[-1]), value=float("-inf"))
+    if mask.dtype == torch.bool:
+        return mask & written
+    return mask.masked_fill(~written, float("-inf"))
+
+
 def attend_written(length: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   is_causal: bool = False, **sdpa_kwargs) -> torch.Tensor:
+                   attn_mask: torch.Tensor | None = None, is_causal: bool = False, **sdpa_kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over the written positions of preallocated ``key``/``value``.
 
     ``key``/``value``: ``(max_batch, heads, max_seq_len, head_dim)``; the first ``query.shape[0]``
-    rows are used, and keys at positions ``>= length`` are masked (``written_mask``), so the
-    result equals the original's SDPA over the grown cache with the same ``is_causal``.
+    rows are used, and keys at positions ``>= length`` are masked (``over_written``), so the
+    result equals the original's SDPA over the grown cache with the same ``attn_mask`` and
+    ``is_causal``. (Both together fail as they do in SDPA.)
     """
     batch = query.shape[0]
     key, value = key[:batch], value[:batch]
-    mask = written_mask(length, query.shape[-2], key.shape[-2], is_causal)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, **sdpa_kwargs)
+    if attn_mask is None:
+        mask = written_mask(length, query.shape[-2], key.shape[-2], is_causal)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, **sdpa_kwargs)
+    mask = over_written(attn_mask, length, query.shape[-2], key.shape[-2])
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, **sdpa_kwargs)
 
 
-def attend_written_grouped(length: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``graphfix.rewrite.blocks.attention.sdpa(q, k, v)`` (no mask) over a preallocated cache's written positions."""
+def attend_written_grouped(length: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``graphfix.rewrite.blocks.attention.sdpa(q, k, v, mask)`` over a preallocated cache's written positions."""
     batch = q.shape[0]
-    return attention.sdpa(q, k[:batch], v[:batch], written_mask(length, q.shape[-2], k.shape[-2]))
+    return attention.sdpa(q, k[:batch], v[:batch], over_written(mask, length, q.shape[-2], k.shape[-2]))
