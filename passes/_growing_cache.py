@@ -44,6 +44,8 @@ from graphfix.diagnose.findings import display_path
 from graphfix.rewrite import reachable
 from graphfix.rewrite.blocks import attention, kv_cache
 from graphfix.rewrite.blocks import source_rewrite as sr
+from passes import _cache_views as cv
+from passes._cache_views import SizeOf, View
 
 HELPERS = {
     "_graphfix_attend_written": kv_cache.attend_written,
@@ -57,6 +59,8 @@ RANK = 4
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 _EMPTY_MAKERS = (torch.empty, torch.zeros, torch.ones)
 _LAYOUT_METHODS = frozenset({"contiguous", "float", "half", "bfloat16", "to", "type_as", "detach", "clone"})
+_VIEW_FUNCTIONS = {torch.transpose: "transpose", torch.permute: "permute", torch.repeat_interleave: "repeat_interleave",
+                   torch.unsqueeze: "unsqueeze", torch.reshape: "reshape", attention.repeat_kv_heads: "repeat_kv_heads"}
 
 
 def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -165,23 +169,6 @@ def is_empty_tensor(fn: types.FunctionType, node: ast.AST, seq_dim: int) -> bool
 
 
 @dataclasses.dataclass(frozen=True)
-class View:
-    """A cache read through layout-only steps: ``dims[i]`` is the original dim now at position ``i``."""
-
-    attr: str
-    seq_dim: int
-    dims: tuple[int, ...] = (0, 1, 2, 3)
-
-    def moved(self, dims: tuple[int, ...]) -> View:
-        return View(self.attr, self.seq_dim, dims)
-
-    @property
-    def sdpa_ready(self) -> bool:
-        """Batch first and sequence at -2: SDPA's key/value layout."""
-        return self.dims[0] == 0 and self.dims[2] == self.seq_dim
-
-
-@dataclasses.dataclass(frozen=True)
 class Position:
     """The cache's written length at some point (an int in the original, a 0-d tensor after)."""
 
@@ -201,7 +188,7 @@ class PositionEnd:
 AMBIGUOUS = "ambiguous"
 STALE = "stale"
 """A local that held a cache view before a later write to that cache (the original keeps the old tensor)."""
-Kind = View | Position | PositionEnd | str | None
+Kind = View | SizeOf | Position | PositionEnd | str | None
 """``None``: a plain value that has nothing to do with the cache."""
 
 
@@ -244,13 +231,16 @@ class MethodRewrite:
         self.self_name = params[0].arg if params and not helper else ""
         self.helpers: dict[str, types.FunctionType] = {}
         """Rewritten copies of the helpers this method hands the cache to, by the name the method calls them."""
-        self.copies: dict[tuple, str] = {}
-        """``(helper, what its parameters hold)`` -> the name of its rewritten copy."""
+        self.copies: dict[tuple, tuple[str, View | None] | None] = {}
+        """``(helper, what its parameters hold)`` -> its rewritten copy's name and returned view (``None``: refused)."""
         self.sites = 0
         self.reasons: list[str] = []
         self.fresh = 0
         self.written: set[str] = set()
         """Caches written by the statement being rewritten (``invalidate_views`` after it)."""
+        self.statement_index = 0
+        self.returns: list[Kind] = []
+        """What a helper's ``return`` statements give (a view of the cache handed in, or a plain value)."""
 
     @property
     def touches_cache(self) -> bool:
@@ -301,6 +291,7 @@ class MethodRewrite:
     def block(self, stmts: list[ast.stmt], env: dict[str, Kind]) -> list[ast.stmt]:
         out: list[ast.stmt] = []
         for stmt in stmts:
+            self.statement_index += 1
             out.extend(self.statement(stmt, env))
             self.invalidate_views(env)
         return out
@@ -331,6 +322,12 @@ class MethodRewrite:
             return [self.try_(stmt, env)]
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             self.no_cache_inside(stmt, env)
+            return [stmt]
+        if isinstance(stmt, ast.Return) and self.helper and stmt.value is not None:
+            stmt.value, kind = self.expr(stmt.value, env)
+            if kind is not None and not isinstance(kind, View):
+                self.refuse(stmt, self._misuse(stmt.value, kind))
+            self.returns.append(kind)
             return [stmt]
         if isinstance(stmt, (ast.AugAssign, ast.AnnAssign)):
             if stmt.value is not None:
@@ -433,6 +430,8 @@ class MethodRewrite:
             stmt.value.elts = [v for v, _ in values]
             for elt, (_, kind) in zip(target.elts, values):
                 self.bind(elt, kind, env)
+            return [stmt]
+        if self.shape_unpack(target, stmt.value, env):
             return [stmt]
         value, kind = self.expr(stmt.value, env)
         stmt.value = value
@@ -637,14 +636,20 @@ class MethodRewrite:
     def plain(self, node: ast.expr, env: dict[str, Kind]) -> ast.expr:
         """``node`` rewritten; it must not hold a cache value (a view, a position) itself."""
         new, kind = self.expr(node, env)
-        if kind is not None:
+        if kind is not None and not (isinstance(kind, SizeOf) and not kind.differs):
             self.refuse(node, self._misuse(node, kind))
         return new
 
     def _misuse(self, node: ast.AST, kind: Kind) -> str:
         if isinstance(kind, View):
-            return (f"`{self._src(node)}` uses the cache self.{kind.attr} other than as the key/value of "
+            cache = f"the cache handed to {self.fn.__qualname__} as `{kind.attr}`" if self.helper else \
+                f"the cache self.{kind.attr}"
+            return (f"`{self._src(node)}` uses {cache} other than as the key/value of "
                     "F.scaled_dot_product_attention (or graphfix's sdpa) through layout-only steps")
+        if isinstance(kind, SizeOf):
+            return (f"`{self._src(node)}` is the cache's {'batch' if kind.token == cv.BATCH else 'length'} read "
+                    "from its shape (another number after the rewrite) and is used other than to keep that dim "
+                    "in expand/reshape")
         if isinstance(kind, (Position, PositionEnd)):
             return (f"`{self._src(node)}` uses the cache length (a tensor after the rewrite) other than as "
                     "table[pos : pos + n] or torch.arange(pos, pos + n)")
@@ -659,7 +664,7 @@ class MethodRewrite:
             if not isinstance(node.ctx, ast.Load):
                 self.refuse(node, f"`{self._src(node)}` is written in a form graphfix does not rewrite")
                 return node, None
-            return self._cache(attr, "buffer"), View(attr, self.caches[attr])
+            return self._cache(attr, "buffer"), View.of_cache(attr, self.caches[attr])
         if isinstance(node, ast.Name):
             kind = env.get(node.id)
             if kind in (AMBIGUOUS, STALE):
@@ -669,13 +674,16 @@ class MethodRewrite:
         length = self.length_read(node, env)
         if length is not None:
             return length
+        size = self.size_read(node, env)
+        if size is not None:
+            return size
         if isinstance(node, ast.Call):
             for handler in (self.attention_call, self.arange_call, self.layout_call, self.helper_call):
                 handled = handler(node, env)
                 if handled is not None:
                     return handled
         if isinstance(node, ast.Subscript):
-            handled = self.position_slice(node, env)
+            handled = self.position_slice(node, env) or self.new_axes(node, env)
             if handled is not None:
                 return handled
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
@@ -780,7 +788,8 @@ class MethodRewrite:
 
         The copy is analysed with its parameters holding what the call passes; for each view it
         gets a keyword ``_graphfix_length_<param>`` (the written length that masks it), which the
-        call passes. The function itself is left as it is for its other callers.
+        call passes. A copy that returns a view of what it was handed (Meta's ``repeat_kv``) makes
+        the call a view too. The function itself is left as it is for its other callers.
         """
         target = sr.resolve(self.fn, node.func)
         if not reachable.user_function(target):
@@ -790,7 +799,6 @@ class MethodRewrite:
             return None
         try:
             bound = sr.bind_call(node, target)
-            tree = sr.function_tree(target)
         except sr.Unrewritable as exc:
             self.refuse(node, f"the cache reaches {target.__qualname__}, which graphfix cannot follow: {exc}")
             return node, None
@@ -804,48 +812,68 @@ class MethodRewrite:
                 continue
             kind = self.peek(arg, env)
             if isinstance(kind, View):
-                passed[param] = View(param, kind.seq_dim, kind.dims)
-            elif isinstance(kind, (Position, PositionEnd)) or kind is not None:
-                passed[param] = Position(param) if isinstance(kind, Position) else kind
-        if any(not isinstance(k, (View, Position)) for k in passed.values()):
-            self.refuse(node, f"`{self._src(node)}` hands {target.__qualname__} a cache value it cannot follow")
-            return node, None
-        views = [p for p, k in passed.items() if isinstance(k, View)]
+                passed[param] = View(param, kind.sizes)
+            elif isinstance(kind, Position):
+                passed[param] = Position(param)
+            elif kind is not None and not (isinstance(kind, SizeOf) and not kind.differs):
+                self.refuse(node, f"`{self._src(node)}` hands {target.__qualname__} a cache value it cannot follow")
+                return node, None
         key = (target, tuple(sorted(passed.items())))
-        name = self.copies.get(key)
-        if name is None:  # one copy per helper and what its parameters hold
-            inner = MethodRewrite(target, tree, {}, helper=True)
-            inner.run(passed)
-            if inner.reasons:
-                self.reasons.extend(inner.reasons)
-                return node, None
-            tree.args.kwonlyargs.extend(ast.arg(arg=length_parameter(p)) for p in views)
-            tree.args.kw_defaults.extend(None for _ in views)
-            try:
-                copy_fn = sr.compile_function(target, tree, {**HELPERS, **inner.helpers})
-            except sr.Unrewritable as exc:
-                self.refuse(node, str(exc))
-                return node, None
-            name = f"_graphfix_fn_{target.__name__}_{len(self.helpers)}"
-            self.helpers[name], self.copies[key] = copy_fn, name
-            self.sites += inner.sites
+        if key not in self.copies:
+            self.copies[key] = self.helper_copy(node, target, passed)
+        copied = self.copies[key]
+        if copied is None:
+            return node, None  # refused, reasons given at the first call
+        name, returned = copied
+        views = [p for p, k in passed.items() if isinstance(k, View)]
         lengths = {p: self.length_of(self.peek(bound[p], env)) for p in views}
+        result = None if returned is None else View(self.peek(bound[returned.attr], env).attr, returned.sizes)
         node.args = [self.expr(a, env)[0] for a in node.args]
         for kw in node.keywords:
             kw.value = self.expr(kw.value, env)[0]
         node.keywords.extend(ast.keyword(arg=length_parameter(p), value=v) for p, v in lengths.items())
         node.func = ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node.func)
-        return node, None
+        return node, result
+
+    def helper_copy(self, node: ast.Call, target: types.FunctionType,
+                    passed: dict[str, Kind]) -> tuple[str, View | None] | None:
+        """Rewrite a copy of ``target`` for parameters holding ``passed``: ``(name bound here, view it returns)``."""
+        try:
+            tree = sr.function_tree(target)
+        except sr.Unrewritable as exc:
+            self.refuse(node, f"the cache reaches {target.__qualname__}, which graphfix cannot follow: {exc}")
+            return None
+        inner = MethodRewrite(target, tree, {}, helper=True)
+        inner.run(passed)
+        returned = [k for k in inner.returns if isinstance(k, View)]
+        view = cv.joined(returned, f"{target.__qualname__}.return") if returned else None
+        if returned and (len(returned) != len(inner.returns) or view is None):
+            inner.refuse(tree, f"{target.__qualname__} returns a view of the cache on some paths only, or views "
+                               "whose batch or sequence dims differ")
+        if inner.reasons:
+            self.reasons.extend(inner.reasons)
+            return None
+        views = [p for p, k in passed.items() if isinstance(k, View)]
+        tree.args.kwonlyargs.extend(ast.arg(arg=length_parameter(p)) for p in views)
+        tree.args.kw_defaults.extend(None for _ in views)
+        try:
+            copy_fn = sr.compile_function(target, tree, {**HELPERS, **inner.helpers})
+        except sr.Unrewritable as exc:
+            self.refuse(node, str(exc))
+            return None
+        name = f"_graphfix_fn_{target.__name__}_{len(self.helpers)}"
+        self.helpers[name] = copy_fn
+        self.sites += inner.sites
+        return name, view
 
     def layout_call(self, node: ast.Call, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
-        """Layout-only steps on a cache view: transpose, permute, dtype/device moves, repeats on a head dim."""
+        """Shape-keeping steps on a cache view (``passes._cache_views``): transpose, permute, unsqueeze, expand,
+        reshape/view, dtype/device moves, repeats on a head dim, graphfix's ``repeat_kv_heads``."""
         target = sr.resolve(self.fn, node.func)
-        if target in (torch.transpose, torch.permute, torch.repeat_interleave, attention.repeat_kv_heads):
+        if target in _VIEW_FUNCTIONS:
             if not node.args:
                 return None
-            base_node, args = node.args[0], node.args[1:]
-            method = {torch.transpose: "transpose", torch.permute: "permute",
-                      torch.repeat_interleave: "repeat_interleave"}.get(target, "repeat_kv_heads")
+            base_node, args, method = node.args[0], node.args[1:], _VIEW_FUNCTIONS[target]
         elif isinstance(node.func, ast.Attribute) and not isinstance(sr.resolve(self.fn, node.func.value),
                                                                      types.ModuleType):
             base_node, args, method = node.func.value, node.args, node.func.attr
@@ -853,12 +881,15 @@ class MethodRewrite:
             return None
         if not isinstance(self.peek(base_node, env), View):
             return None
+        if method == "size":
+            return None  # a size read: size_read
         base, kind = self.expr(base_node, env)
-        dims = self.moved_dims(kind, method, args, node.keywords)
-        if dims is None:
+        moved = self.moved(kind, method, args, node.keywords, env)
+        if moved is None:
             self.refuse(node, self._misuse(node, kind))
             return node, None
-        args = [self.plain(a, env) for a in args]
+        args = [self.size_argument(a, env) if method in ("expand", "reshape", "view") else self.plain(a, env)
+                for a in args]
         for kw in node.keywords:
             kw.value = self.plain(kw.value, env)
         if isinstance(node.func, ast.Attribute) and node.func.value is base_node:
@@ -866,33 +897,99 @@ class MethodRewrite:
         else:
             node.args[0] = base
         node.args[len(node.args) - len(args):] = args
-        return node, kind.moved(dims)
+        return node, moved
 
-    def moved_dims(self, view: View, method: str, args: list[ast.expr],
-                   keywords: list[ast.keyword]) -> tuple[int, ...] | None:
-        dims = list(view.dims)
+    def moved(self, view: View, method: str, args: list[ast.expr], keywords: list[ast.keyword],
+              env: dict[str, Kind]) -> View | None:
         if method in _LAYOUT_METHODS:
-            return tuple(dims)
-        if method == "transpose" and len(args) == 2 and not keywords:
-            a, b = const_int(args[0]), const_int(args[1])
-            if a is None or b is None:
-                return None
-            dims[a % RANK], dims[b % RANK] = dims[b % RANK], dims[a % RANK]
-            return tuple(dims)
+            return view
+        numbers = [const_int(a) for a in args]
+        if method == "transpose" and len(args) == 2 and not keywords and None not in numbers:
+            return cv.transposed(view, *numbers)
         if method == "permute" and not keywords:
             order = args[0].elts if len(args) == 1 and isinstance(args[0], (ast.Tuple, ast.List)) else args
-            perm = [const_int(a) for a in order]
-            if len(perm) != RANK or any(p is None for p in perm) or sorted(p % RANK for p in perm) != list(range(RANK)):
+            numbers = [const_int(a) for a in order]
+            return None if None in numbers else cv.permuted(view, numbers)
+        if method == "unsqueeze" and len(args) == 1 and not keywords and numbers[0] is not None:
+            return cv.unsqueezed(view, numbers[0])
+        if method == "repeat_interleave" and args:
+            dim = const_int(args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "dim"), None))
+            return None if dim is None else cv.repeated(view, dim, self.size_token(args[0]))
+        if method == "repeat_kv_heads" and len(args) == 1:  # graphfix's: (b, n_kv, s, d) -> (b, n_kv * n_rep, s, d)
+            return cv.repeated(view, 1, self.size_token(args[0])) if view.sdpa_ready else None
+        if method in ("expand", "reshape", "view") and not keywords:
+            sizes = args[0].elts if len(args) == 1 and isinstance(args[0], (ast.Tuple, ast.List)) else args
+            targets = [self.size_tokens(a, env) for a in sizes]
+            if any(t == [] for t in targets):
                 return None
-            return tuple(dims[p % RANK] for p in perm)
-        if method == "repeat_interleave":
-            dim_node = args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "dim"), None)
-            dim = const_int(dim_node)
-            ok = dim is not None and dims[dim % RANK] not in (0, view.seq_dim)
-            return tuple(dims) if ok else None
-        if method == "repeat_kv_heads":  # graphfix's: (b, n_kv, s, d) -> (b, n_kv * n_rep, s, d)
-            return tuple(dims) if view.sdpa_ready else None
+            return cv.expanded(view, targets) if method == "expand" else cv.reshaped(view, targets)
         return None
+
+    def size_argument(self, node: ast.expr, env: dict[str, Kind]) -> ast.expr:
+        """An ``expand``/``reshape`` argument, already checked by ``moved`` (a batch or length read may stay)."""
+        if isinstance(node, (ast.Tuple, ast.List)):
+            node.elts = [self.expr(e, env)[0] for e in node.elts]
+            return node
+        return self.expr(node, env)[0]
+
+    def size_token(self, node: ast.expr) -> str:
+        """An opaque token for a plain int expression, equal only to the same text in the same statement."""
+        return f"expr{self.statement_index}:{ast.dump(node)}"
+
+    def size_tokens(self, node: ast.expr, env: dict[str, Kind]) -> list[str] | None:
+        """What an ``expand``/``reshape`` size argument multiplies: ``None`` for ``-1``, ``[]`` if unknown."""
+        if const_int(node) == -1:
+            return None
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            left, right = self.size_tokens(node.left, env), self.size_tokens(node.right, env)
+            return [] if left is None or right is None or [] in (left, right) else left + right
+        if const_int(node) == 1:
+            return [cv.UNIT]
+        kind = self.peek(node, env)
+        if isinstance(kind, SizeOf):
+            return [kind.token]
+        return [self.size_token(node)] if kind is None else []
+
+    def size_read(self, node: ast.expr, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
+        """``x.shape[i]`` / ``x.size(i)`` of a cache view: its size token (batch and sequence differ after)."""
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "shape":
+            base_node, index = node.value.value, const_int(node.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "size" \
+                and len(node.args) == 1 and not node.keywords:
+            base_node, index = node.func.value, const_int(node.args[0])
+        else:
+            return None
+        view = self.peek(base_node, env)
+        if not isinstance(view, View) or index is None or not -len(view.sizes) <= index < len(view.sizes):
+            return None
+        base, _ = self.expr(base_node, env)
+        if isinstance(node, ast.Subscript):
+            node.value.value = base
+        else:
+            node.func.value = base
+        return node, SizeOf(view.sizes[index])
+
+    def shape_unpack(self, target: ast.expr, value: ast.expr, env: dict[str, Kind]) -> bool:
+        """``bsz, h, seqlen, d = x.shape`` (or ``x.size()``) of a cache view: each name gets its size token."""
+        if isinstance(value, ast.Attribute) and value.attr == "shape":
+            base_node = value.value
+        elif isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr == "size" \
+                and not value.args and not value.keywords:
+            base_node = value.func.value
+        else:
+            return False
+        view = self.peek(base_node, env)
+        if not isinstance(view, View) or not isinstance(target, (ast.Tuple, ast.List)) \
+                or len(target.elts) != len(view.sizes) or not all(isinstance(e, ast.Name) for e in target.elts):
+            return False
+        base, _ = self.expr(base_node, env)
+        if isinstance(value, ast.Attribute):
+            value.value = base
+        else:
+            value.func.value = base
+        for name, token in zip(target.elts, view.sizes):
+            env[name.id] = SizeOf(token)
+        return True
 
     def arange_call(self, node: ast.Call, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
         """``torch.arange(pos, pos + n, ...)`` -> ``shifted_arange(pos, n, ...)``."""
@@ -947,6 +1044,21 @@ class MethodRewrite:
         call = ast.Call(func=ast.Name(id="_graphfix_take_positions", ctx=ast.Load()),
                         args=[table, ast.Constant(dim), start, self.plain(count, env)], keywords=[])
         return ast.copy_location(call, node), None
+
+    def new_axes(self, node: ast.Subscript, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
+        """``x[:, :, None]``: new size-1 axes on a cache view (every other index a bare ``:``)."""
+        parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if not any(is_none(p) for p in parts) or not isinstance(self.peek(node.value, env), View):
+            return None
+        if not all(is_none(p) or isinstance(p, ast.Slice) and p.lower is None and p.upper is None and p.step is None
+                   for p in parts):
+            return None
+        base, view = self.expr(node.value, env)
+        for index, part in enumerate(parts):
+            if is_none(part):
+                view = cv.unsqueezed(view, index)
+        node.value = base
+        return node, view
 
     def position_end(self, node: ast.BinOp, env: dict[str, Kind]) -> tuple[ast.expr, Kind] | None:
         """``pos + n`` with ``pos`` a local position: kept for a later ``table[pos:end]`` / ``arange(pos, end)``."""

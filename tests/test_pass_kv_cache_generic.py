@@ -20,7 +20,8 @@ from passes.kv_cache import StaticKVCachePass
 from tests.fixtures import growing_cache as gc
 
 VOCAB = 96
-GROWING = [gc.NoneCatAttention, gc.EmptyCatAttention, gc.SeqFirstAttention, gc.HelperAttention]
+GROWING = [gc.NoneCatAttention, gc.EmptyCatAttention, gc.SeqFirstAttention, gc.HelperAttention,
+           gc.RepeatKvAttention]
 
 
 def _ctx(*example, **kwargs) -> PassContext:
