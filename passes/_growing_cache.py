@@ -19,8 +19,9 @@ below, so the rewritten method provably computes what the original did:
   conditional (a conditional on anything else stays a Python ``if`` around the writes), and ``if self.A is None: ... else: ...`` whose branches only write caches and
   locals (merged into one branch-free sequence: "is None" becomes the tensor ``is_empty()``);
 - reads that reach ``F.scaled_dot_product_attention`` (or graphfix's ``sdpa``) as key and value
-  through layout-only steps (``transpose``, ``permute``, ``to``, ``contiguous``, ``repeat_interleave``
-  on a head dim, graphfix's ``repeat_kv_heads``): attention runs over the whole buffer with a
+  through steps that keep the batch and sequence dims whole (``passes._cache_views``: transposes,
+  dtype moves, head repeats, ``expand``/``reshape`` matched against the view's own sizes, also
+  inside helpers such as Meta's ``repeat_kv``): attention runs over the whole buffer with a
   mask of the written positions, combined with SDPA's own ``is_causal`` or with the original's
   ``attn_mask`` widened to the buffer (``kv_cache.over_written``);
 - the length (``self.A.shape[d]``, ``.size(d)``, ``0 if self.A is None else ...``), a tensor
@@ -645,7 +646,8 @@ class MethodRewrite:
             cache = f"the cache handed to {self.fn.__qualname__} as `{kind.attr}`" if self.helper else \
                 f"the cache self.{kind.attr}"
             return (f"`{self._src(node)}` uses {cache} other than as the key/value of "
-                    "F.scaled_dot_product_attention (or graphfix's sdpa) through layout-only steps")
+                    "F.scaled_dot_product_attention (or graphfix's sdpa) through steps that keep its batch and "
+                    "sequence dims")
         if isinstance(kind, SizeOf):
             return (f"`{self._src(node)}` is the cache's {'batch' if kind.token == cv.BATCH else 'length'} read "
                     "from its shape (another number after the rewrite) and is used other than to keep that dim "
