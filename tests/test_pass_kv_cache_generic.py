@@ -16,6 +16,7 @@ import torch._dynamo.testing
 from graphfix.rewrite.blocks import source_rewrite as sr
 from graphfix.rewrite.blocks.kv_cache import PreallocatedCache, attend_written
 from graphfix.rewrite.pass_manager import PassContext
+from passes import _cache_views as cv
 from passes.kv_cache import StaticKVCachePass
 from tests.fixtures import growing_cache as gc
 
@@ -109,6 +110,21 @@ def test_attention_over_the_buffer_equals_sdpa_over_the_written_prefix(is_causal
     assert cache_k.seq_len() == 7 and not cache_k.is_empty()
     cache_k.reset()
     assert cache_k.is_empty() and cache_k.buffer.abs().sum() > 0  # forgotten, not zeroed
+
+
+def test_shape_steps_keep_batch_and_sequence_or_are_refused():
+    seq_first = cv.View.of_cache("k", seq_dim=1)  # (b, s, h, d)
+    b, s, h, d = seq_first.sizes
+    grown = cv.expanded(cv.unsqueezed(seq_first, 3), [[b], [s], [h], ["n_rep"], [d]])
+    merged = cv.reshaped(grown, [[b], [s], [h, "n_rep"], [d]])
+    assert cv.transposed(merged, 1, 2).sdpa_ready  # Meta's repeat_kv, then (b, heads, s, d)
+    assert cv.reshaped(grown, [[b], [s], None, [d]]).sizes == merged.sizes
+    assert cv.reshaped(seq_first, [[b], None, [d]]) is None  # s merged with the heads
+    assert cv.reshaped(seq_first, [[b], [s], ["other"], [d]]) is None  # a size it cannot trace
+    assert cv.expanded(seq_first, [[b], ["T"], [h], [d]]) is None  # the sequence dim resized
+    assert cv.repeated(seq_first, 1, "n") is None and cv.repeated(seq_first, 2, "n") is not None
+    assert cv.joined([merged, seq_first], "f") is not None
+    assert cv.joined([merged, cv.transposed(merged, 1, 2)], "f") is None
 
 
 def test_rewritten_source_reads_as_the_construct():
