@@ -118,20 +118,23 @@ def test_forward_keeps_the_original_signature(optimized):
     assert result.model._supports_logits_to_keep() == original._supports_logits_to_keep()
 
 
-def test_caller_cache_runs_eagerly_with_a_warning(optimized):
+def test_caller_cache_runs_compiled_with_a_dynamic_length(optimized):
     from transformers import DynamicCache
 
     _, _, result, prompt, expected = optimized
     model = result.model
     rt = hf_runtime.runtime_of(model)
-    before = rt.eager_calls.get("cache", 0)
+    calls = dict(rt.compiled_calls)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model.generate(prompt, **{rt.cache_kwarg: DynamicCache(config=model.config)}, **GEN)
-    assert torch.equal(out, expected)
-    assert rt.eager_calls["cache"] - before == 24
-    if before == 0:
-        assert any(issubclass(w.category, hf_runtime.EagerFallbackWarning) for w in caught)
+        with torch.compiler.set_stance("fail_on_recompile"):  # compiled once per phase, whatever the length
+            again = model.generate(prompt, **{rt.cache_kwarg: DynamicCache(config=model.config)}, **GEN)
+    assert torch.equal(out, expected) and torch.equal(again, expected)
+    assert rt.compiled_calls["prefill-own"] - calls["prefill-own"] == 2
+    assert rt.compiled_calls["decode-own"] - calls["decode-own"] == 2 * 23
+    assert not rt.eager_calls.get("cache") and not any(issubclass(w.category, hf_runtime.EagerFallbackWarning)
+                                                       for w in caught)
 
 
 def test_longer_than_max_seq_len_falls_back():

@@ -31,13 +31,18 @@ def test_whole_meta_model():
     assert SdpaAttentionPass().apply(model, CTX).rewritten == 0
 
 
-def test_other_manual_attention_is_reported():
+def test_other_manual_attention_is_rewritten_too():
+    """Outside Meta's class the construct is rewritten in the source (tests/test_pass_sdpa_generic.py has more)."""
     class Manual(nn.Module):
         def forward(self, q, k, v):
             return torch.matmul(torch.softmax(q @ k.transpose(-1, -2), dim=-1), v)
 
-    result = SdpaAttentionPass().apply(Manual(), CTX)
-    assert result.rewritten == 0 and "softmax between matmuls" in result.skipped[0][1]
+    model, (q, k, v) = Manual(), torch.randn(3, 1, 2, 5, 8).unbind(0)
+    ref = model(q, k, v)
+    result = SdpaAttentionPass().apply(model, CTX)
+    assert result.rewritten == 1 and not result.skipped
+    assert "_graphfix_sdpa(q, k, v, scale=1.0)" in rewritten_source(model)
+    assert torch.allclose(model(q, k, v), ref, atol=1e-6)
 
 
 class OldContext(nn.Module):

@@ -56,6 +56,9 @@ def add_report_parser(sub: Any) -> None:
                    help="auto: aot_eager with weights, eager on the meta device")
     p.add_argument("--inductor", action="store_true", help="also compile with inductor to list ATen fallbacks")
     p.add_argument("--meta-device", action="store_true", help="build from config.json on the meta device, no weights")
+    add_driver_argument(p)
+    p.add_argument("--no-hidden", action="store_true",
+                   help="do not look for breaks hidden behind the first ones (on a scratch copy with the fixes)")
     p.add_argument("--prefill", type=int, default=8, help="prompt length for the prefill (default 8)")
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps after the prefill (default 16)")
     p.add_argument("--no-fullgraph-check", action="store_true", help="skip the fullgraph=True run")
@@ -79,6 +82,7 @@ def run_report(args: argparse.Namespace) -> int:
     if args.prefill < 1 or args.decode_steps < 1:
         raise GraphfixError("--prefill and --decode-steps must be at least 1")
     extra = [_parse_also(item) for item in args.also]
+    driver = sources.load_driver(args.driver) if args.driver else None
     reports = []
     for spec in args.models:
         say(f"loading {spec}")
@@ -90,6 +94,8 @@ def run_report(args: argparse.Namespace) -> int:
             report = diagnose(
                 loaded.model,
                 loaded.inputs,
+                driver=driver or loaded.driver,
+                hidden=not args.no_hidden,
                 backend=args.backend,
                 inductor=args.inductor,
                 fullgraph_check=not args.no_fullgraph_check,
@@ -102,6 +108,13 @@ def run_report(args: argparse.Namespace) -> int:
         say(f"done in {report.wall_seconds:.1f}s, peak memory {report.peak_memory_mb:.0f} MB")
         reports.append(report)
     return emit_reports(reports, args, extra)
+
+
+def add_driver_argument(p: argparse.ArgumentParser) -> None:
+    """``--driver pkg.mod:fn``: the user's own loop, shared by report, optimize and verify."""
+    p.add_argument("--driver", metavar="PKG.MOD:FN",
+                   help="your decode loop: fn(model) runs a prefill and decode steps the way your code does "
+                        "(its own cache and positions) and returns the generated tokens")
 
 
 def _parse_also(item: str) -> tuple[str, str]:

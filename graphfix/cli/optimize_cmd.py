@@ -45,6 +45,9 @@ def add_parser(subparsers: Any) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="HF dir, .gguf, Meta folder, 'smollm2' or package.module:function")
+    from graphfix.cli.app import add_driver_argument
+
+    add_driver_argument(p)
     p.add_argument("--passes", default="auto", help="'auto' (from the diagnosis), 'none', or names, comma separated")
     p.add_argument("--backend", default=None, choices=["eager", "aot_eager", "inductor"],
                    help="compile backend (default: inductor on CUDA, and on CPU with a C++ compiler; else aot_eager)")
@@ -74,14 +77,20 @@ def run_optimize(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     verify = args.always_verify or args.verify
+    driver = sources.load_driver(args.driver) if args.driver else None
     say(f"loading {args.model}")
     loaded = sources.load(args.model, dtype=getattr(torch, args.dtype))
+    driver = driver or loaded.driver
+    prompt = loaded.inputs if isinstance(loaded.inputs, torch.Tensor) else None
+    if loaded.inputs is not None and prompt is None:
+        raise InputError(f"{args.model} returned example calls; optimize needs a prompt tensor or a driver",
+                         hint="return (model, prompt_ids) or (model, loop_fn), or pass --driver pkg.mod:fn")
     # The model's own prints must not corrupt the table or the JSON on stdout.
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = optimize(
-            loaded.model, passes=args.passes, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
-            device=args.device, backend=args.backend, verify=verify, prefill_tokens=args.prefill,
+            loaded.model, driver=driver, prompt=prompt, passes=args.passes, max_seq_len=args.max_seq_len,
+            max_batch_size=args.max_batch_size, device=args.device, backend=args.backend, verify=verify, prefill_tokens=args.prefill,
             decode_steps=args.decode_steps, diagnose_steps=args.diagnose_steps, diagnose=not args.no_diagnose,
             inductor_scan=args.inductor_scan, tolerance=args.tolerance, name=loaded.name, progress=say,
         )

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import sysconfig
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -165,10 +166,18 @@ _INTERNAL = (
     os.sep + os.path.join("torch", "nn", "modules", "module.py"),
     os.sep + os.path.join("torch", "utils", "_contextlib.py"),
     os.sep + os.path.join("torch", "_dynamo", "external_utils.py"),
-    os.sep + "graphfix" + os.sep + "capture.py",
-    os.sep + "graphfix" + os.sep + "drivers.py",
-    os.sep + "graphfix" + os.sep + "diagnose.py",
+    os.sep + os.path.join("graphfix", "diagnose") + os.sep,
+    os.sep + os.path.join("graphfix", "optimize") + os.sep,
 )
+
+
+_STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"]) + os.sep
+
+
+def is_stdlib(file: str) -> bool:
+    """A file of Python's standard library (not a package installed into site-packages)."""
+    path = os.path.realpath(file)
+    return path.startswith(_STDLIB) and "site-packages" not in path
 
 
 def is_internal(file: str) -> bool:
@@ -265,6 +274,8 @@ def capture_dynamo() -> Iterator[Capture]:
     for h in torch_handlers:
         dynamo_logger.removeHandler(h)
     dynamo_logger.propagate = False
+    disabled = logging.root.manager.disable
+    logging.disable(logging.NOTSET)  # an application's logging.disable(...) must not hide Dynamo's events from graphfix
     dedup = getattr(torch._dynamo.utils, "graph_break_dup_warning_checker", None)
     if dedup is not None:
         # Dynamo prints a repeated break once; graphfix counts every occurrence and needs each stack.
@@ -282,4 +293,5 @@ def capture_dynamo() -> Iterator[Capture]:
         if dedup is not None:
             del dedup.add
         torch._logging.set_logs()
+        logging.disable(disabled)
         torch._dynamo.reset()

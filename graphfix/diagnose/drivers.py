@@ -1,11 +1,24 @@
 """Drive a model through a realistic inference loop: one prefill, then decode steps.
 
-Diagnosis is only as good as the calls it makes: a single forward misses the
-prefill-to-decode recompile, the cache growing, and positions changing. A
-driver knows the model's calling convention and its own cache mechanism
-(HF ``DynamicCache``, Meta's ``forward(tokens, start_pos)`` with module-attribute
-caches, or plain example inputs) and feeds each step the previous step's
-greedy token, exactly like generation does.
+Diagnosis and verification are only as good as the calls they make: a single forward
+misses the prefill-to-decode recompile, the cache growing and positions changing. The
+truth is the user's own loop, so a driver is, first of all, **the user's loop**
+(``LoopDriver``: ``fn(model)`` runs the model the way their code does and returns the
+generated tokens). When no loop is given, graphfix recognises the common calling
+conventions by the forward's signature, never by a guess that ends inside the model:
+
+==================  =====================================================================
+``hf``              a transformers ``PreTrainedModel``: ``input_ids``, a ``DynamicCache``
+``meta-start-pos``  ``forward(tokens, start_pos: int)``, caches kept in the modules (Meta)
+``input-pos``       ``forward(idx, input_pos: Tensor)`` with ``setup_caches`` (gpt-fast) or
+                    ``set_kv_cache`` (litgpt): static caches written at tensor positions
+``fms``             ``forward(x, ..., past_key_value_states=..., use_cache=...)`` (IBM fms)
+==================  =====================================================================
+
+Anything else is refused in one line that names the forward's signature and ``--driver``.
+Drivers call the model (``model(...)``); graphfix routes those calls to a compiled forward,
+labels their phases and counts them with ``graphfix.diagnose.intercept``, the same way for
+a built-in driver and for the user's loop.
 """
 
 from __future__ import annotations
@@ -13,25 +26,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from graphfix.diagnose.intercept import LoopStopped, intercepted
 from graphfix.errors import InputError
-
-PhaseHook = Callable[[str], None]
 
 
 class Driver(Protocol):
-    """Runs ``fn`` (the model or its compiled form) through prefill and decode."""
+    """Runs the model through a prefill and decode steps; returns the generated tokens (or ``None``)."""
 
     description: str
     prefill_tokens: int
     decode_steps: int
+    auto: bool
+    """Chosen by graphfix from the forward's signature (a failure then is graphfix's guess, not the model)."""
 
-    def run(self, fn: Callable[..., Any], on_phase: PhaseHook | None = None, steps: int | None = None) -> list[torch.Tensor]:
+    def run(self, model: nn.Module, steps: int | None = None) -> torch.Tensor | None:
         ...
 
 
@@ -45,11 +59,11 @@ def _param_device(model: nn.Module) -> torch.device:
 
 def vocab_size(model: nn.Module) -> int:
     """Vocabulary size from the config, or the first embedding table."""
-    config = getattr(model, "config", None) or getattr(model, "params", None)
-    for attr in ("vocab_size",):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    for holder in (getattr(model, "config", None), getattr(model, "params", None)):
+        for attr in ("vocab_size", "padded_vocab_size", "src_vocab_size"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
     for module in model.modules():
         n = getattr(module, "num_embeddings", None)
         if isinstance(n, int):
@@ -71,22 +85,19 @@ def prompt_tokens(model: nn.Module, length: int, batch: int = 1, seed: int = 0) 
     return ids.to(device)
 
 
-def greedy_loop(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, steps: int,
-                on_phase: PhaseHook | None = None) -> list[torch.Tensor]:
+def greedy_loop(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, steps: int) -> torch.Tensor:
     """A prefill of ``ids``, then ``steps`` greedy decode steps, without autograd.
 
     ``call(ids)`` runs the model on the new tokens (the prompt, then one token a step) and
     returns the logits; the next call gets the greedy token of the last position. Returns
-    the greedy token of every call. ``on_phase`` is told ``prefill``, ``decode:1``, ... first.
+    ``(batch, steps + 1)``: the greedy token of every call.
     """
     tokens: list[torch.Tensor] = []
     with torch.no_grad():
-        for step in range(steps + 1):
-            if on_phase:
-                on_phase("prefill" if step == 0 else f"decode:{step}")
+        for _ in range(steps + 1):
             ids = _greedy(call(ids))
             tokens.append(ids)
-    return tokens
+    return torch.cat(tokens, dim=1)
 
 
 @dataclasses.dataclass
@@ -98,13 +109,18 @@ class PromptDriver:
     batch: int = 1
     description: str = ""
     prompt: torch.Tensor | None = None
+    auto: bool = True
 
-    def start(self, fn: Callable[..., Any], model: nn.Module | None,
-              steps: int | None) -> tuple[nn.Module, torch.Tensor, int]:
-        """``(model, prompt ids, decode steps)`` of a run of ``fn`` (the model or its compiled form)."""
-        model = model if model is not None else unwrap_module(fn)
+    def __post_init__(self) -> None:
+        if self.prompt is not None:
+            if self.prompt.dim() == 1:
+                self.prompt = self.prompt[None]
+            self.prefill_tokens, self.batch = int(self.prompt.shape[1]), int(self.prompt.shape[0])
+
+    def start(self, model: nn.Module, steps: int | None) -> tuple[torch.Tensor, int]:
+        """``(prompt ids on the model's device, decode steps)`` of a run."""
         ids = self.prompt if self.prompt is not None else prompt_tokens(model, self.prefill_tokens, self.batch)
-        return model, ids, self.decode_steps if steps is None else steps
+        return ids.to(_param_device(model)), self.decode_steps if steps is None else steps
 
 
 @dataclasses.dataclass
@@ -113,11 +129,10 @@ class HFDriver(PromptDriver):
 
     description: str = "hf-dynamic-cache"
 
-    def run(self, fn: Callable[..., Any], on_phase: PhaseHook | None = None, steps: int | None = None,
-            model: nn.Module | None = None) -> list[torch.Tensor]:
+    def run(self, model: nn.Module, steps: int | None = None) -> torch.Tensor:
         from transformers import DynamicCache
 
-        model, ids, n_steps = self.start(fn, model, steps)
+        ids, n_steps = self.start(model, steps)
         device = ids.device
         cache_name, with_positions = cache_kwarg(model), "cache_position" in forward_params(type(model))
         cache = DynamicCache(config=model.config)
@@ -134,9 +149,9 @@ class HFDriver(PromptDriver):
             kwargs = {} if device.type == "meta" else {"attention_mask": mask}  # an all-ones mask: same math
             if with_positions:  # newer forwards take none: they count positions from the cache's length
                 kwargs["cache_position"] = torch.arange(total - new.shape[1], total, device=device)
-            return fn(input_ids=new, **{cache_name: cache}, use_cache=True, **kwargs).logits
+            return model(input_ids=new, **{cache_name: cache}, use_cache=True, **kwargs).logits
 
-        return greedy_loop(call, ids, n_steps, on_phase)
+        return greedy_loop(call, ids, n_steps)
 
 
 @functools.cache
@@ -173,30 +188,101 @@ def _preinit_cache(cache: Any, model: nn.Module, batch: int) -> None:
         cache.update(empty, empty, layer)
 
 
+def _check_fits(ids: torch.Tensor, steps: int, limit: int | None) -> None:
+    if limit is not None and ids.shape[1] + steps > limit:
+        raise InputError(
+            f"prompt of {ids.shape[1]} tokens plus {steps} decode steps exceeds the model's cache of {limit}",
+            hint="use a shorter prompt, fewer steps, or build the model with a larger max_seq_len",
+        )
+
+
 @dataclasses.dataclass
 class MetaDriver(PromptDriver):
     """Meta reference style: ``forward(tokens, start_pos: int)`` with caches kept in the modules."""
 
     description: str = "meta-start-pos"
 
-    def run(self, fn: Callable[..., Any], on_phase: PhaseHook | None = None, steps: int | None = None,
-            model: nn.Module | None = None) -> list[torch.Tensor]:
-        model, ids, n_steps = self.start(fn, model, steps)
-        limit = max_seq_len(model)
-        if limit is not None and ids.shape[1] + n_steps > limit:
-            raise InputError(
-                f"prompt of {ids.shape[1]} tokens plus {n_steps} decode steps exceeds the model's cache of {limit}",
-                hint="use a shorter prompt, fewer steps, or build the model with a larger max_seq_len",
-            )
+    def run(self, model: nn.Module, steps: int | None = None) -> torch.Tensor:
+        ids, n_steps = self.start(model, steps)
+        _check_fits(ids, n_steps, max_seq_len(model))
         pos = 0
 
         def call(new: torch.Tensor) -> torch.Tensor:
             nonlocal pos
-            logits = fn(new, pos)
+            logits = model(new, pos)
             pos += new.shape[1]
             return logits
 
-        return greedy_loop(call, ids, n_steps, on_phase)
+        return greedy_loop(call, ids, n_steps)
+
+
+CACHE_SETUP_METHODS = ("setup_caches", "set_kv_cache")
+"""Methods that allocate a static cache before a tensor-position forward (gpt-fast, litgpt)."""
+
+
+@dataclasses.dataclass
+class InputPosDriver(PromptDriver):
+    """``forward(idx, input_pos: Tensor)`` with a static cache set up first (gpt-fast, litgpt).
+
+    Positions are int64 tensors: ``arange(T)`` for the prompt, then ``[pos]`` per step.
+    """
+
+    description: str = "input-pos"
+    position_arg: str = "input_pos"
+
+    def run(self, model: nn.Module, steps: int | None = None) -> torch.Tensor:
+        ids, n_steps = self.start(model, steps)
+        setup_static_cache(model, batch=ids.shape[0], length=ids.shape[1] + n_steps + 1)
+        pos = 0
+
+        def call(new: torch.Tensor) -> torch.Tensor:
+            nonlocal pos
+            input_pos = torch.arange(pos, pos + new.shape[1], device=new.device)
+            pos += new.shape[1]
+            return model(new, **{self.position_arg: input_pos})
+
+        return greedy_loop(call, ids, n_steps)
+
+
+def setup_static_cache(model: nn.Module, *, batch: int, length: int) -> None:
+    """Call the model's own cache set-up method (``setup_caches`` / ``set_kv_cache``) for ``length`` positions."""
+    for name in CACHE_SETUP_METHODS:
+        method = getattr(model, name, None)
+        if callable(method):
+            break
+    else:
+        raise InputError(f"{type(model).__name__} takes tensor positions but has no {' or '.join(CACHE_SETUP_METHODS)}",
+                         hint="pass your own loop as a driver (--driver pkg.mod:fn)")
+    params = inspect.signature(method).parameters
+    limit = getattr(model, "max_seq_length", None)
+    if isinstance(limit, int) and 0 < limit < length:
+        raise InputError(f"a prompt plus decode steps of {length} positions exceeds {type(model).__name__}'s "
+                         f"max_seq_length {limit}", hint="use a shorter prompt or fewer steps")
+    kwargs: dict[str, Any] = {}
+    for names, value in ((("max_batch_size", "batch_size"), batch), (("max_seq_length", "max_seq_len"), length)):
+        found = next((n for n in names if n in params), None)
+        if found is not None:
+            kwargs[found] = value
+    method(**kwargs)
+
+
+@dataclasses.dataclass
+class FMSDriver(PromptDriver):
+    """IBM foundation-model-stack style: ``forward(x, past_key_value_states=..., use_cache=True)`` returns
+    ``(logits, cache)``, and the next call gets that cache back."""
+
+    description: str = "fms-past-key-value-states"
+
+    def run(self, model: nn.Module, steps: int | None = None) -> torch.Tensor:
+        ids, n_steps = self.start(model, steps)
+        cache: Any = None
+
+        def call(new: torch.Tensor) -> torch.Tensor:
+            nonlocal cache
+            logits, cache = model(new, past_key_value_states=cache, use_cache=True)
+            return logits
+
+        return greedy_loop(call, ids, n_steps)
 
 
 @dataclasses.dataclass
@@ -205,6 +291,7 @@ class CallsDriver:
 
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
     description: str = "example-inputs"
+    auto: bool = False
 
     @property
     def prefill_tokens(self) -> int:
@@ -214,16 +301,62 @@ class CallsDriver:
     def decode_steps(self) -> int:
         return max(0, len(self.calls) - 1)
 
-    def run(self, fn: Callable[..., Any], on_phase: PhaseHook | None = None, steps: int | None = None,
-            model: nn.Module | None = None) -> list[Any]:
-        outs = []
+    def run(self, model: nn.Module, steps: int | None = None) -> None:
         calls = self.calls if steps is None else self.calls[: steps + 1]
         with torch.no_grad():
-            for i, (args, kwargs) in enumerate(calls):
-                if on_phase:
-                    on_phase("prefill" if i == 0 else f"decode:{i}")
-                outs.append(fn(*args, **kwargs))
-        return outs
+            for args, kwargs in calls:
+                model(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class LoopDriver:
+    """The user's own loop: ``fn(model)`` runs prefill and decode steps as their code does, returns the tokens.
+
+    ``steps`` (a shorter run) stops the loop at the call after the prefill and ``steps`` decode calls.
+    """
+
+    fn: Callable[[nn.Module], Any]
+    description: str = ""
+    auto: bool = False
+    prefill_tokens: int = 0
+    """Learned from the first run (the first call's token count)."""
+    decode_steps: int = 0
+    """Learned from the first run (calls after the first)."""
+
+    def __post_init__(self) -> None:
+        if not self.description:
+            name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+            self.description = f"loop:{getattr(self.fn, '__module__', '') or ''}.{name}".replace(":.", ":")
+
+    def run(self, model: nn.Module, steps: int | None = None) -> torch.Tensor | None:
+        limit = None if steps is None else steps + 1
+        with intercepted(model, max_calls=limit) as log:
+            try:
+                with torch.no_grad():
+                    out = self.fn(model)
+            except LoopStopped:
+                out = None
+        if steps is None:
+            self.decode_steps = max(0, log.calls - 1)
+            self.prefill_tokens = (log.new_tokens[0] or 0) if log.new_tokens else 0
+        return as_token_tensor(out)
+
+
+def as_token_tensor(out: Any) -> torch.Tensor | None:
+    """A loop's returned tokens as ``(batch, n)`` int64 on CPU, or ``None`` when it returned none."""
+    if out is None:
+        return None
+    if isinstance(out, torch.Tensor):
+        t = out
+    elif isinstance(out, (list, tuple)) and out and all(isinstance(x, torch.Tensor) for x in out):
+        t = torch.cat([x.reshape(x.shape[0] if x.dim() > 1 else 1, -1) for x in out], dim=-1)
+    elif isinstance(out, (list, tuple)) and all(isinstance(x, int) for x in out):
+        t = torch.tensor(out)
+    else:
+        raise InputError(f"the driver returned {type(out).__name__}, not the generated tokens",
+                         hint="return a tensor (or list) of the token ids the loop generated")
+    t = t.detach().to("cpu", torch.long)
+    return t[None] if t.dim() == 1 else t.reshape(t.shape[0], -1)
 
 
 def max_seq_len(model: nn.Module) -> int | None:
@@ -248,21 +381,101 @@ def is_hf_causal_lm(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel) and hasattr(model, "config")
 
 
-def takes_start_pos(model: nn.Module) -> bool:
+def _signature(model: nn.Module) -> inspect.Signature | None:
     try:
-        params = list(inspect.signature(model.forward).parameters)
+        return inspect.signature(type(model).forward)
     except (TypeError, ValueError):
-        return False
-    return len(params) >= 2 and params[1] in ("start_pos", "input_pos", "pos")
+        return None
 
 
-def auto_driver(model: nn.Module, prefill_tokens: int = 8, decode_steps: int = 16) -> Driver:
-    """Pick the driver for the model's calling convention."""
+def _is_int_annotation(annotation: Any) -> bool:
+    return annotation is int or annotation == "int"
+
+
+def convention(model: nn.Module) -> str | None:
+    """The calling convention ``model``'s forward signature declares (see the module docstring), or ``None``."""
     if is_hf_causal_lm(model):
-        return HFDriver(prefill_tokens, decode_steps)
-    if takes_start_pos(model):
-        return MetaDriver(prefill_tokens, decode_steps)
-    raise InputError(
-        f"do not know how to drive {type(model).__name__}.forward",
-        hint="pass example inputs (graphfix.diagnose(model, inputs=[...])) or return them from your module:function",
-    )
+        return "hf"
+    sig = _signature(model)
+    if sig is None:
+        return None
+    params = [p for name, p in sig.parameters.items() if name != "self"]
+    names = [p.name for p in params]
+    if "past_key_value_states" in names and "use_cache" in names:
+        return "fms"
+    if len(params) < 2:
+        return None
+    second = params[1]
+    if second.name == "start_pos" or _is_int_annotation(second.annotation):
+        return "meta-start-pos"
+    if second.name == "input_pos" and any(callable(getattr(model, m, None)) for m in CACHE_SETUP_METHODS):
+        return "input-pos"
+    return None
+
+
+def describe_signature(model: nn.Module) -> str:
+    sig = _signature(model)
+    text = str(sig).replace("(self, ", "(").replace("(self)", "()") if sig is not None else "(...)"
+    return f"{type(model).__name__}.forward{text}"
+
+
+NO_CONVENTION_HINT = ("give graphfix the loop your code runs: graphfix.diagnose(model, driver=fn) or --driver "
+                      "pkg.mod:fn, where fn(model) runs a prefill and decode steps and returns the tokens")
+
+
+def auto_driver(model: nn.Module, prefill_tokens: int = 8, decode_steps: int = 16,
+                prompt: torch.Tensor | None = None) -> Driver:
+    """The driver for the calling convention the model's forward declares; one line naming it otherwise."""
+    found = convention(model)
+    common = {"prefill_tokens": prefill_tokens, "decode_steps": decode_steps, "prompt": prompt}
+    if found == "hf":
+        return HFDriver(**common)
+    if found == "meta-start-pos":
+        return MetaDriver(**common)
+    if found == "input-pos":
+        return InputPosDriver(**common)
+    if found == "fms":
+        return FMSDriver(**common)
+    sig = _signature(model)
+    if sig is not None:
+        params = [n for n in sig.parameters if n != "self"]
+        if len(params) >= 2 and params[1] in ("input_pos", "pos", "position_ids"):
+            raise InputError(f"{describe_signature(model)}: a tensor-position forward with no cache set-up method "
+                             f"({' or '.join(CACHE_SETUP_METHODS)})", hint=NO_CONVENTION_HINT)
+    raise InputError(f"cannot tell how to run {describe_signature(model)} in a decode loop", hint=NO_CONVENTION_HINT)
+
+
+def driver_from(spec: Any, model: nn.Module, *, prefill_tokens: int = 8, decode_steps: int = 16) -> Driver:
+    """A driver from what a user gave: a driver, a loop ``fn(model)``, a prompt tensor, or example calls."""
+    if spec is None:
+        return auto_driver(model, prefill_tokens, decode_steps)
+    if hasattr(spec, "run") and hasattr(spec, "description"):
+        return spec
+    if isinstance(spec, torch.Tensor):
+        if spec.is_floating_point() or spec.dim() not in (1, 2):
+            raise InputError(f"a prompt must be token ids of shape (seq,) or (batch, seq), got {tuple(spec.shape)} "
+                             f"{spec.dtype}")
+        return auto_driver(model, prefill_tokens, decode_steps, prompt=spec)
+    if callable(spec):
+        return LoopDriver(spec)
+    if isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):
+        return CallsDriver(normalize_calls(spec))
+    raise InputError(f"do not know how to use a {type(spec).__name__} as a driver",
+                     hint="give a loop fn(model), a prompt tensor, or a list of example calls")
+
+
+def normalize_calls(inputs: Sequence[Any]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Example calls as ``(args, kwargs)``: a dict is kwargs, a tuple/list args, anything else one argument."""
+    calls = []
+    for item in inputs:
+        if isinstance(item, dict):
+            calls.append(((), dict(item)))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict) and isinstance(item[0], tuple):
+            calls.append(item)
+        elif isinstance(item, (tuple, list)):
+            calls.append((tuple(item), {}))
+        else:
+            calls.append(((item,), {}))
+    if not calls:
+        raise InputError("no example inputs given", hint="pass at least one call: a prefill")
+    return calls

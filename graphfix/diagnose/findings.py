@@ -40,6 +40,14 @@ class Category(str, enum.Enum):
     DATA_DEPENDENT = "data_dependent_control_flow"
     PYTHON_SIDE_EFFECT = "python_side_effect"
     DYNAMIC_CACHE = "dynamic_cache_or_position"
+    INT_ATTRIBUTE = "int_module_attribute"
+    """A recompile on an integer attribute of a module (Dynamo specialises them: one graph per value)."""
+    DTYPE_RECOMPILE = "dtype_recompile"
+    """A recompile because an input changed dtype (int32 vs int64 positions) or kind (an inference tensor)."""
+    SHAPE_REUSE = "function_reused_at_other_shapes"
+    """A recompile of a frame compiled on its own (after a graph break) and called with other shapes."""
+    NOT_COMPILED = "not_compiled"
+    """The driver's loop ran no compiled graph (it never called forward, or everything fell back to Python)."""
     UNSUPPORTED_OP = "unsupported_op"
     RECOMPILE_LIMIT = "recompile_limit"
     OTHER = "other"
@@ -102,6 +110,8 @@ class Finding:
     guard: str | None = None
     phase: str = ""
     mode: str = ""
+    hidden_behind: str | None = None
+    """Found only once the fixes of earlier findings were applied (on a scratch copy): the one it hid behind."""
     fix_pass: str | None = None
     suggestion: str | None = None
     occurrences: int = 1
@@ -153,6 +163,7 @@ class Finding:
             guard=data.get("guard"),
             phase=data.get("phase", ""),
             mode=data.get("mode", ""),
+            hidden_behind=data.get("hidden_behind"),
             fix_pass=data.get("fix_pass"),
             suggestion=data.get("suggestion"),
             occurrences=int(data.get("occurrences", 1)),

@@ -27,6 +27,10 @@ class RunStats:
     graphs_per_decode: int = 0
     graph_breaks: int = 0
     compiled_frames: int = 0
+    graph_runs: int | None = None
+    """Compiled graphs executed over the whole loop (``None`` in reports older than this field)."""
+    forward_calls: int | None = None
+    """Calls of the model's forward the driver made."""
     recompiles: int = 0
     compile_failures: int = 0
     inductor_fallbacks: int = 0

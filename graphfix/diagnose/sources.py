@@ -31,7 +31,10 @@ class LoadedModel:
     model: nn.Module
     name: str
     source: str
-    inputs: list[Any] | None = None
+    inputs: Any = None
+    """A prompt tensor (token ids) or a list of example calls, when a ``module:function`` returned them."""
+    driver: Any = None
+    """The loop ``fn(model)`` a ``module:function`` returned, or the one ``--driver`` named."""
 
 
 def smollm2_gguf_path() -> Path:
@@ -164,9 +167,11 @@ def load_meta_checkpoint(path: Path, *, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model.eval(), path.name, "meta")
 
 
-def load_callable(spec: str) -> LoadedModel:
-    """``package.module:function`` returning a model or ``(model, inputs)``."""
-    module_name, _, func_name = spec.partition(":")
+def import_callable(spec: str, what: str = "function") -> Any:
+    """The callable named ``package.module:function`` (one-line errors for every way that fails)."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise InputError(f"{spec!r} is not package.module:function", hint=f"name the {what} as pkg.mod:fn")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -174,16 +179,48 @@ def load_callable(spec: str) -> LoadedModel:
     func = getattr(module, func_name, None)
     if not callable(func):
         raise InputError(f"{module_name} has no callable {func_name!r}")
+    return func
+
+
+def load_callable(spec: str) -> LoadedModel:
+    """``package.module:function`` returning a model, ``(model, example_inputs)`` or ``(model, driver)``.
+
+    ``example_inputs``: a tensor of token ids is one prompt (for the recognised calling
+    conventions); a list or tuple is example calls. ``driver``: a loop ``fn(model)`` that runs
+    the model as the user's code does and returns the generated tokens.
+    """
+    func = import_callable(spec, "model builder")
     try:
         result = func()
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: graphfix's exit code is graphfix's
         raise ModelRunError(f"{spec} raised {type(exc).__name__}: {_one_line(exc)}", hint="rerun with --debug") from exc
-    inputs = None
+    inputs = driver = None
     if isinstance(result, tuple) and len(result) == 2:
-        result, inputs = result
+        result, second = result
+        if isinstance(second, torch.Tensor):
+            if second.is_floating_point() or second.dim() not in (1, 2):
+                raise InputError(f"{spec} returned a {tuple(second.shape)} {second.dtype} tensor as its prompt",
+                                 hint="a prompt is token ids: an integer tensor of shape (seq,) or (batch, seq)")
+            inputs = second
+        elif isinstance(second, (list, tuple)):
+            inputs = list(second)
+        elif callable(second) and not isinstance(second, nn.Module):
+            driver = second
+        else:
+            raise InputError(f"{spec} returned (model, {type(second).__name__})",
+                             hint="the second item is a prompt tensor, a list of example calls, or a loop fn(model)")
     if not isinstance(result, nn.Module):
         raise InputError(f"{spec} returned {type(result).__name__}, not an nn.Module")
-    return LoadedModel(result.eval(), spec, "callable", list(inputs) if inputs is not None else None)
+    return LoadedModel(result.eval(), spec, "callable", inputs, driver)
+
+
+def load_driver(spec: str) -> Any:
+    """The user's loop named by ``--driver package.module:function`` (``fn(model)`` returning tokens)."""
+    from graphfix.diagnose.drivers import LoopDriver
+
+    return LoopDriver(import_callable(spec, "driver"), description=f"loop:{spec}")
 
 
 def _name_of(path: Path, config: Any) -> str:

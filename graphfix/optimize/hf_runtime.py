@@ -39,6 +39,7 @@ from transformers import StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 
 from graphfix.diagnose.drivers import HFDriver, cache_kwarg, greedy_loop
+from graphfix.rewrite.blocks.side_effects import config_for
 from graphfix.rewrite.codeobj import own_code
 
 ATTR = "graphfix_runtime"
@@ -115,7 +116,8 @@ class HFRuntime:
     logging_functions: frozenset = frozenset()
     caches: dict[int, Any] = dataclasses.field(default_factory=dict)
     eager_calls: dict[str, int] = dataclasses.field(default_factory=dict)
-    compiled_calls: dict[str, int] = dataclasses.field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    compiled_calls: dict[str, int] = dataclasses.field(default_factory=lambda: {"prefill": 0, "decode": 0,
+                                                                                "prefill-own": 0, "decode-own": 0})
     enforce_from: int | None = None
     """While set (``enforce``), decode calls from this count on (and prefills, when 0) run under
     ``torch.compiler.set_stance("fail_on_recompile")``."""
@@ -162,7 +164,9 @@ class HFRuntime:
         found = self.variants.get(key)
         if found is None:
             step = own_code(_make_step(self.original_forward))
-            if phase == "decode":
+            if phase.endswith("-own"):  # the caller's own cache grows: shapes are dynamic, still one graph each
+                fn = torch.compile(step, backend=self.backend, fullgraph=True)
+            elif phase == "decode":
                 mode = "reduce-overhead" if self.cuda_graphs else None
                 fn = torch.compile(step, backend=self.backend, fullgraph=True, dynamic=False, mode=mode)
             else:
@@ -178,8 +182,12 @@ class HFRuntime:
 
         out = {"prefill": 0, "decode": 0}
         for v in self.variants.values():
-            out[v.phase] += len(_debug_get_cache_entry_list(v.code))
+            out[v.phase] = out.get(v.phase, 0) + len(_debug_get_cache_entry_list(v.code))
         return out
+
+    def graph_runs(self) -> int:
+        """Calls routed into the compiled callables (each runs its graph or, under ``fail_on_recompile``, raises)."""
+        return sum(self.compiled_calls.values())
 
     def recompiles(self) -> int:
         """Graphs beyond the first of each variant's code object."""
@@ -207,8 +215,8 @@ class HFRuntime:
 
 FALLBACK_REASONS = {
     "no-cache": "called without a cache (a plain forward)",
-    "cache": "called with a cache graphfix did not make (DynamicCache or the caller's own): only the graphfix "
-             "StaticCache that generate() receives is compiled",
+    "cache": "called with a cache graphfix did not make (DynamicCache or the caller's own) while the compiled path "
+             "is off",
     "inputs": "called with inputs_embeds, labels or extra outputs",
     "length": "generate() asked for more tokens than max_seq_len",
     "batch": "generate() with a batch larger than max_batch_size, beams or several return sequences",
@@ -238,10 +246,8 @@ def hf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         reason = "inputs"
     elif cache is None:
         reason = "no-cache"
-    elif not is_graphfix_cache(cache):
-        reason = "cache"
     elif rt.backend is None:
-        reason = "not-compiled"
+        reason = "cache" if not is_graphfix_cache(cache) else "not-compiled"
     if reason is not None:
         rt.fallback(reason)
         return rt.original_forward(*args, **kwargs)
@@ -253,23 +259,27 @@ def hf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     input_ids = dense(input_ids)  # a slice of a wider buffer has other strides, which would recompile
     tuple_out = kwargs.get("return_dict") is False
     kwargs = canonical_kwargs(kwargs)
+    own = not is_graphfix_cache(cache)
     if input_ids.shape[1] == 1:
-        phase = "decode"
+        phase = "decode-own" if own else "decode"
         rt.decode_seen += 1
         strict = rt.enforce_from is not None and rt.decode_seen >= rt.enforce_from
-        if rt.cuda_graphs:
+        if own:
+            _mark_cache_dynamic(kwargs)
+        elif rt.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
     else:
-        phase = "prefill"
+        phase = "prefill-own" if own else "prefill"
         strict = rt.enforce_from == 0
         _mark_sequence_dynamic(input_ids, kwargs)
     fn = rt.variant(phase, kwargs).fn
     rt.compiled_calls[phase] += 1
     stance = torch.compiler.set_stance("fail_on_recompile") if strict else contextlib.nullcontext()
-    logging = _reorder_logging(rt) if rt.logging_functions else contextlib.nullcontext()
+    logging = torch._dynamo.config.patch(**config_for(None, rt.logging_functions)) if rt.logging_functions \
+        else contextlib.nullcontext()
     with stance, logging:
         out = fn(input_ids, **kwargs)
-    if rt.cuda_graphs and getattr(out, "logits", None) is not None:
+    if rt.cuda_graphs and not own and getattr(out, "logits", None) is not None:
         out["logits"] = out.logits.clone()  # the graph's output buffer is overwritten by the next replay
     return out.to_tuple() if tuple_out else out
 
@@ -308,12 +318,7 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _reorder_logging(rt: HFRuntime) -> Any:
-    from graphfix.rewrite.blocks.side_effects import reorder_logging
-
-    return reorder_logging(None, rt.logging_functions)
-
-
+@skip_frame  # called from hf_forward's eager frame: Dynamo must not trace graphfix's bookkeeping
 def _mark_sequence_dynamic(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
     """Mark the prompt length dynamic in every input that has it, so a new length does not recompile."""
     seq = input_ids.shape[1]
@@ -328,6 +333,23 @@ def _mark_sequence_dynamic(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> N
             torch._dynamo.maybe_mark_dynamic(mask, 2)  # (batch, 1, query, max_seq_len): the query length
         elif mask.dim() == 2:
             torch._dynamo.maybe_mark_dynamic(mask, 1)
+
+
+@skip_frame
+def _mark_cache_dynamic(kwargs: dict[str, Any]) -> None:
+    """Mark the length of a caller's growing cache (and of its attention mask) dynamic before a decode call.
+
+    Without this the first two decode calls compile twice (Dynamo makes a dimension dynamic only
+    once it has changed); with it, decode compiles once, whatever the cache's length.
+    """
+    cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+    for layer in getattr(cache, "layers", None) or ():
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[2] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1:
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
 
 
 def _requested_length(model: nn.Module, prompt_len: int, kwargs: dict[str, Any]) -> int:
@@ -414,10 +436,9 @@ class StaticCacheDriver(HFDriver):
 
     description: str = "hf-graphfix-static-cache"
 
-    def run(self, fn: Callable[..., Any], on_phase: Callable[[str], None] | None = None, steps: int | None = None,
-            model: nn.Module | None = None) -> list[torch.Tensor]:
-        model, ids, n_steps = self.start(fn, model, steps)
+    def run(self, model: nn.Module, steps: int | None = None) -> torch.Tensor:
+        ids, n_steps = self.start(model, steps)
         rt = runtime_of(model)
         cache = rt.new_cache(ids.shape[0])
-        return greedy_loop(lambda new: fn(input_ids=new, **{rt.cache_kwarg: cache}, use_cache=True).logits, ids,
-                           n_steps, on_phase)
+        return greedy_loop(lambda new: model(input_ids=new, **{rt.cache_kwarg: cache}, use_cache=True).logits, ids,
+                           n_steps)

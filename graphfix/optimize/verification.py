@@ -52,20 +52,28 @@ class VerificationError(GraphfixError):
 class Trace:
     """What one greedy run produced: the tokens and each call's last-position logits."""
 
-    prompt: torch.Tensor
+    prompt: torch.Tensor | None
+    """The prompt graphfix gave; ``None`` for a user's loop (its prompt is its own)."""
     tokens: torch.Tensor
-    """``(batch, steps + 1)``: the prefill's greedy token, then one per decode step."""
+    """``(batch, steps + 1)``: the prefill's greedy token, then one per decode step; for a user's loop,
+    the tokens it returned (or the argmax of each call when it returned none)."""
     logits: torch.Tensor
-    """``(steps + 1, batch, vocab)`` float32 on CPU."""
+    """``(calls, batch, vocab)`` float32 on CPU: the last position of each forward call."""
     seconds: float
+    prefill_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt is not None and not self.prefill_tokens:
+            self.prefill_tokens = int(self.prompt.shape[1])
 
     @property
     def steps(self) -> int:
-        return self.tokens.shape[1]
+        """Forward calls (a prefill and the decode steps)."""
+        return self.logits.shape[0]
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens.numel() / self.seconds if self.seconds > 0 else 0.0
+        return self.logits.shape[0] * self.logits.shape[1] / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclasses.dataclass
@@ -83,6 +91,8 @@ class ParityResult:
     dtype: str
     tokens_required: bool = True
     """Float32: identical tokens are required. Lower precision: reported only."""
+    returned_tokens_equal: bool = True
+    """The tokens the loop returned (a user's loop: its own output) are identical."""
 
     @property
     def relative_error(self) -> float:
@@ -90,7 +100,7 @@ class ParityResult:
 
     @property
     def tokens_match(self) -> bool:
-        return self.greedy_match == self.greedy_steps
+        return self.greedy_match == self.greedy_steps and self.returned_tokens_equal
 
     @property
     def passed(self) -> bool:
@@ -99,7 +109,7 @@ class ParityResult:
     def describe(self) -> str:
         return (f"max |logit error| {self.max_abs_error:.3g} = {self.relative_error:.2e} of the logit scale "
                 f"{self.logit_scale:.3g} (tolerance {self.tolerance:.0e}); greedy tokens {self.greedy_match}/"
-                f"{self.greedy_steps} identical")
+                f"{self.greedy_steps} identical" + ("" if self.returned_tokens_equal else "; the loop returned other tokens"))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -108,10 +118,19 @@ class ParityResult:
 
 
 def compare(reference: Trace, output: Trace, tolerance: float, dtype: torch.dtype) -> ParityResult:
-    """Parity of ``output`` against ``reference`` (see the module docstring)."""
+    """Parity of ``output`` against ``reference`` (see the module docstring).
+
+    Calls are aligned by index; the greedy choice of each call (argmax of its last position)
+    is compared, and the logits up to and including the first call whose choice differs.
+    The tokens a user's loop returned must also be equal (in float32), whatever their layout.
+    """
     steps = min(reference.steps, output.steps)
-    same = (reference.tokens[:, :steps] == output.tokens[:, :steps]).all(dim=0).tolist()
+    ref_choice, out_choice = reference.logits[:steps].argmax(-1), output.logits[:steps].argmax(-1)
+    same = (ref_choice == out_choice).all(dim=1).tolist()
     match = next((i for i, ok in enumerate(same) if not ok), steps)
+    if reference.steps != output.steps:
+        match = min(match, steps)
+    returned_equal = reference.tokens.shape == output.tokens.shape and torch.equal(reference.tokens, output.tokens)
     compared = min(match + 1, steps)
     ref, out = reference.logits[:compared], output.logits[:compared]
     return ParityResult(
@@ -123,6 +142,7 @@ def compare(reference: Trace, output: Trace, tolerance: float, dtype: torch.dtyp
         compared_steps=compared,
         dtype=str(dtype).replace("torch.", ""),
         tokens_required=dtype in (torch.float32, torch.float64),
+        returned_tokens_equal=returned_equal,
     )
 
 
@@ -207,7 +227,45 @@ class StartPosRunner:
         return Trace(prompt, torch.cat(tokens, dim=1), torch.stack(logits), seconds)
 
 
-def runner_for(kind: str) -> HFRunner | StartPosRunner:
+class LoopRunner:
+    """A driver's loop (the user's own, or a recognised convention's), each forward call watched and recorded.
+
+    ``steps`` (``None``: the loop's own length) stops the loop after a prefill and that many decode
+    calls. ``enforce``: ``"decode"`` fails on a recompile from the third call on, ``"all"`` on any.
+    """
+
+    kind = "loop"
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+
+    def run(self, model: nn.Module, prompt: torch.Tensor | None, steps: int | None, *,
+            enforce: str | None = None) -> Trace:
+        from graphfix.diagnose.drivers import vocab_size
+        from graphfix.diagnose.intercept import intercepted
+
+        try:
+            vocab = vocab_size(model)
+        except GraphfixError:
+            vocab = None
+        strict_from = {"decode": 2, "all": 0}.get(enforce or "")
+        started = time.perf_counter()
+        with quiet(), intercepted(model, record_logits=True, vocab=vocab, strict_from=strict_from) as log:
+            returned = self.driver.run(model, steps=steps)
+        seconds = time.perf_counter() - started
+        if not log.logits or log.unrecorded:
+            raise InputError(f"the driver's loop ({self.driver.description}) made {log.calls} forward call(s), "
+                             f"{log.unrecorded} of them without logits graphfix can find",
+                             hint="forward must return the logits (a tensor, .logits, or the first of a tuple)")
+        tokens = returned if returned is not None else log.greedy_tokens()
+        first = log.new_tokens[0] if log.new_tokens else 0
+        return Trace(None, tokens, torch.stack(log.logits), seconds, prefill_tokens=first or 0)
+
+
+def runner_for(kind: str, driver: Any = None) -> HFRunner | StartPosRunner | LoopRunner:
+    """The runner of a model's convention; a driver (a user's loop) always wins."""
+    if driver is not None:
+        return LoopRunner(driver)
     return HFRunner() if kind == "hf" else StartPosRunner()
 
 
@@ -306,10 +364,17 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
     if steps < 1 or steps > reference.steps - 1:
         raise InputError(f"decode_steps must be between 1 and {reference.steps - 1} (the reference optimize recorded)",
                          hint="optimize with a larger decode_steps to verify longer")
-    reference = dataclasses.replace(reference, tokens=reference.tokens[:, : steps + 1],
-                                    logits=reference.logits[: steps + 1])
-    model, runner = state.model, runner_for(state.kind)
-    result = VerifyResult(ok=False, compiled=state.compiled, prefill_tokens=reference.prompt.shape[1],
+    model, runner = state.model, runner_for(state.kind, getattr(state, "driver", None))
+    run_steps: int | None = steps
+    if isinstance(runner, LoopRunner) and steps == reference.steps - 1:
+        run_steps = None  # the loop's own length: its returned tokens are compared as they are
+    elif isinstance(runner, LoopRunner):  # a shorter run stops the loop: compare each call's greedy choice
+        reference = dataclasses.replace(reference, tokens=reference.logits[: steps + 1].argmax(-1).T,
+                                        logits=reference.logits[: steps + 1])
+    else:
+        reference = dataclasses.replace(reference, tokens=reference.tokens[:, : steps + 1],
+                                        logits=reference.logits[: steps + 1])
+    result = VerifyResult(ok=False, compiled=state.compiled, prefill_tokens=reference.prefill_tokens,
                           decode_steps=steps, reference_tokens_per_second=state.reference.tokens_per_second)
     started = time.perf_counter()
     eager_before = dict(state.eager_calls())
@@ -337,9 +402,13 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
         record("compiling (warm-up)", exc)
 
     enforce = "decode" if state.compiled else None
-    say(f"verify: prefill of {reference.prompt.shape[1]} tokens + {steps} decode steps"
+    say(f"verify: prefill of {reference.prefill_tokens} tokens + {steps} decode steps"
         + (" (decode steps 2.. under fail_on_recompile)" if state.compiled else ""))
-    output = attempt("run 1", lambda: runner.run(model, reference.prompt, steps, enforce=enforce))
+    runs_before = state.graph_runs()
+    output = attempt("run 1", lambda: runner.run(model, reference.prompt, run_steps, enforce=enforce))
+    if output is not None and state.compiled and state.graph_runs() == runs_before:
+        result.failures.append("no compiled graph ran in the loop: every call ran in Python (a skipped frame, "
+                               "a recompile limit reached, or a path the compiled callables do not cover)")
     if output is not None:
         result.strict_decode_steps += max(0, steps - 1) if state.compiled else 0
         tol = default_tolerance(state.dtype) if tolerance is None else tolerance
@@ -348,7 +417,7 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
             result.failures.append(f"parity: {result.parity.describe()}")
         if measure_speed and not result.failures:
             say("verify: the same run again, timed, everything under fail_on_recompile")
-            again = attempt("run 2 (timed)", lambda: runner.run(model, reference.prompt, steps,
+            again = attempt("run 2 (timed)", lambda: runner.run(model, reference.prompt, run_steps,
                                                                  enforce="all" if state.compiled else None))
             if again is not None:
                 result.tokens_per_second = again.tokens_per_second
@@ -383,6 +452,8 @@ def _other_prompt(state: Any) -> torch.Tensor | None:
     from graphfix.diagnose.drivers import prompt_tokens
 
     prompt = state.reference.prompt
+    if prompt is None:  # a user's loop brings its own prompt
+        return None
     length = prompt.shape[1] + 3
     if length + 3 > state.max_seq_len:
         length = prompt.shape[1] - 3

@@ -176,6 +176,8 @@ def details(finding: Finding) -> list[tuple[str, str]]:
         out.append((f"source{where}", finding.location.source.strip()))
     if finding.guard:
         out.append(("guard", first_line(finding.guard)))
+    if finding.hidden_behind:
+        out.append(("hidden behind", one_line(finding.hidden_behind)))
     if finding.suggestion:
         out.append(("suggestion", one_line(finding.suggestion)))
     if finding.fix_pass:

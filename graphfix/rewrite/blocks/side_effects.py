@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
+import torch
 import torch._dynamo.config as dynamo_config
 from torch import nn
 
@@ -36,9 +37,15 @@ def required_functions(model: nn.Module | None) -> set[Callable]:
 @contextlib.contextmanager
 def reorder_logging(model: nn.Module | None = None, functions: Iterable[Callable] = ()) -> Iterator[None]:
     """Register ``model``'s recorded logging functions (plus ``functions``) with Dynamo inside the block."""
+    with dynamo_config.patch(**config_for(model, functions)):
+        yield
+
+
+@torch._dynamo.disable  # called from graphfix's eager routing frames, around which Dynamo's callback may be on
+def config_for(model: nn.Module | None = None, functions: Iterable[Callable] = (), **extra: object) -> dict:
+    """The Dynamo config a compiled call of ``model`` needs: its logging functions registered, plus ``extra``."""
     wanted = required_functions(model) | set(functions)
-    if not wanted:
-        yield
-        return
-    with dynamo_config.patch(reorderable_logging_functions=set(dynamo_config.reorderable_logging_functions) | wanted):
-        yield
+    config = dict(extra)
+    if wanted:
+        config["reorderable_logging_functions"] = set(dynamo_config.reorderable_logging_functions) | wanted
+    return config
