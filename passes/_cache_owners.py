@@ -10,7 +10,7 @@ Buffer shapes and dtype come from what the attribute holds when the pass runs (a
 tensor from ``__init__``, or the content of earlier calls, which is kept), else from a probe:
 one call of the original model on ``ctx.options["example_inputs"]`` (positional arguments;
 ``ctx.options["example_kwargs"]`` for keywords), after which every module's attributes are put
-back. The batch is ``max(ctx.max_batch_size, observed)``, the length ``ctx.max_seq_len``.
+back (``ModelSnapshot``; the call's prints and logging do happen). The batch is ``max(ctx.max_batch_size, observed)``, the length ``ctx.max_seq_len``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from graphfix.rewrite.blocks import meta_llama as ml
 from graphfix.rewrite.blocks import source_rewrite as sr
 from graphfix.rewrite.blocks.kv_cache import PreallocatedCache
 from graphfix.rewrite.pass_manager import PassContext, PassResult
+from graphfix.rewrite.snapshot import ModelSnapshot
 from passes._common import helper_site, parsed_methods, where
 from passes._growing_cache import HELPERS, RANK, MethodRewrite, cat_append, self_attr
 
@@ -219,8 +220,7 @@ def _probe(model: nn.Module, wanted: list[tuple[nn.Module, str]],
         return {}, ("run one call before the pass (the cache's content is kept) or give "
                     "ctx.options['example_inputs'] (the arguments of one call)")
     args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
-    saved = [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if isinstance(v, dict)})
-             for m in model.modules()]
+    snapshot = ModelSnapshot.take(model)
     try:
         with torch.no_grad():
             model(*args, **ctx.options.get("example_kwargs", {}))
@@ -228,12 +228,7 @@ def _probe(model: nn.Module, wanted: list[tuple[nn.Module, str]],
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is a reason to skip, not to crash the pass
         return {}, f"the example call failed ({type(exc).__name__}: {exc})"
     finally:
-        for module, attributes, containers in saved:
-            for key, content in containers.items():
-                attributes[key].clear()
-                attributes[key].update(content)
-            module.__dict__.clear()
-            module.__dict__.update(attributes)
+        snapshot.restore()
 
 
 # ---------------------------------------------------------------------------

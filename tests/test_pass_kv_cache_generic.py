@@ -305,3 +305,21 @@ def test_cache_reached_from_another_module_is_skipped():
     model = _RootReadsLayerCache(gc.NoneCatAttention).eval()
     skipped = _left_alone(model, _ctx(torch.zeros(1, 3, dtype=torch.long)))
     assert any("`first.cache_k` reaches the cache of another module" in r for _, r in skipped)
+
+
+def test_after_sdpa_attention_on_the_zoo_research_model():
+    """Manual einsum attention over the growing cache: sdpa-attention makes it SDPA (repeat_kv kept, the mask as
+    attn_mask), then the cache becomes static; the research model's own loop gives the same tokens."""
+    from passes.sdpa import SdpaAttentionPass
+    from tests.zoo import research_style
+
+    ref, model = research_style.build(), research_style.build()
+    ctx = PassContext(max_seq_len=64, options={"example_inputs": (research_style.PROMPT,)})
+    assert SdpaAttentionPass().apply(model, ctx).rewritten == 1
+    before = model.pos
+    result = StaticKVCachePass().apply(model, ctx)
+    assert result.rewritten and not result.skipped, result.skipped
+    assert model.pos == before and model.layers[0].attention.cache_k.seq_len() == 0  # the probe left no trace
+    assert "_graphfix_fn_repeat_kv_" in sr.rewritten_source(model.layers[0].attention)
+    with pytest.warns(UserWarning):
+        assert torch.equal(research_style.loop(ref, 10), research_style.loop(model, 10))
