@@ -2,7 +2,8 @@
 
 One module per job: ``collectives`` (functional-collectives), ``rope`` (real-rope),
 ``sdpa`` (sdpa-attention, sdpa-context), ``kv_cache`` (static-kv-cache),
-``inference_mode`` (inference-mode), ``side_effects`` (side-effects). docs/passes.md
+``inference_mode`` (inference-mode), ``side_effects`` (side-effects, with ``_eager_only``,
+``_scalar_checks`` and ``_purity``). docs/passes.md
 describes each, and the compile-clean building blocks they swap in live in
 ``graphfix.rewrite.blocks``.
 """

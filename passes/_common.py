@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import re
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -71,18 +71,27 @@ def where(paths: list[str], method: str = "forward") -> str:
 
 
 Transform = reachable.Transform
+MethodFilter = Callable[[types.FunctionType, str], bool]
 
 
-def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform) -> None:
-    """Apply a source transform to every user method of ``model`` and to the helpers they call.
+def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform,
+                    methods: list[tuple[types.FunctionType, str, list[tuple[str, nn.Module]]]] | None = None, *,
+                    select: MethodFilter | None = None) -> None:
+    """Apply a source transform to every user method of ``model`` (or to ``methods``) and to the helpers they call.
 
+    ``methods`` narrows the methods to start from, e.g. to those that run in a step
+    (``graphfix.rewrite.step_code``); its helpers (method name ``""``) are reached through their callers.
     The transform runs once per function object (instances of one class share it);
     ``rewritten`` counts the sites in the source, not the instances. A helper that
     changes is reached through a rewritten copy of each caller (``graphfix.rewrite.reachable``).
+    Grad-mode decorators are seen through (``graphfix.rewrite.grad_modes``); ``select(fn, name)``
+    keeps only the methods it returns True for (with the helpers they call).
     """
     rewriter = reachable.ReachableRewriter(transform)
     setup_only = reachable.ReachableRewriter(transform, follow_callees=False)
-    for fn, name, instances in methods_by_function(model):
+    for fn, name, instances in methods_by_function(model) if methods is None else methods:
+        if not name or (select is not None and not select(fn, name)):
+            continue
         outcome = (rewriter if reachable.runs_in_step(name) else setup_only).rewrite(fn)
         loc = where([p for p, _ in instances], name)
         result.skipped.extend((loc, r) for r in outcome.reasons)
@@ -93,7 +102,7 @@ def rewrite_methods(model: nn.Module, result: PassResult, transform: Transform) 
             if outcome.sites:
                 result.notes.append(f"{loc}: {outcome.sites} site(s) rewritten in {fn.__qualname__} "
                                     f"({len(instances)} instance(s))")
-    for helper, outcome in rewriter.helpers_rewritten:
+    for helper, outcome in rewriter.helpers_seen:
         result.skipped.extend((helper_site(helper), r) for r in outcome.reasons)
         if outcome.sites:
             result.rewritten += outcome.sites

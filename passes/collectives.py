@@ -1,25 +1,25 @@
-"""Pass ``functional-collectives``: fairscale layers and async c10d calls -> functional collectives."""
+"""Pass ``functional-collectives``: collectives Dynamo cannot trace -> ones it traces.
+
+Three constructs, wherever the step runs them (module methods and the helpers they call):
+fairscale's model-parallel layers (swapped by exact class for graphfix's), custom
+``torch.autograd.Function``s that run a collective around a ctx call Dynamo cannot trace
+(``passes._autograd_functions``), and ``async_op=True`` c10d calls whose Work handles are only
+waited on, one at a time or in a list (``passes._async_collectives``).
+"""
 
 from __future__ import annotations
 
 import ast
 import types
 
-import torch.distributed as dist
 from torch import nn
 
 from graphfix.diagnose.findings import Category
 from graphfix.rewrite.blocks import collectives as gc
-from graphfix.rewrite.blocks import source_rewrite as sr
 from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
+from passes._async_collectives import rewrite_async_collectives
+from passes._autograd_functions import FunctionApplySites
 from passes._common import no_match, replace_submodule, rewrite_methods, site
-
-# c10d call -> (in-place helper, helper's parameter names in the order it takes them)
-_C10D = {
-    dist.all_reduce: (gc.all_reduce_, ("tensor", "op", "group")),
-    dist.all_gather_into_tensor: (gc.all_gather_into_tensor_, ("output_tensor", "input_tensor", "group")),
-    dist.reduce_scatter_tensor: (gc.reduce_scatter_tensor_, ("output", "input", "op", "group")),
-}
 
 
 def _fairscale_swaps() -> dict[type, tuple[type, str]]:
@@ -52,16 +52,26 @@ def _shard_mismatch(m: nn.Module, kind: str, ws: int) -> str | None:
 
 class FunctionalCollectivesPass(Pass):
     name = "functional-collectives"
-    summary = ("fairscale ColumnParallelLinear/RowParallelLinear/(Vocab)ParallelEmbedding and async_op=True c10d "
-               "calls in forward -> functional collectives that trace without graph breaks")
+    summary = ("fairscale ColumnParallelLinear/RowParallelLinear/(Vocab)ParallelEmbedding, autograd.Functions whose "
+               "collective Dynamo cannot trace (ctx.mark_dirty), and async_op=True c10d calls in the step -> "
+               "collectives that trace without graph breaks")
     fixes = frozenset({Category.COLLECTIVE, Category.AUTOGRAD_FUNCTION_CTX})
     order = 10
 
     def apply(self, model: nn.Module, ctx: PassContext) -> PassResult:
         result = PassResult(self.name)
         self._swap_fairscale(model, result)
-        rewrite_methods(model, result, _rewrite_async_collectives)
-        return no_match(result, "fairscale model-parallel layer or async_op=True c10d collective")
+        functions = FunctionApplySites()
+
+        def transform(fn: types.FunctionType, tree: ast.FunctionDef) -> tuple[int, list[str], dict]:
+            applies, apply_reasons, helpers = functions(fn, tree)
+            asyncs, async_reasons, more = rewrite_async_collectives(fn, tree)
+            return applies + asyncs, apply_reasons + async_reasons, {**helpers, **more}
+
+        rewrite_methods(model, result, transform)
+        _report_functions(functions, result)
+        return no_match(result, "fairscale model-parallel layer, autograd.Function collective or async_op=True c10d "
+                                "collective")
 
     def _swap_fairscale(self, model: nn.Module, result: PassResult) -> None:
         swaps = _fairscale_swaps()
@@ -88,100 +98,11 @@ class FunctionalCollectivesPass(Pass):
             )
 
 
-def _rewrite_async_collectives(fn: types.FunctionType, tree: ast.FunctionDef) -> tuple[int, list[str], dict]:
-    """Replace ``w = dist.<c>(..., async_op=True)`` + ``w.wait()`` (or ``dist.<c>(..., async_op=True).wait()``).
-
-    The call becomes the in-place functional helper (the same tensors are updated);
-    each ``w.wait()`` statement becomes ``pass``. Sites where the Work handle is
-    used for anything else are left alone with the reason.
-    """
-    helpers: dict[str, object] = {}
-    reasons: list[str] = []
-    count = 0
-    handled: set[int] = set()
-    for body in sr.statement_lists(tree):
-        for i, stmt in enumerate(body):
-            call, handle = _async_site(fn, stmt)
-            if call is None:
-                continue
-            handled.add(id(call))
-            loc = f"line {stmt.lineno}"
-            try:
-                replacement = _helper_call(fn, call, helpers)
-                if handle is not None:
-                    waits = _wait_statements(tree, handle, stmt)
-                    for wbody, j in waits:
-                        wbody[j] = ast.copy_location(ast.Pass(), wbody[j])
-            except sr.Unrewritable as exc:
-                reasons.append(f"{loc}: {exc}")
-                continue
-            body[i] = ast.copy_location(ast.Expr(value=replacement), stmt)
-            count += 1
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and id(node) not in handled and _is_async_c10d(fn, node):
-            reasons.append(f"line {node.lineno}: async_op=True collective whose Work handle is not just waited on; "
-                           "call it synchronously (Dynamo rewrites in-place all_reduce) or use "
-                           "torch.distributed._functional_collectives")
-    return count, reasons, helpers
-
-
-def _is_async_c10d(fn: types.FunctionType, node: ast.Call) -> bool:
-    if sr.resolve(fn, node.func) not in _C10D:
-        return False
-    return any(k.arg == "async_op" and not (isinstance(k.value, ast.Constant) and not k.value.value)
-               for k in node.keywords)
-
-
-def _waited(node: ast.AST) -> ast.expr | None:
-    """The receiver of a bare ``<x>.wait()`` call, else ``None``."""
-    if (isinstance(node, ast.Call) and not node.args and not node.keywords
-            and isinstance(node.func, ast.Attribute) and node.func.attr == "wait"):
-        return node.func.value
-    return None
-
-
-def _async_site(fn: types.FunctionType, stmt: ast.stmt) -> tuple[ast.Call | None, str | None]:
-    """The async collective call of ``w = <call>`` (with ``w``) or ``<call>.wait()`` (with ``None``)."""
-    if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
-            and isinstance(stmt.value, ast.Call) and _is_async_c10d(fn, stmt.value)):
-        return stmt.value, stmt.targets[0].id
-    receiver = _waited(stmt.value) if isinstance(stmt, ast.Expr) else None
-    if isinstance(receiver, ast.Call) and _is_async_c10d(fn, receiver):
-        return receiver, None
-    return None, None
-
-
-def _wait_statements(tree: ast.FunctionDef, handle: str, assign: ast.stmt) -> list[tuple[list, int]]:
-    """The ``handle.wait()`` statements; ``Unrewritable`` if ``handle`` is used or bound anywhere else."""
-    waits = [(body, j) for body in sr.statement_lists(tree) for j, s in enumerate(body)
-             if isinstance(s, ast.Expr) and isinstance(_waited(s.value), ast.Name) and _waited(s.value).id == handle]
-    wait_names = {id(body[j].value.func.value) for body, j in waits}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id == handle and id(node) not in wait_names and node is not assign.targets[0]:
-            raise sr.Unrewritable(f"the Work handle `{handle}` is used other than `{handle}.wait()`")
-    if not waits:
-        raise sr.Unrewritable(f"the Work handle `{handle}` is never waited on")
-    return waits
-
-
-def _helper_call(fn: types.FunctionType, call: ast.Call, helpers: dict[str, object]) -> ast.Call:
-    target = sr.resolve(fn, call.func)
-    helper, order = _C10D[target]
-    args = sr.bind_call(call, target)
-    async_op = args.get("async_op")
-    if not (isinstance(async_op, ast.Constant) and async_op.value is True):
-        raise sr.Unrewritable("async_op is not the constant True")
-    if "op" in args:
-        op = sr.resolve(fn, args["op"])
-        if op not in gc.REDUCE_OPS:
-            raise sr.Unrewritable(f"reduce op `{ast.unparse(args['op'])}` is not a ReduceOp constant graphfix maps")
-        args["op"] = ast.Constant(gc.REDUCE_OPS[op])
-    for unsupported in set(args) - set(order) - {"async_op"}:
-        raise sr.Unrewritable(f"argument `{unsupported}` has no functional equivalent")
-    helper_name = f"_graphfix_{helper.__name__}"
-    helpers[helper_name] = helper
-    return ast.Call(
-        func=ast.Name(id=helper_name, ctx=ast.Load()),
-        args=[args.get(p, ast.Constant(None)) if p != "op" else args.get("op", ast.Constant("sum")) for p in order],
-        keywords=[],
-    )
+def _report_functions(functions: FunctionApplySites, result: PassResult) -> None:
+    if functions.rewritten:
+        sites = ", ".join(f"{name} ({n})" for name, n in sorted(functions.rewritten.items()))
+        result.notes.append(f"autograd.Function call sites run their forward only, for inference (no backward; a call "
+                            f"with grad enabled on a tensor that requires grad raises RuntimeError): {sites}")
+    for name in functions.traced():
+        result.notes.append(f"autograd.Function {name} runs a collective that Dynamo traces as it is: left alone")
+    result.skipped.extend(functions.left_alone())

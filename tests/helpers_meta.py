@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
 
 import torch
 
@@ -33,10 +34,25 @@ TINY_ARGS = {
 """The tiny configuration the tests use (dim 64, 2 layers, 4 heads / 2 KV heads, vocab 128)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port no one listens on now, for a process group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_processes(worker, args: tuple, nprocs: int = 2, timeout_s: float = 120) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; fail the test if they do not end in time."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{nprocs} worker processes did not finish in {timeout_s:.0f} s")
 
 
 def init_model_parallel(world_size: int = 1, rank: int = 0, port: int | None = None) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from graphfix.rewrite.blocks.inference_mode import inference_mode_of
+from graphfix.rewrite.blocks.source_rewrite import rewritten_source
 from graphfix.rewrite.pass_manager import PassContext
 from passes.inference_mode import InferenceModePass
 from tests.helpers_meta import apply_passes, build_meta_transformer, max_decode_diff
@@ -41,9 +42,9 @@ def test_module_alone():
     x = torch.randn(2, 4)
     ref = model(x, scale=3.0)
     result = InferenceModePass().apply(model, CTX)
-    assert result.rewritten == 1
-    assert result.skipped == [("inner", result.skipped[0][1])] and "submodule" in result.skipped[0][1]
+    assert result.rewritten == 2 and not result.skipped  # the root's decorator moved out, the child's became no_grad
     assert inference_mode_of(model.graphfix_forward_core) is None  # the core is undecorated
+    assert "with _graphfix_no_grad():" in rewritten_source(model.inner)
     out = model(x, scale=3.0)
     assert out.is_inference() and torch.equal(out, ref)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x, scale=3.0)

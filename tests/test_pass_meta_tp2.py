@@ -10,14 +10,10 @@ process compares them with the world-size-1 logits.
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.helpers_meta import build_meta_transformer, run_decode
+from tests.helpers_meta import build_meta_transformer, free_port, run_decode, run_processes
 
 STEPS = 6
 pytestmark = pytest.mark.slow
@@ -45,26 +41,13 @@ def _worker(rank: int, port: int, path: str, prompt: torch.Tensor, fed: list[tor
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_world_size_2_matches_world_size_1(tmp_path):
     model = build_meta_transformer(0)  # world size 1: the full weights
     prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
     ref, fed = run_decode(model.forward, prompt, STEPS)
 
     path = str(tmp_path / "rank0.pt")
-    ctx = mp.start_processes(_worker, args=(_free_port(), path, prompt, fed), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("model-parallel workers did not finish in 120 s")
+    run_processes(_worker, (free_port(), path, prompt, fed))
     got = torch.load(path, weights_only=False)
 
     assert "ws=2" in got["layer"]

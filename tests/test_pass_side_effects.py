@@ -1,7 +1,8 @@
-"""Pass side-effects: reorderable logging registered in a scoped way; everything else reported."""
+"""Pass side-effects: reorderable logging registered in a scoped way, the rest eager-only or reported."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -22,6 +23,21 @@ LOGGER = logging.getLogger("graphfix.test")
 class Child(nn.Module):
     def forward(self, x):
         print("child", x.sum())
+        return x + 1
+
+
+def _passthrough(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedChild(nn.Module):
+    @_passthrough
+    def forward(self, x):
+        print("decorated child", x.sum())
         return x + 1
 
 
@@ -73,21 +89,35 @@ def test_registration_is_scoped_and_compiles_without_breaks(capsys):
     assert again.rewritten == 0 and required_functions(model) == {print, logging.info, warnings.warn}
 
 
-def test_print_in_a_submodule_keeps_print_unregistered():
+def test_print_in_a_submodule_is_eager_only_so_print_can_be_registered():
+    """The inlined print is never traced (guarded), so registering print for the root cannot drop it."""
     model = Chatty(child=Child())
     result = SideEffectsPass().apply(model, CTX)
-    assert result.rewritten == 2 and required_functions(model) == {logging.info, warnings.warn}
-    reasons = dict(result.skipped)
-    assert "inlined frames" in reasons["child"] and "would also drop `print(...)` at child" in reasons["<root>"]
+    assert result.rewritten == 4 and not result.skipped  # 3 registrations + the child's print made eager-only
+    assert required_functions(model) == {print, logging.info, warnings.warn}
+    assert any(n.startswith("child line") and "no longer runs when compiled" in n for n in result.notes)
+
+
+def test_an_inlined_call_left_unguarded_still_keeps_print_unregistered():
+    model = Chatty(child=DecoratedChild())
+    result = SideEffectsPass().apply(model, CTX)
+    assert required_functions(model) == {logging.info, warnings.warn}
+    child = "\n".join(r for loc, r in result.skipped if loc == "child")
+    root = "\n".join(r for loc, r in result.skipped if loc == "<root>")
+    assert "is decorated" in child and "`print(...)` left in the step" in child
+    assert "would also drop `print(...)` at child" in root
 
 
 def test_everything_else_is_reported_with_a_suggestion():
     result = SideEffectsPass().apply(Awkward(), CTX)
-    assert result.rewritten == 0
+    assert result.rewritten == 2  # the Logger call and the warning with a category: eager-only
+    notes = "\n".join(result.notes)
+    assert "`LOGGER.info('logger method')` no longer runs when compiled" in notes
+    assert "`warnings.warn('with a category', RuntimeWarning)` no longer runs when compiled" in notes
     reasons = [r for _, r in result.skipped]
-    assert len(reasons) == 5, reasons
+    assert len(reasons) == 3, reasons
     text = "\n".join(reasons)
-    assert "Logger methods" in text and "category" in text and "clock" in text
+    assert "clock" in text  # its value feeds the output: not removable
     assert ("replace `if x.abs().max().item() > 10: ...` by `x = torch.where(x.abs().max() > 10, x / 10, x)`"
             in text) and "`warnings.warn('large')` cannot run conditionally" in text
     assert "`x.sum().item()` copies a tensor to a Python number" in text

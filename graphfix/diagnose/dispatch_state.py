@@ -40,18 +40,36 @@ def release_frames(exc: BaseException) -> None:
         traceback.clear_frames(err.__traceback__)
 
 
+_PINNED_GUARDS: list[Any] = []
+"""Inference-mode guards entered to undo a failed compile's leftovers. They stay alive: destroying one
+would set the mode back to what it undid."""
+
+
 @dataclasses.dataclass
 class DispatchTLS:
-    """The thread's included and excluded dispatch keys, saved before a compile run and put back after a failure."""
+    """The thread's dispatch keys and autograd modes, saved before a compile run and put back after a failure.
+
+    A compiled graph that enters inference mode (``torch.autograd.grad_mode._enter_inference_mode``)
+    and fails before it exits leaves guards whose destruction, in no set order, can leave the
+    thread in inference mode with grad off (measured on torch 2.13, tests/test_pass_modes_generic.py).
+    """
 
     included: Any
     excluded: Any
+    grad_enabled: bool = True
+    inference_mode: bool = False
 
     @classmethod
     def save(cls) -> DispatchTLS:
-        return cls(torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+        return cls(torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set(),
+                   torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
     def restore(self) -> None:
+        if torch.is_inference_mode_enabled() != self.inference_mode:
+            guard = torch._C._InferenceMode(self.inference_mode)  # the only setter: a guard (also sets the keys)
+            guard.__enter__()
+            _PINNED_GUARDS.append(guard)
+        torch._C._set_grad_enabled(self.grad_enabled)
         now_in, now_ex = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
         for key in torch._C.DispatchKey.__members__.values():
             try:

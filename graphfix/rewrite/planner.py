@@ -18,8 +18,9 @@ META_PASSES = ("functional-collectives", "real-rope", "sdpa-attention", "static-
 """Passes that always run on Meta's ``Transformer`` (their breaks hide each other from diagnosis)."""
 
 
-GENERIC_PASSES = ("phase-split",)
-"""Passes every model outside the HF and Meta front doors gets: its calls routed per phase."""
+GENERIC_PASSES = ("real-rope", "sdpa-attention", "phase-split")
+"""Passes every model outside the HF and Meta front doors gets: complex RoPE and manual attention (they cost speed,
+not breaks, so no finding names them; each rewrites only what it matches and is verified) and the phase router."""
 
 
 def plan_passes(model: nn.Module, findings: Iterable[Finding], extra: Sequence[str] = ()) -> list[str]:

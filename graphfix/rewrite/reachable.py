@@ -29,10 +29,14 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
+from graphfix.rewrite import grad_modes
 from graphfix.rewrite.blocks import source_rewrite as sr
 
 Transform = Callable[[types.FunctionType, ast.FunctionDef], tuple[int, list[str], dict]]
 """``(fn, tree) -> (sites rewritten in tree, reasons for sites left alone, helper names used)``; mutates tree."""
+
+Unwrap = Callable[[types.FunctionType], types.FunctionType]
+"""``wrapper -> the function it wraps`` for decorators a transform can see through (identity otherwise)."""
 
 _LIBRARY_PACKAGES = frozenset({
     "torch", "graphfix", "passes", "numpy", "typing_extensions", "functorch", "triton", "sympy", "einops",
@@ -82,19 +86,33 @@ class ReachableRewriter:
     (one function) is rewritten once, and recursion through mutually calling helpers ends.
     """
 
-    def __init__(self, transform: Transform, *, follow_callees: bool = True) -> None:
+    def __init__(self, transform: Transform, *, follow_callees: bool = True,
+                 unwrap: Unwrap = grad_modes.without_grad_mode_decorators) -> None:
         self.transform = transform
         self.follow_callees = follow_callees
+        self.unwrap = unwrap
+        """Applied to every function before it is read: a decorator's wrapper has neither the source nor the
+        globals and closure of the function it wraps, so the wrapped function is rewritten in its place, its
+        grad-mode decorators turned into the ``with`` blocks they stand for (``grad_modes.decorators_as_blocks``)."""
         self.done: dict[int, FunctionRewrite] = {}
-        self.helpers_rewritten: list[tuple[types.FunctionType, FunctionRewrite]] = []
+        self.helpers_seen: list[tuple[types.FunctionType, FunctionRewrite]] = []
+        """Every module-level helper (not a method) the transform was shown, in order, changed or not: the
+        reasons of a helper left alone are reported too."""
+
+    @property
+    def helpers_rewritten(self) -> list[tuple[types.FunctionType, FunctionRewrite]]:
         """Module-level helpers (not methods) that changed, in the order they were rewritten."""
+        return [(fn, outcome) for fn, outcome in self.helpers_seen if outcome.changed]
 
     def rewrite(self, fn: types.FunctionType, *, is_method: bool = True) -> FunctionRewrite:
+        fn = self.unwrap(fn)
         key = id(fn)
         if key in self.done:
             return self.done[key]
         outcome = FunctionRewrite(fn)
         self.done[key] = outcome  # a recursive call sees "unchanged" and stops
+        if not is_method:
+            self.helpers_seen.append((fn, outcome))
         try:
             tree = sr.function_tree(fn)
         except sr.Unrewritable:
@@ -111,13 +129,12 @@ class ReachableRewriter:
             return outcome
         helpers.update(used)
         try:
+            grad_modes.decorators_as_blocks(fn, tree)
             new = sr.compile_function(fn, tree, helpers)
         except sr.Unrewritable as exc:
             outcome.reasons.append(str(exc))
             return outcome
         outcome.function, outcome.sites, outcome.changed = new, sites, True
-        if not is_method:
-            self.helpers_rewritten.append((fn, outcome))
         return outcome
 
     def _redirect_callees(self, fn: types.FunctionType, tree: ast.FunctionDef, helpers: dict[str, object]) -> bool:
@@ -126,6 +143,8 @@ class ReachableRewriter:
             if not isinstance(node, ast.Call):
                 continue
             target = sr.resolve(fn, node.func)
+            if isinstance(target, types.FunctionType):
+                target = self.unwrap(target)
             if not user_function(target):
                 continue
             sub = self.rewrite(target, is_method=False)
@@ -156,6 +175,7 @@ def reachable_functions(model: nn.Module) -> Iterator[tuple[types.FunctionType, 
     stack: list[tuple[types.FunctionType, str, list[tuple[str, nn.Module]]]] = list(reversed(methods_by_function(model)))
     while stack:
         fn, name, instances = stack.pop()
+        fn = grad_modes.without_grad_mode_decorators(fn)
         if id(fn) in seen:
             continue
         seen.add(id(fn))
@@ -169,5 +189,7 @@ def reachable_functions(model: nn.Module) -> Iterator[tuple[types.FunctionType, 
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 target = sr.resolve(fn, node.func)
+                if isinstance(target, types.FunctionType):
+                    target = grad_modes.without_grad_mode_decorators(target)
                 if user_function(target) and id(target) not in seen:
                     stack.append((target, "", instances))

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,11 @@ _CHILD = f"""
 import json, sys
 import torch
 import tests.zoo as zoo
-name, backend, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+name, backend, steps, passes = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model, loop = zoo.load(name)
+if passes:  # graphfix only rewrites the model here; what is logged stays torch's own record
+    from graphfix.rewrite.planner import apply_passes
+    apply_passes(model, passes.split(","))
 model.forward = torch.compile(model.forward, backend=backend)
 ids = loop(model, steps)
 print({TOKENS_MARK!r} + json.dumps(ids.tolist()), flush=True)
@@ -118,15 +122,19 @@ def parse(stderr: str) -> TorchLog:
     return log
 
 
-def torch_logged(name: str, backend: str = "eager", steps: int = 32, timeout: float = 600.0) -> TorchLog:
+def torch_logged(name: str, backend: str = "eager", steps: int = 32, timeout: float = 600.0,
+                 passes: Sequence[str] = ()) -> TorchLog:
     """Run zoo entry ``name``'s loop (``steps`` decode steps) with its forward compiled, in a subprocess under
     ``TORCH_LOGS=graph_breaks,recompiles``; what torch logged, parsed.
+
+    ``passes``: graphfix passes applied to the model first (to see what breaks they uncover); the
+    record itself is still torch's log, parsed here.
 
     Raises ``RuntimeError`` with the end of stderr when the subprocess fails.
     """
     env = dict(os.environ, TORCH_LOGS="graph_breaks,recompiles")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, name, backend, str(steps)], check=False,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, name, backend, str(steps), ",".join(passes)], check=False,
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"zoo entry {name!r} failed under torch.compile (exit {proc.returncode}):\n"

@@ -195,3 +195,55 @@ def reduce_scatter_tensor_(output: torch.Tensor, input: torch.Tensor, op: str = 
     if dist.get_world_size(group) == 1:
         return output.copy_(input)
     return output.copy_(funcol.reduce_scatter_tensor(input, op, 0, group))
+
+
+# ---------------------------------------------------------------------------
+# A custom autograd.Function's forward, run for inference (as ``functional-collectives`` rewrites ``Fn.apply``).
+# ---------------------------------------------------------------------------
+
+
+class InferenceCtx:
+    """What an ``autograd.Function``'s ``forward`` gets as ``ctx`` when only the forward runs: it records nothing.
+
+    Dynamo cannot trace some ctx methods (``ctx.mark_dirty``: "Unsupported autograd.Function
+    context"), but it traces a plain object whose methods do nothing, and the forward around them.
+    """
+
+    def __init__(self, inputs: int) -> None:
+        self.needs_input_grad = (False,) * inputs
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        pass
+
+    def save_for_forward(self, *tensors: Any) -> None:
+        pass
+
+    def mark_dirty(self, *tensors: Any) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Any) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+
+def forward_takes_ctx(function: type) -> bool:
+    """Whether ``function.forward`` takes ``ctx`` first (no ``setup_context`` of its own)."""
+    return function.setup_context is torch.autograd.Function.setup_context
+
+
+def forward_for_inference(function: type, takes_ctx: bool, *args: Any) -> Any:
+    """``function.apply(*args)`` for inference: ``function.forward`` alone, with a ctx that records nothing.
+
+    Without autograd, ``apply`` computes exactly its forward; what it would add is the graph for
+    the backward. So this refuses, loudly, a call that needs one: grad enabled and a tensor
+    argument that requires grad. ``takes_ctx`` is ``forward_takes_ctx(function)``, worked out by
+    the rewrite (Dynamo does not compare class attributes by identity reliably).
+    """
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        raise RuntimeError(f"{function.__qualname__}.apply was rewritten by graphfix for inference (forward only, no "
+                           "backward); call the model under torch.no_grad() or torch.inference_mode()")
+    if takes_ctx:
+        return function.forward(InferenceCtx(len(args)), *args)
+    return function.forward(*args)

@@ -1,11 +1,13 @@
-"""``@torch.inference_mode()`` on a forward, recognised exactly and moved out of the compiled region.
+"""Grad-mode decorators recognised exactly, and the root forward's inference mode moved out of the compiled region.
 
-Dynamo traces the decorator's context manager into the graph, and with
-``aot_eager``/``inductor`` that fails ("Cannot set version_counter for inference
-tensor", an upstream bug). Entering inference mode *around* the compiled call
-works. So the forward is split into an eager wrapper that enters inference mode
-(its code is skipped by Dynamo, ``torch._dynamo.decorators.skip``: that one frame
-runs eagerly, and the frames it calls are still compiled) and a core, the undecorated function.
+Dynamo traces an ``inference_mode`` context manager into the graph, and with
+``aot_eager``/``inductor`` that fails as soon as a view is updated in place ("Cannot set
+version_counter for inference tensor", an upstream bug). Entering inference mode *around*
+the compiled call works. So a root forward whose whole body runs in inference mode is split
+into an eager wrapper that enters it (its code is skipped by Dynamo,
+``torch._dynamo.decorators.skip``: that one frame runs eagerly, and the frames it calls are
+still compiled) and a core without it. The sites inside the step are the ``inference-mode``
+pass's (``passes/_mode_sites.py``).
 """
 
 from __future__ import annotations
@@ -18,26 +20,17 @@ import torch
 from torch import nn
 from torch._dynamo.decorators import skip as skip_frame
 
-_DECORATED_CODE = torch.inference_mode()(lambda: None).__code__
-"""The code object of ``torch.utils._contextlib.context_decorator``'s wrapper."""
+from graphfix.rewrite.grad_modes import grad_mode_decorator_of, without_grad_mode_decorators
 
+__all__ = ["core_callable", "forward_outside_inference_mode", "grad_mode_decorator_of", "inference_mode_of",
+           "move_outside", "without_grad_mode_decorators"]
 
 def inference_mode_of(fn: Any) -> tuple[bool, Callable] | None:
-    """``(mode, undecorated function)`` if ``fn`` is ``torch.inference_mode(mode)(f)``, else ``None``.
-
-    Matched by the wrapper's code object and its closure (``ctx_factory`` is the
-    bound ``clone`` of a ``torch.inference_mode`` instance), not by names.
-    """
-    fn = getattr(fn, "__func__", fn)
-    if getattr(fn, "__code__", None) is not _DECORATED_CODE or not fn.__closure__:
+    """``(mode, undecorated function)`` if ``fn`` is ``torch.inference_mode(mode)(f)``, else ``None``."""
+    found = grad_mode_decorator_of(fn)
+    if found is None or not isinstance(found[0], torch.inference_mode):
         return None
-    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
-    if "ctx_factory" not in cells or "func" not in cells:
-        return None
-    ctx = getattr(cells["ctx_factory"].cell_contents, "__self__", None)
-    if not isinstance(ctx, torch.inference_mode):
-        return None
-    return bool(ctx.mode), cells["func"].cell_contents
+    return bool(found[0].mode), found[1]
 
 
 def core_callable(model: nn.Module) -> Callable:
