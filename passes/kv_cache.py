@@ -1,4 +1,11 @@
-"""Pass ``static-kv-cache``: module-attribute KV caches at Python-int positions -> ``StaticKVCache``."""
+"""Pass ``static-kv-cache``: KV caches that change shape or position every step -> preallocated static caches.
+
+Two constructs are rewritten: Meta's ``Attention`` (slice-written ``cache_k``/``cache_v`` at an
+int ``start_pos``; by structure, with the tensor-only core ``graphfix_step``), and, in any
+module's code, a growing cache (``self.cache_k = torch.cat([self.cache_k, k], dim)`` read by
+SDPA; ``passes._growing_cache``). Caches the caller owns (passed in and returned) and other
+slice-written caches are reported.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ from torch import nn
 from graphfix.diagnose.findings import Category
 from graphfix.rewrite.blocks import meta_llama as ml
 from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
+from passes._cache_owners import already_static, find_owners, learn_shapes, report_list_caches, rewrite_owner
+from passes._caller_cache import report_caller_owned
 from passes._common import as_meta_attention, layer_attentions, no_match, parsed_methods, where
 
 HF_NOTE = "HF caches are replaced by the runtime's StaticCache"
@@ -27,7 +36,9 @@ class StaticKVCachePass(Pass):
     name = "static-kv-cache"
     summary = ("Meta's cache_k/cache_v written at an int start_pos -> preallocated StaticKVCache written with "
                "index_copy_ at tensor positions, attention over the whole cache with a tensor-built mask; "
-               "adds the tensor-only core model.graphfix_step(tokens, input_pos)")
+               "adds the tensor-only core model.graphfix_step(tokens, input_pos). Growing caches "
+               "(self.cache_k = torch.cat([self.cache_k, k], dim) read by SDPA) in any module -> PreallocatedCache "
+               "written at its device-tensor length")
     fixes = frozenset({Category.DYNAMIC_CACHE})
     order = 50
 
@@ -38,6 +49,9 @@ class StaticKVCachePass(Pass):
             return result
         if ml.is_meta_transformer(model):
             self._meta(model, ctx, result)
+        _growing_caches(model, ctx, result)
+        report_caller_owned(model, result.skipped)
+        report_list_caches(model, result.skipped)
         _report_other_caches(model, result)
         return no_match(result, "module-attribute KV cache graphfix can rewrite")
 
@@ -65,6 +79,19 @@ class StaticKVCachePass(Pass):
             + (f", sliding window {window}" if window else "")
             + "; core: model.graphfix_step(tokens, input_pos)"
         )
+
+
+def _growing_caches(model: nn.Module, ctx: PassContext, result: PassResult) -> None:
+    """Rewrite every owner of a growing cache whose every use is proven, report the others (model unchanged)."""
+    done = already_static(model)
+    owners = find_owners(model)
+    learn_shapes(owners, model, ctx)
+    for owner in owners:
+        if not owner.reasons:
+            rewrite_owner(owner, ctx, result)
+        result.skipped.extend(owner.reasons)
+    if done and not owners:
+        result.notes.append(f"{done} growing cache(s) already preallocated")
 
 
 def _report_other_caches(model: nn.Module, result: PassResult) -> None:
