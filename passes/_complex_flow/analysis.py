@@ -26,6 +26,7 @@ from graphfix.rewrite.blocks import source_rewrite as sr
 from passes._complex_flow import objects
 from passes._complex_flow.interpreter import Interpreter
 from passes._complex_flow.plan import Edits, Plan
+from passes._complex_flow.relevance import Relevance
 from passes._complex_flow.values import NONE, C, Val, join, node_key, outside
 
 _MAX_ROUNDS = 50
@@ -41,8 +42,13 @@ class Context:
     follows_helpers: bool
     """Whether its calls to module-level helpers reach their rewritten copies (not in setup methods)."""
     params: dict[str, Val] = dataclasses.field(default_factory=dict)
-    returns: Val = NONE
+    returns: Val | None = None
+    """What its ``return`` statements gave so far (``None``: none ran yet)."""
     entry: bool = False
+
+    @property
+    def result(self) -> Val:
+        return NONE if self.returns is None else self.returns
 
 
 class _Groups:
@@ -90,22 +96,24 @@ class Analysis:
         self.unresolved: dict[str, dict[tuple, tuple[types.FunctionType, ast.AST]]] = {}
         """attribute name -> accesses on a value whose objects are unknown."""
         self.makers: set[tuple[int, tuple]] = set()
+        self.relevance = Relevance(model)
 
     # -- driver -------------------------------------------------------------------------------------------------
     def run(self) -> Plan:
+        if not self.relevance.any:
+            return Plan()
         methods = [(fn, tuple(m for _, m in inst)) for fn, name, inst in reachable.methods_by_function(self.model)
-                   if reachable.runs_in_step(name) or not name.startswith("__")]
-        for fn, instances in methods:
-            if any(m is self.model for m in instances):
+                   if (reachable.runs_in_step(name) or not name.startswith("__"))
+                   and any(self.relevance.module(m) for _, m in inst)]
+        tried: set[int] = set()
+        entries = [(fn, inst) for fn, inst in methods if any(m is self.model for m in inst)]
+        while entries:  # first the root's methods, then the methods nothing visibly calls: called from outside
+            for fn, instances in entries:
+                tried.add(id(fn))
                 self._entry(fn, instances)
-        while True:
             self._fixpoint()
-            reached = {id(c.fn) for c in self.contexts.values()}
-            unreached = [(fn, inst) for fn, inst in methods if id(fn) not in reached]
-            if not unreached:  # methods nothing visibly calls are called from outside
-                break
-            for fn, instances in unreached:
-                self._entry(fn, instances)
+            reached = tried | {id(c.fn) for c in self.contexts.values()}
+            entries = [(fn, inst) for fn, inst in methods if id(fn) not in reached]
         self._check_other_accesses()
         return self._plan()
 
@@ -121,12 +129,19 @@ class Analysis:
         for _ in range(_MAX_ROUNDS):
             self.changed = False
             for ctx in list(self.contexts.values()):
-                Interpreter(self, ctx).run()
+                try:
+                    Interpreter(self, ctx).run()
+                except Exception as exc:  # noqa: BLE001 - code graphfix cannot analyse is reported, never rewritten
+                    self.issue(ctx.fn, ctx.tree, f"graphfix could not analyse it ({type(exc).__name__}: {exc})")
             if not self.changed:
                 return
         raise RuntimeError("complex-flow analysis did not converge")  # pragma: no cover - values only grow
 
     # -- what interpreters record -------------------------------------------------------------------------------
+    def follows(self, fn: types.FunctionType, selves: tuple) -> bool:
+        """Whether a call into ``fn`` (run by ``selves``) can matter when no complex value is passed to it."""
+        return any(self.relevance.module(s) for s in selves) if selves else self.relevance.function(fn)
+
     def context(self, fn: types.FunctionType, selves: tuple) -> Context | None:
         """The context of ``fn`` run by ``selves``, made on first use; ``None`` without source. A setup method
         (``init_weights``) does not follow helpers: ``rewrite_methods`` does not redirect its helper calls."""
@@ -151,7 +166,7 @@ class Analysis:
                 self.changed = True
 
     def returned(self, ctx: Context, value: Val) -> None:
-        new = join(ctx.returns, value) if ctx.returns != NONE else value
+        new = value if ctx.returns is None else join(ctx.returns, value)
         if new != ctx.returns:
             ctx.returns = new
             self.changed = True

@@ -191,6 +191,8 @@ class CallRules:
                       kwargs: dict[str, Val]) -> Val:
         """A call into user code: bind the arguments to the callee's parameters, take its return value."""
         values = args + list(kwargs.values())
+        if not any(v.is_complex for v in values) and not self.a.follows(fn, selves):
+            return outside_part(*values)  # no complex construct there, none passed in
         if not selves and not self.ctx.follows_helpers:
             self.no_complex_args(node, values, f"{fn.__qualname__} (called from a setup method: graphfix does not "
                                  "redirect those calls)")
@@ -203,9 +205,9 @@ class CallRules:
         if bound is None:
             return outside(f"the result of {fn.__qualname__}")
         self.a.bind_params(ctx, bound)
-        if any(v.is_complex for v in values) or ctx.returns.is_complex:
+        if any(v.is_complex for v in values) or ctx.result.is_complex:
             self.a.connect(self.me, ("fn", id(fn)))
-        return ctx.returns
+        return ctx.result
 
     def bind(self, node: ast.Call, fn: types.FunctionType, selves: tuple, args: list[Val],
              kwargs: dict[str, Val]) -> dict[str, Val] | None:

@@ -43,7 +43,7 @@ class Interpreter(CallRules):
         tree = self.ctx.tree
         if id(self.fn) in self.a.sites and (tree.decorator_list or any(sr._is_private(n) for n in ast.walk(tree))):
             self.a.issue(self.fn, tree, "is decorated or uses a class-private name: graphfix cannot recompile it")
-        if self.ctx.entry and self.ctx.returns.is_complex:
+        if self.ctx.entry and self.ctx.result.is_complex:
             self.a.issue(self.fn, tree, "returns a complex value to a caller outside the model")
 
     # -- statements ---------------------------------------------------------------------------------------------

@@ -18,8 +18,11 @@ OWN_READERS = {id(pc.view_as_real): "view_as_real"}
 OWN_ARITH = {id(f): f.__name__ for f in (pc.mul, pc.add, pc.sub, pc.truediv, pc.neg)}
 """The stand-in's functions, as a previous run of the pass left them in the code."""
 
-SPECTRAL = frozenset(id(getattr(torch.fft, n)) for n in dir(torch.fft)
-                     if not n.startswith("_") and callable(getattr(torch.fft, n))) | {id(torch.stft), id(torch.istft)}
+_REAL_FFT_HELPERS = frozenset({"Tensor", "fftfreq", "rfftfreq", "fftshift", "ifftshift"})
+SPECTRAL = frozenset(id(getattr(torch.fft, n)) for n in dir(torch.fft) if not n.startswith("_")
+                     and n not in _REAL_FFT_HELPERS and callable(getattr(torch.fft, n))) | {id(torch.stft),
+                                                                                           id(torch.istft)}
+"""FFTs: they make (or read) complex tensors the stand-in does not cover."""
 COMPLEX_DTYPES = (torch.complex32, torch.complex64, torch.complex128)
 COMPLEX_TENSOR_METHODS = frozenset({"cfloat", "cdouble", "chalf"})
 
