@@ -139,13 +139,17 @@ def test_state_dict_keeps_keys_and_complex_values_both_ways():
     fresh.load_state_dict(model.state_dict(), strict=True)  # and a checkpoint saved after it loads into the original
     _assert_same_decode(original, fresh, _tokens())
 
+    paired = {**original.state_dict(), key: torch.view_as_real(original.state_dict()[key]) * 0}
+    model.load_state_dict(paired, strict=True)  # a state dict holding the pair itself loads too
+    assert torch.equal(model.layers[1].attention.rotary.freqs_cis, torch.zeros(rope_styles.MAX_LEN, 4, 2))
+
 
 @pytest.mark.parametrize(("make", "line_of", "why"), [
     (lambda: rope_styles.Decoder(rope_styles.AbsAttention), "q_ / q_.abs()", "`.abs()` of a complex value"),
     (rope_styles.ArgumentDecoder, "xq_ * freqs_cis", "argument `freqs_cis` of ArgumentDecoder.forward"),
     (lambda: rope_styles.Decoder(rope_styles.PropertyAttention), "xq_ * freqs_cis", "a property"),
 ], ids=["abs", "argument", "property"])
-def test_unsupported_complex_code_is_reported_and_left_unchanged(make, line_of, why):
+def test_unsupported_model_is_reported_and_left_unchanged(make, line_of, why):
     model = make()
     before = _complex_tensors(model)
     result = RealRopePass().apply(model, CTX)
@@ -155,3 +159,89 @@ def test_unsupported_complex_code_is_reported_and_left_unchanged(make, line_of, 
                for where, reason in result.skipped), result.skipped
     assert _complex_tensors(model) == before
     assert _rewritten_sources(model) == []
+
+
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+
+
+class _Table(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freqs_cis", rope_styles.precompute_freqs_cis(8, 16))
+
+
+class MatmulOfComplex(_Table):
+    def forward(self, x):
+        z = _pairs(x) * self.freqs_cis[: x.shape[0]]
+        return torch.view_as_real(z @ z.transpose(0, 1)).flatten(-2)
+
+
+class CatOfComplex(_Table):
+    def forward(self, x):
+        z = _pairs(x) * self.freqs_cis[: x.shape[0]]
+        return torch.view_as_real(torch.cat([z, z], dim=-1)).flatten(-2)
+
+
+class Spectral(torch.nn.Module):
+    def forward(self, x):
+        return torch.fft.irfft(torch.fft.rfft(x) * 2.0)
+
+
+class ComplexConstant(torch.nn.Module):
+    def forward(self, x, theta):
+        return torch.view_as_real(_pairs(x) * torch.exp(1j * theta)).flatten(-2)
+
+
+class ComplexDtype(torch.nn.Module):
+    def forward(self, x):
+        return torch.view_as_real(x.to(torch.complex64) * _pairs(x[..., :2].repeat(1, x.shape[-1]))).flatten(-2)
+
+
+class InPlace(_Table):
+    def forward(self, x):
+        z = _pairs(x)
+        z *= self.freqs_cis[: x.shape[0]]
+        return torch.view_as_real(z).flatten(-2)
+
+
+class Angle(_Table):
+    def forward(self, x):
+        return torch.angle(_pairs(x) * self.freqs_cis[: x.shape[0]])
+
+
+class LearnedComplex(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rotation = torch.nn.Parameter(torch.polar(torch.ones(4), torch.zeros(4)))
+
+    def forward(self, x):
+        return torch.view_as_real(_pairs(x) * self.rotation).flatten(-2)
+
+
+class StaticRotation(_Table):
+    @staticmethod
+    def rotate(x, freqs):
+        return torch.view_as_real(_pairs(x) * freqs).flatten(-2)
+
+    def forward(self, x):
+        return self.rotate(x, self.freqs_cis[: x.shape[0]])
+
+
+@pytest.mark.parametrize(("module", "why"), [
+    (MatmulOfComplex, "`@` on a complex value"),
+    (CatOfComplex, "is put in a list"),
+    (Spectral, "torch.fft"),
+    (ComplexConstant, "Python complex constant"),
+    (ComplexDtype, "complex dtype"),
+    (InPlace, "in-place arithmetic"),
+    (Angle, "passes a complex value to torch.angle"),
+    (LearnedComplex, "complex parameter"),
+    (StaticRotation, "static or class method"),
+], ids=lambda v: v.__name__ if isinstance(v, type) else "")
+def test_unsupported_construct_is_reported_and_left_unchanged(module, why):
+    model = module()
+    result = RealRopePass().apply(model, CTX)
+    assert result.rewritten == 0 and any(why in reason for _, reason in result.skipped), result.skipped
+    assert all(where.startswith("tests/test_pass_rope_generic.py:") for where, _ in result.skipped)
+    assert _rewritten_sources(model) == [] and _complex_tensors(model) == _complex_tensors(module())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import types
 from collections.abc import Iterator
@@ -125,14 +126,27 @@ def is_torch(obj: Any) -> bool:
     return module.partition(".")[0] == "torch"
 
 
+@functools.cache
+def _torch_names() -> dict[int, str]:
+    """``id -> "torch.fft.rfft"`` for torch's public functions (their ``__name__`` is often ``fft_rfft``)."""
+    names: dict[int, str] = {}
+    for prefix, namespace in (("torch.nn.functional", torch.nn.functional), ("torch.fft", torch.fft),
+                              ("torch", torch)):
+        for name, value in vars(namespace).items():
+            if not name.startswith("_") and callable(value):
+                names[id(value)] = f"{prefix}.{name}"
+    return names
+
+
 def display_name(obj: Any) -> str:
     """``torch.matmul``, ``len``, ``Linear module``: how a report names a callee."""
     if isinstance(obj, str):
         return obj
     if isinstance(obj, nn.Module):
         return f"a {type(obj).__name__} module"
+    public = _torch_names().get(id(obj))
+    if public:
+        return public
     name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
     module = getattr(obj, "__module__", None)
-    if is_torch(obj):
-        module = "torch" if module in ("torch", "torch._C._VariableFunctions", None) else module
     return f"{module}.{name}" if module and module != "builtins" else name
