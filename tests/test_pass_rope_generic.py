@@ -9,6 +9,7 @@ against the untouched model, eager and compiled with ``fullgraph=True``.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,7 +155,8 @@ def test_unsupported_model_is_reported_and_left_unchanged(make, line_of, why):
     before = _complex_tensors(model)
     result = RealRopePass().apply(model, CTX)
     assert result.rewritten == 0
-    line = next(i for i, text in enumerate(open(rope_styles.__file__).read().splitlines(), 1) if line_of in text)
+    source = Path(rope_styles.__file__).read_text().splitlines()
+    line = next(i for i, text in enumerate(source, 1) if line_of in text)
     assert any(where.startswith(f"tests/fixtures/rope_styles.py:{line} ") and why in reason
                for where, reason in result.skipped), result.skipped
     assert _complex_tensors(model) == before

@@ -194,13 +194,18 @@ class Interpreter(CallRules):
         if value.is_complex:
             self.a.issue(self.fn, node, "iterates over a complex value")
             return NONE
-        found = objects.elements(value.objs) if value.objs is not None else None
+        return self.element_of(value, node, "iterates over")
+
+    def element_of(self, container: Val, node: ast.AST, what: str) -> Val:
+        """One element of ``container``: the objects it holds when they are known (modules of a ModuleList)."""
+        part = outside_part(container)
+        found = objects.elements(container.objs) if container.objs is not None else None
         if found is None:
-            return outside_part(value)
+            return part
         if any(objects.holds_complex(e) for e in found):
-            self.a.issue(self.fn, node, "iterates over complex tensors")
-        part = outside_part(value)
-        return Val(part.flags, tuple(found), origin=part.origin)
+            self.a.issue(self.fn, node, f"{what} complex tensors")
+        known = tuple(e for e in found if not isinstance(e, torch.Tensor))
+        return Val(part.flags, known or None, origin=part.origin)
 
     # -- expressions --------------------------------------------------------------------------------------------
     def expr(self, node: ast.expr, env: Env) -> Val:
@@ -308,14 +313,7 @@ class Interpreter(CallRules):
         self.index(node.slice, env)
         if base.is_complex:
             return COMPLEX
-        found = objects.elements(base.objs) if base.objs is not None else None
-        if found is None:
-            return outside_part(base)
-        if any(objects.holds_complex(e) for e in found):
-            self.a.issue(self.fn, node, "indexes a container of complex tensors")
-        part = outside_part(base)
-        known = tuple(e for e in found if not isinstance(e, torch.Tensor))
-        return Val(part.flags, known or None, origin=part.origin)
+        return self.element_of(base, node, "indexes a container of")
 
     def index(self, node: ast.expr, env: Env) -> None:
         self.no_complex(self.expr(node, env), node, "is used as an index")

@@ -88,13 +88,18 @@ def holds_complex(value: Any) -> bool:
     return False
 
 
-def uses_complex(fn: types.FunctionType) -> bool:
-    """Whether ``fn``'s own source calls torch's complex makers or readers."""
+def function_nodes(fn: types.FunctionType) -> Iterator[ast.AST]:
+    """Every node of ``fn``'s source (a previous rewrite's, if any); none when the source is not available."""
     try:
         tree = sr.function_tree(fn)
     except sr.Unrewritable:
-        return False
-    return any(isinstance(n, ast.Call) and surface.is_torch_maker(sr.resolve(fn, n.func)) for n in ast.walk(tree))
+        return iter(())
+    return ast.walk(tree)
+
+
+def uses_complex(fn: types.FunctionType) -> bool:
+    """Whether ``fn``'s own source calls torch's complex makers or readers."""
+    return any(isinstance(n, ast.Call) and surface.is_torch_maker(sr.resolve(fn, n.func)) for n in function_nodes(fn))
 
 
 def class_code_accesses(cls: type, name: str) -> Iterator[tuple[types.FunctionType, ast.Attribute]]:
@@ -110,15 +115,8 @@ def class_code_accesses(cls: type, name: str) -> Iterator[tuple[types.FunctionTy
             else:
                 functions = [attr]
             for fn in functions:
-                if not isinstance(fn, types.FunctionType):
-                    continue
-                try:
-                    tree = sr.function_tree(fn)
-                except sr.Unrewritable:
-                    continue
-                for node in ast.walk(tree):
-                    if isinstance(node, ast.Attribute) and node.attr == name:
-                        yield fn, node
+                if isinstance(fn, types.FunctionType):
+                    yield from ((fn, n) for n in function_nodes(fn) if isinstance(n, ast.Attribute) and n.attr == name)
 
 
 def is_torch(obj: Any) -> bool:

@@ -21,7 +21,7 @@ from torch import nn
 from graphfix.rewrite import reachable
 from graphfix.rewrite.blocks import paired_complex as pc
 from graphfix.rewrite.blocks import source_rewrite as sr
-from passes._complex_flow import surface
+from passes._complex_flow import objects, surface
 
 
 class Relevance:
@@ -44,12 +44,9 @@ class Relevance:
         key = id(fn)
         if key not in self._functions:
             self._functions[key] = False  # a recursive call sees "not relevant" and stops
-            try:
-                tree = sr.function_tree(fn)
-            except sr.Unrewritable:
-                return False
-            self._functions[key] = self._has_construct(fn, tree) or any(
-                self.function(callee) for callee in _called_helpers(fn, tree))
+            nodes = list(objects.function_nodes(fn))
+            self._functions[key] = self._has_construct(fn, nodes) or any(
+                self.function(callee) for callee in _called_helpers(fn, nodes))
         return self._functions[key]
 
     def _module(self, module: nn.Module) -> bool:
@@ -60,8 +57,8 @@ class Relevance:
             self._modules[key] = own or any(children)
         return self._modules[key]
 
-    def _has_construct(self, fn: types.FunctionType, tree: ast.FunctionDef) -> bool:
-        for node in ast.walk(tree):
+    def _has_construct(self, fn: types.FunctionType, nodes: list[ast.AST]) -> bool:
+        for node in nodes:
             if isinstance(node, ast.Constant) and isinstance(node.value, complex):
                 return True
             if isinstance(node, ast.Attribute) and (node.attr in self.complex_names
@@ -77,9 +74,9 @@ class Relevance:
         return False
 
 
-def _called_helpers(fn: types.FunctionType, tree: ast.FunctionDef) -> list[types.FunctionType]:
+def _called_helpers(fn: types.FunctionType, nodes: list[ast.AST]) -> list[types.FunctionType]:
     found = []
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Call):
             target = sr.resolve(fn, node.func)
             if target is not sr.MISSING and reachable.user_function(target):

@@ -15,15 +15,27 @@ J = "j"
 """A Python complex constant (``1j``)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Val:
     """Flags, the objects the value can be when known (modules, containers, constants), a tuple's items,
-    and for an outside value where it comes from (for reports)."""
+    and for an outside value where it comes from (for reports).
+
+    Values compare their objects by identity: ``==`` on a module list holding tensors would compare tensors.
+    """
 
     flags: frozenset = frozenset()
     objs: tuple | None = None
     items: tuple | None = None
     origin: str = ""
+
+    def _key(self) -> tuple:
+        return self.flags, None if self.objs is None else tuple(map(id, self.objs)), self.items, self.origin
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Val) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @property
     def is_complex(self) -> bool:
