@@ -8,6 +8,8 @@ against the untouched model, eager and compiled with ``fullgraph=True``.
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 from pathlib import Path
 
@@ -143,6 +145,18 @@ def test_state_dict_keeps_keys_and_complex_values_both_ways():
     paired = {**original.state_dict(), key: torch.view_as_real(original.state_dict()[key]) * 0}
     model.load_state_dict(paired, strict=True)  # a state dict holding the pair itself loads too
     assert torch.equal(model.layers[1].attention.rotary.freqs_cis, torch.zeros(rope_styles.MAX_LEN, 4, 2))
+
+
+def test_deepcopy_keeps_the_rewrite_and_pickling_the_whole_model_refuses():
+    reference = rope_styles.build("buffer_style")
+    model, _ = _rewritten("buffer_style")
+    copied = copy.deepcopy(model)
+    _assert_same_decode(reference, copied, _tokens())
+    copied.half()
+    assert copied.layers[0].attention.rotary.freqs_cis.dtype == torch.float32  # the copy's own _apply
+    assert model.output.weight.dtype == torch.float32
+    with pytest.raises(TypeError, match="state_dict"):  # pickle would rebuild the original methods
+        torch.save(model, io.BytesIO())
 
 
 @pytest.mark.parametrize(("make", "line_of", "why"), [

@@ -19,7 +19,6 @@ rewritten code reads it through ``stored`` and writes it through ``storable``.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -340,11 +339,28 @@ def store_as_pairs(module: nn.Module, name: str, memo: dict[int, torch.Tensor] |
     return f"{kind} {name} {tuple(value.shape)} {value.dtype} -> real pair {tuple(pair.shape)} {pair.dtype}"
 
 
+class _PairedNames(set):
+    """The names a module holds as pairs. Pickling refuses them: pickle rebuilds an instance's rewritten methods
+    as its class's (a bound method pickles as ``getattr(obj, name)``), so a pickled model would run the original
+    code on the converted tables. ``copy.deepcopy`` keeps the rewritten methods and works."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("graphfix real-rope: this model holds complex tables as real pairs that only its rewritten "
+                        "methods read, and pickling drops rewritten methods; save model.state_dict() (it holds the "
+                        "complex tables as they were) and apply the pass again after loading")
+
+    def __copy__(self) -> _PairedNames:
+        return _PairedNames(self)
+
+    def __deepcopy__(self, memo: dict) -> _PairedNames:
+        return _PairedNames(self)
+
+
 def mark_paired(module: nn.Module, name: str) -> set[str]:
     """Record that ``module.<name>`` holds complex values as real pairs (``stored``/``storable`` around its uses)."""
     names = module.__dict__.get(PAIRED_ATTRS)
     if names is None:
-        names = set()
+        names = _PairedNames()
         object.__setattr__(module, PAIRED_ATTRS, names)
     names.add(name)
     return names
@@ -358,24 +374,33 @@ def paired_names(module: Any) -> frozenset[str]:
 def _keep_pairs_float(module: nn.Module) -> None:
     """Make the module's pair buffers follow device moves but not dtype casts, as complex buffers do under half().
 
-    ``nn.Module`` has no public hook for ``to``/``cuda``/``half``: this wraps the instance's ``_apply`` (private,
-    ``_apply(fn, recurse=True)`` unchanged from torch 2.0 to 2.14), which they all go through.
+    ``nn.Module`` has no public hook for ``to``/``cuda``/``half``: this replaces the instance's ``_apply``
+    (private, ``_apply(fn, recurse=True)`` unchanged from torch 2.0 to 2.14), which they all go through.
     """
-    if isinstance(module.__dict__.get("_apply"), types.MethodType):
-        return
-    object.__setattr__(module, "_apply", types.MethodType(_apply_keeping_pairs, module))
+    if not isinstance(module.__dict__.get("_apply"), _ApplyKeepingPairs):
+        object.__setattr__(module, "_apply", _ApplyKeepingPairs(module))
 
 
-def _apply_keeping_pairs(self: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any):
-    names = [n for n in paired_names(self) if self._buffers.get(n) is not None]
-    pairs = {n: self._buffers.pop(n) for n in names}
-    try:
-        result = type(self)._apply(self, fn, *args, **kwargs)
-    finally:
-        for name, pair in pairs.items():
-            probe = fn(torch.empty(0, dtype=pair.dtype, device=pair.device))
-            self._buffers[name] = fn(pair) if probe.dtype == pair.dtype else pair.to(probe.device)
-    return result
+class _ApplyKeepingPairs:
+    """A module's ``_apply`` that moves its pair buffers to the new device and leaves their dtype.
+
+    An object rather than a bound method, so a model holding it can be deep-copied and pickled.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> nn.Module:
+        module = self.module
+        names = [n for n in paired_names(module) if module._buffers.get(n) is not None]
+        pairs = {n: module._buffers.pop(n) for n in names}
+        try:
+            result = type(module)._apply(module, fn, *args, **kwargs)
+        finally:
+            for name, pair in pairs.items():
+                probe = fn(torch.empty(0, dtype=pair.dtype, device=pair.device))
+                module._buffers[name] = fn(pair) if probe.dtype == pair.dtype else pair.to(probe.device)
+        return result
 
 
 def _keep_checkpoints_complex(module: nn.Module) -> None:
