@@ -82,7 +82,7 @@ def _pair_complex_values(model: nn.Module, result: PassResult) -> None:
     """Any codebase: complex values become ``PairedComplex`` where every use of them is supported."""
     plan = _complex_flow.analyse(model)
     result.skipped.extend(plan.skipped)
-    shared: dict[int, torch.Tensor] = {}
+    shared: dict[int, tuple] = {}
     for path, owner, name in plan.storage:
         result.notes.append(f"{site(path)}: {pc.store_as_pairs(owner, name, shared)}")
         result.rewritten += 1

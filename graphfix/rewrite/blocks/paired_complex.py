@@ -311,7 +311,7 @@ def storable(value: Any) -> Any:
 
 
 # -- complex tensors stored on modules ----------------------------------------------------------------------------
-def store_as_pairs(module: nn.Module, name: str, memo: dict[int, torch.Tensor] | None = None) -> str:
+def store_as_pairs(module: nn.Module, name: str, memo: dict[int, tuple] | None = None) -> str:
     """Replace the complex tensor ``module.<name>`` (a buffer or a plain attribute) by its real pair; say what changed.
 
     The pair is a view of the complex tensor's memory (no copy); ``memo`` keeps one pair per tensor, so modules that
@@ -325,7 +325,7 @@ def store_as_pairs(module: nn.Module, name: str, memo: dict[int, torch.Tensor] |
     value = getattr(module, name)
     if not (isinstance(value, torch.Tensor) and value.is_complex()) or isinstance(value, nn.Parameter):
         raise TypeError(f"{name} is not a complex tensor buffer or attribute")
-    pair = memo.setdefault(id(value), torch.view_as_real(value.detach().resolve_conj()))
+    pair = memo.setdefault(id(value), (value, torch.view_as_real(value.detach().resolve_conj())))[1]  # keeps value
     mark_paired(module, name)
     if name in module._buffers:
         module._buffers[name] = pair
