@@ -97,3 +97,32 @@ def test_store_as_pairs_shares_one_pair_per_table_and_leaves_other_tensors():
     assert "freqs" not in first.state_dict() and pc.paired_names(first) == {"freqs"}
     with pytest.raises(TypeError):
         pc.store_as_pairs(first, "freqs")  # already real
+
+
+class _SlicedByPosition(nn.Module):
+    """A table sliced at an int attribute that moves each call, as research code keeps its position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(64, 4, 2, generator=GEN))
+        self.pos = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = pc.stored(self.table)[self.pos : self.pos + x.shape[0]]
+        self.pos += x.shape[0]
+        return pc.view_as_real(pc.mul(pc.view_as_complex(x), rows))
+
+
+def test_indexing_with_a_dynamic_position_does_not_recompile():
+    # an identity test on an index (`i is Ellipsis`) made Dynamo specialise the slice bound: one graph per position
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        model = _SlicedByPosition()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        compiled(torch.randn(5, 4, 2, generator=GEN))
+        for _ in range(2):
+            compiled(torch.randn(1, 4, 2, generator=GEN))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(3):
+                out = compiled(torch.randn(1, 4, 2, generator=GEN))
+    assert model.pos == 10 and out.shape == (1, 4, 2)

@@ -19,6 +19,7 @@ rewritten code reads it through ``stored`` and writes it through ``storable``.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -105,7 +106,7 @@ class PairedComplex:
 
     def __getitem__(self, index: Any) -> PairedComplex:
         index = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis for i in index):
+        if any(isinstance(i, types.EllipsisType) for i in index):
             index = index + (slice(None),)  # the Ellipsis must not swallow the pair dimension
         return PairedComplex(self.pair[index])
 
