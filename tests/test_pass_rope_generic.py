@@ -9,6 +9,7 @@ against the untouched model, eager and compiled with ``fullgraph=True``.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -244,7 +245,37 @@ class StaticRotation(_Table):
         return self.rotate(x, self.freqs_cis[: x.shape[0]])
 
 
+def _logged(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class OtherDecorator(_Table):
+    @_logged
+    def forward(self, x):
+        return torch.view_as_real(_pairs(x) * self.freqs_cis[: x.shape[0]]).flatten(-2)
+
+
+class NoGradRotation(_Table):
+    @torch.no_grad()
+    def forward(self, x):
+        return torch.view_as_real(_pairs(x) * self.freqs_cis[: x.shape[0]]).flatten(-2)
+
+
+def test_grad_mode_decorators_are_seen_through():
+    model, x = NoGradRotation(), torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    expected = model(x)
+    result = RealRopePass().apply(model, CTX)
+    assert result.rewritten == 5 and not result.skipped, result  # the table, 3 sites in forward, 1 in _pairs
+    out = model(x)
+    assert (out - expected).abs().max() <= 1e-6 and not out.requires_grad and not _complex_tensors(model)
+
+
 @pytest.mark.parametrize(("module", "why"), [
+    (OtherDecorator, "cannot be recompiled"),
     (MatmulOfComplex, "`@` on a complex value"),
     (CatOfComplex, "is put in a list"),
     (Spectral, "torch.fft"),

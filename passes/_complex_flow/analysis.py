@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from graphfix.diagnose.findings import display_path
-from graphfix.rewrite import reachable
+from graphfix.rewrite import grad_modes, reachable
 from graphfix.rewrite.blocks import paired_complex as pc
 from graphfix.rewrite.blocks import source_rewrite as sr
 from passes._complex_flow import objects
@@ -102,7 +102,8 @@ class Analysis:
     def run(self) -> Plan:
         if not self.relevance.any:
             return Plan()
-        methods = [(fn, tuple(m for _, m in inst)) for fn, name, inst in reachable.methods_by_function(self.model)
+        methods = [(grad_modes.without_grad_mode_decorators(fn), tuple(m for _, m in inst))
+                   for fn, name, inst in reachable.methods_by_function(self.model)
                    if (reachable.runs_in_step(name) or not name.startswith("__"))
                    and any(self.relevance.module(m) for _, m in inst)]
         tried: set[int] = set()
@@ -143,8 +144,10 @@ class Analysis:
         return any(self.relevance.module(s) for s in selves) if selves else self.relevance.function(fn)
 
     def context(self, fn: types.FunctionType, selves: tuple) -> Context | None:
-        """The context of ``fn`` run by ``selves``, made on first use; ``None`` without source. A setup method
-        (``init_weights``) does not follow helpers: ``rewrite_methods`` does not redirect its helper calls."""
+        """The context of ``fn`` run by ``selves``, made on first use; ``None`` without source. Grad-mode decorators
+        are seen through, as ``ReachableRewriter`` does. A setup method (``init_weights``) does not follow helpers:
+        ``rewrite_methods`` does not redirect its helper calls."""
+        fn = grad_modes.without_grad_mode_decorators(fn)  # what the rewriter shows the transform
         key = (id(fn), frozenset(id(s) for s in selves))
         ctx = self.contexts.get(key)
         if ctx is None:

@@ -201,12 +201,12 @@ class CallRules:
         if ctx is None:
             self.no_complex_args(node, values, f"{fn.__qualname__} (its source is not available)")
             return outside(f"the result of {fn.__qualname__}")
-        bound = self.bind(node, fn, selves, args, kwargs)
+        bound = self.bind(node, ctx.fn, selves, args, kwargs)
         if bound is None:
             return outside(f"the result of {fn.__qualname__}")
         self.a.bind_params(ctx, bound)
         if any(v.is_complex for v in values) or ctx.result.is_complex:
-            self.a.connect(self.me, ("fn", id(fn)))
+            self.a.connect(self.me, ("fn", id(ctx.fn)))
         return ctx.result
 
     def bind(self, node: ast.Call, fn: types.FunctionType, selves: tuple, args: list[Val],

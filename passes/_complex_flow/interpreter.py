@@ -8,12 +8,14 @@ Calls are in ``calls``.
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from graphfix.rewrite import grad_modes
 from graphfix.rewrite.blocks import paired_complex as pc
 from graphfix.rewrite.blocks import source_rewrite as sr
 from passes._complex_flow import objects, surface
@@ -40,11 +42,22 @@ class Interpreter(CallRules):
             env[next(iter(inspect.signature(self.fn).parameters))] = Val(objs=self.ctx.selves)
         env.update(self.ctx.params)
         self.block(self.ctx.tree.body, env)
-        tree = self.ctx.tree
-        if id(self.fn) in self.a.sites and (tree.decorator_list or any(sr._is_private(n) for n in ast.walk(tree))):
-            self.a.issue(self.fn, tree, "is decorated or uses a class-private name: graphfix cannot recompile it")
+        if id(self.fn) in self.a.sites:
+            self.check_recompilable()
         if self.ctx.entry and self.ctx.result.is_complex:
-            self.a.issue(self.fn, tree, "returns a complex value to a caller outside the model")
+            self.a.issue(self.fn, self.ctx.tree, "returns a complex value to a caller outside the model")
+
+    def check_recompilable(self) -> None:
+        """What ``source_rewrite.compile_function`` would refuse, found before anything is converted."""
+        tree = copy.deepcopy(self.ctx.tree)
+        try:
+            grad_modes.decorators_as_blocks(self.fn, tree)  # grad-mode decorators become with blocks
+        except sr.Unrewritable as exc:
+            self.a.issue(self.fn, self.ctx.tree, f"cannot be recompiled: {exc}")
+        names = [n.attr if isinstance(n, ast.Attribute) else n.id for n in ast.walk(tree)
+                 if isinstance(n, (ast.Attribute, ast.Name))]
+        if any(name.startswith("__") and not name.endswith("__") for name in names):
+            self.a.issue(self.fn, self.ctx.tree, "uses a class-private name (`self.__x`): graphfix cannot recompile it")
 
     # -- statements ---------------------------------------------------------------------------------------------
     def block(self, stmts: list[ast.stmt], env: Env) -> Env:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphfix.rewrite import reachable
+from graphfix.rewrite import grad_modes, reachable
 from graphfix.rewrite.blocks import source_rewrite as sr
 from passes._complex_flow import surface
 
@@ -116,6 +116,7 @@ def class_code_accesses(cls: type, name: str) -> Iterator[tuple[types.FunctionTy
                 functions = [attr]
             for fn in functions:
                 if isinstance(fn, types.FunctionType):
+                    fn = grad_modes.without_grad_mode_decorators(fn)  # the function the rewrite reads
                     yield from ((fn, n) for n in function_nodes(fn) if isinstance(n, ast.Attribute) and n.attr == name)
 
 

@@ -18,7 +18,7 @@ import types
 import torch
 from torch import nn
 
-from graphfix.rewrite import reachable
+from graphfix.rewrite import grad_modes, reachable
 from graphfix.rewrite.blocks import paired_complex as pc
 from graphfix.rewrite.blocks import source_rewrite as sr
 from passes._complex_flow import objects, surface
@@ -41,6 +41,7 @@ class Relevance:
 
     def function(self, fn: types.FunctionType) -> bool:
         """Whether ``fn`` or a helper it calls by name has a complex construct."""
+        fn = grad_modes.without_grad_mode_decorators(fn)
         key = id(fn)
         if key not in self._functions:
             self._functions[key] = False  # a recursive call sees "not relevant" and stops
