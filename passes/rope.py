@@ -1,4 +1,11 @@
-"""Pass ``real-rope``: complex RoPE (``torch.polar`` tables, ``view_as_complex``) -> real cos/sin tables."""
+"""Pass ``real-rope``: complex RoPE (``torch.polar`` tables, ``view_as_complex``) -> real cos/sin tables.
+
+Two paths. Meta's ``Transformer`` (by class: its layers are swapped for ``MetaAttention``
+with real tables in the checkpoint's layout). Any other model: the complex *construct*,
+wherever it is (methods, the helpers they call, tables stored on modules), becomes the
+paired-real form of ``graphfix.rewrite.blocks.paired_complex``; ``passes._complex_flow``
+decides what can be rewritten without leaving a complex value half-converted.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +16,17 @@ from torch import nn
 
 from graphfix.diagnose.findings import Category
 from graphfix.rewrite.blocks import meta_llama as ml
+from graphfix.rewrite.blocks import paired_complex as pc
 from graphfix.rewrite.blocks import source_rewrite as sr
 from graphfix.rewrite.pass_manager import Pass, PassContext, PassResult
-from passes._common import as_meta_attention, layer_attentions, no_match, parsed_methods, site, where
+from passes import _complex_flow
+from passes._common import as_meta_attention, layer_attentions, no_match, parsed_methods, rewrite_methods, site, where
 
 
 class RealRopePass(Pass):
     name = "real-rope"
-    summary = ("complex RoPE (torch.polar table, view_as_complex) -> real cos/sin tables in the checkpoint's "
-               "interleaved layout, with the model's scaling (Llama 3 / linear)")
+    summary = ("complex RoPE (torch.polar / view_as_complex / torch.complex, stored complex tables) -> real "
+               "(cos, sin) pairs that Inductor fuses; Meta's Transformer -> real tables in its interleaved layout")
     fixes = frozenset({Category.COMPLEX_ROPE})
     order = 30
 
@@ -25,7 +34,9 @@ class RealRopePass(Pass):
         result = PassResult(self.name)
         if ml.is_meta_transformer(model):
             self._meta(model, result)
-        _report_other_complex_rope(model, result)
+            _report_other_complex_rope(model, result)
+        else:
+            _pair_complex_values(model, result)
         return no_match(result, "complex RoPE graphfix can rewrite")
 
     def _meta(self, model: nn.Module, result: PassResult) -> None:
@@ -65,3 +76,22 @@ def _report_other_complex_rope(model: nn.Module, result: PassResult) -> None:
                                    (f"{type(module).__qualname__}.{name} uses complex RoPE that graphfix "
                                    "has no matcher for: use graphfix.rewrite.blocks.rope.rope_tables + "
                                    "apply_rotary_interleaved (same layout as view_as_complex pairs)")))
+
+
+def _pair_complex_values(model: nn.Module, result: PassResult) -> None:
+    """Any codebase: complex values become ``PairedComplex`` where every use of them is supported."""
+    plan = _complex_flow.analyse(model)
+    result.skipped.extend(plan.skipped)
+    shared: dict[int, tuple] = {}
+    for path, owner, name in plan.storage:
+        result.notes.append(f"{site(path)}: {pc.store_as_pairs(owner, name, shared)}")
+        result.rewritten += 1
+    for owner, name in plan.marks:
+        pc.mark_paired(owner, name)
+    rewrite_methods(model, result, plan.transform)
+    if plan.storage:
+        result.notes.append("complex tables are stored as real (..., 2) pairs: they move with the module's device, "
+                            "keep float32 under dtype casts, and persistent ones are saved and loaded as the complex "
+                            "tensors they were (same state-dict keys)")
+    if result.rewritten == 0 and not result.skipped and plan.complex_sites:
+        result.notes.append(f"{plan.complex_sites} complex construct(s) already in paired form: nothing to rewrite")

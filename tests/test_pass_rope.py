@@ -45,10 +45,15 @@ def test_table_not_matching_args_is_skipped():
     assert model.freqs_cis.is_complex() and meta_model.Attention is type(model.layers[0].attention)
 
 
-def test_other_complex_rope_is_reported():
+def test_other_complex_rope_is_rewritten_by_construct():
+    """Outside Meta's Transformer the construct is rewritten (tests/test_pass_rope_generic.py has the rest)."""
+
     class ComplexRope(torch.nn.Module):
         def forward(self, x):
             return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * 1j).flatten(-2)
 
-    result = RealRopePass().apply(ComplexRope(), CTX)
-    assert result.rewritten == 0 and "no matcher" in result.skipped[0][1]
+    model, x = ComplexRope(), torch.randn(2, 3, 8)
+    expected = model(x)
+    result = RealRopePass().apply(model, CTX)
+    assert result.rewritten == 3 and not result.skipped
+    assert torch.equal(model(x), expected)
