@@ -185,6 +185,7 @@ def optimize(
         names = plan_passes(model, before.findings)
         say(f"passes from the diagnosis: {', '.join(names) or 'none'}")
 
+    _prime(runner, model, prompt)
     snapshot = ModelSnapshot.take(model)
     state = OptimizedState(model=model, kind=kind, reference=reference, dtype=run_dtype, max_seq_len=seq_len,
                            backend=backend if compile else None, driver=loop)
@@ -231,6 +232,16 @@ def optimize(
         warnings.warn(message, OptimizeWarning, stacklevel=2)
     result.seconds = round(time.perf_counter() - started, 3)
     return result
+
+
+def _prime(runner: Any, model: nn.Module, prompt: torch.Tensor | None) -> None:
+    """Run a prefill and one decode step eagerly, so the model's state is a real call's when the passes look at it.
+
+    A pass sizes what it swaps in from what the model holds (a cache attribute grown by ``torch.cat`` is ``None``
+    until a call fills it); the diagnoses may have ended in a failed compile before the model's code got that far.
+    """
+    with quiet(), torch.no_grad():
+        runner.run(model, prompt, 1)
 
 
 def _kind_of(model: nn.Module) -> str:

@@ -79,9 +79,13 @@ class OptimizeResult:
         v = self.verification
         before = (f"diagnose ({self.before.backend}), prefill {self.before.prefill_tokens} + "
                   f"{self.before.decode_steps} decode steps" if diagnosed(self.before) else "not diagnosed")
-        after = (f"verify, prefill {v.prefill_tokens} + {v.decode_steps} decode steps, twice, and another prompt "
-                 "length" if v else f"diagnose, prefill {self.after.prefill_tokens} + {self.after.decode_steps} "
-                 "decode steps" if diagnosed(self.after) else "not diagnosed")
+        again = ", twice" + (", and another prompt length" if v and v.other_prompt_length else "") if v else ""
+        if v:
+            after = f"verify, prefill {v.prefill_tokens} + {v.decode_steps} decode steps{again}"
+        elif diagnosed(self.after):
+            after = f"diagnose, prefill {self.after.prefill_tokens} + {self.after.decode_steps} decode steps"
+        else:
+            after = "not diagnosed"
         lines.append(f"  before: {before}; after: {after}")
         if self.compile_seconds is not None:
             lines.append(f"  compile (warm-up prefill + decode): {self.compile_seconds:.1f}s")

@@ -290,6 +290,9 @@ class VerifyResult:
     parity: ParityResult | None = None
     prefill_tokens: int = 0
     decode_steps: int = 0
+    other_prompt_length: int | None = None
+    """The length of the second prompt run entirely under ``fail_on_recompile`` (``None``: not run; a user's
+    loop brings its own prompt)."""
     strict_decode_steps: int = 0
     """Decode steps run under ``fail_on_recompile`` (steps 2..N of the first run, all of the later runs)."""
     tokens_per_second: float | None = None
@@ -428,6 +431,7 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
             other = _other_prompt(state)
             if other is not None:
                 say(f"verify: a prompt of {other.shape[1]} tokens + 2 decode steps, under fail_on_recompile")
+                result.other_prompt_length = other.shape[1]
                 attempt("prompt of another length", lambda: runner.run(model, other, 2, enforce="all"))
     result.graphs = state.graphs()
     result.recompiles += state.recompiles()
