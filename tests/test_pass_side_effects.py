@@ -48,7 +48,7 @@ class Chatty(nn.Module):
         self.step = 3
 
     def forward(self, x):
-        print(f"step {self.step}", x.sum())
+        print("step", self.step, x.sum())
         logging.info("forward")  # noqa: LOG015 - the module-level function is what Dynamo can reorder
         warnings.warn("careful")
         y = self.child(x) + 1
@@ -82,7 +82,7 @@ def test_registration_is_scoped_and_compiles_without_breaks(capsys):
         out = torch.compile(model, backend="eager", fullgraph=True)(x)
         assert print in dynamo_config.reorderable_logging_functions
     assert torch.equal(out, (x + 1) * 2)
-    assert "step 3 tensor(2.)" in capsys.readouterr().out  # printed after the graph, same text
+    assert "step 3 tensor(2.)" in capsys.readouterr().out  # printed after the graph, same text (an int, no f-string)
     assert [str(w.message) for w in caught] == ["careful"]
     assert print not in dynamo_config.reorderable_logging_functions  # restored
     again = SideEffectsPass().apply(model, CTX)
