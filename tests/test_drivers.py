@@ -157,19 +157,15 @@ def test_a_broken_model_is_blamed_only_when_the_driver_is_the_users():
         graphfix.diagnose(TokensOnly(), driver=bad, hidden=False)
 
 
-def test_int_attribute_recompiles_are_their_own_category_fixed_by_phase_split():
-    report = graphfix.diagnose(Counter(), driver=_counter_loop, hidden=False)
-    found = [f for f in report.recompiles if f.category == Category.INT_ATTRIBUTE]
-    assert found and found[0].fix_pass == "phase-split" and "self.pos" in found[0].guard
-    result = graphfix.optimize(Counter(), driver=_counter_loop, backend="aot_eager")
-    assert result.verified and result.verification.recompiles == 0, result.summary()
-
-
-def test_dtype_recompiles_are_their_own_category_fixed_by_phase_split():
-    report = graphfix.diagnose(Positions(), driver=_positions_loop, hidden=False)
-    found = [f for f in report.recompiles if f.category == Category.DTYPE_RECOMPILE]
-    assert found and found[0].fix_pass == "phase-split" and "dtype mismatch" in found[0].guard
-    result = graphfix.optimize(Positions(), driver=_positions_loop, backend="aot_eager")
+@pytest.mark.parametrize(("build", "loop", "category", "guard"), [
+    (Counter, _counter_loop, Category.INT_ATTRIBUTE, "self.pos"),
+    (Positions, _positions_loop, Category.DTYPE_RECOMPILE, "dtype mismatch"),
+], ids=["int-attribute", "dtype"])
+def test_recompiles_between_calls_have_their_own_category_fixed_by_phase_split(build, loop, category, guard):
+    report = graphfix.diagnose(build(), driver=loop, hidden=False)
+    found = [f for f in report.recompiles if f.category == category]
+    assert found and found[0].fix_pass == "phase-split" and guard in found[0].guard
+    result = graphfix.optimize(build(), driver=loop, backend="aot_eager")
     assert result.verified and result.verification.recompiles == 0, result.summary()
 
 
