@@ -16,12 +16,13 @@ import warnings
 import pytest
 import torch
 
-from graphfix.optimize import hf_runtime
+from graphfix.optimize import hf_engine, hf_runtime
 from graphfix.optimize.api import optimize
 from graphfix.optimize.verification import runner_for, verify
 from tests.fixtures.tiny_hf import tiny_hf
 
-GEN = {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
+GEN = {"max_new_tokens": 24, "eos_token_id": None, "do_sample": False, "pad_token_id": 0}
+ENGINE_GRAPHS = {"prefill": 0, "decode": 0, "engine-prefill": 1, "engine-first": 1, "engine-decode": 2}
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
@@ -74,7 +75,7 @@ def optimized(request):
     entry = _optimize_arch(request.param)
     model = entry[2].model
     if not any(hf_runtime.runtime_of(model).graphs().values()):
-        runner_for("hf").run(model, model.graphfix_optimized.reference.prompt, 1)
+        runner_for("hf", None, model).run(model, model.graphfix_optimized.reference.prompt, 1)
     return entry
 
 
@@ -83,7 +84,8 @@ def test_verified_with_one_graph_per_phase_and_no_recompile(optimized):
     v = result.verification
     assert result.verified and v.ok, result.summary()
     assert v.graph_breaks == 0 and v.recompiles == 0 and v.compile_failures == 0
-    assert v.graphs == {"prefill": 1, "decode": 1}
+    # generate() on the engine: one prefill graph, the first-token graph, decode served and decode recording logits
+    assert v.graphs == ENGINE_GRAPHS
     assert v.strict_decode_steps >= 32  # steps 2..32 of the first run and all of the second under fail_on_recompile
     assert result.parity.tokens_match and result.parity.greedy_steps == 33
     assert result.parity.relative_error <= 1e-4
@@ -100,12 +102,24 @@ def test_generate_is_a_drop_in(optimized):
     name, _, result, prompt, expected = optimized
     model = result.model
     rt = hf_runtime.runtime_of(model)
-    graphs, decodes, eager = rt.graphs(), rt.compiled_calls["decode"], dict(rt.eager_calls)
+    graphs, served, eager = rt.graphs(), rt.engine.served, dict(rt.eager_calls)
     with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
         out = model.generate(prompt, **GEN)  # another prompt length than optimize's: prefill is dynamic
     assert torch.equal(out, expected), name
-    assert rt.graphs() == graphs
-    assert rt.compiled_calls["decode"] - decodes == 23 and rt.eager_calls == eager
+    assert rt.graphs() == graphs and rt.engine.served == served + 1 and rt.eager_calls == eager
+
+
+def test_generate_requests_the_engine_does_not_serve_fall_back_with_the_reason(optimized):
+    name, original, result, prompt, _ = optimized
+    rt = hf_runtime.runtime_of(result.model)
+    kwargs = dict(GEN, repetition_penalty=1.3)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = result.model.generate(prompt, **kwargs)
+    assert torch.equal(out, original.generate(prompt, **kwargs)), name
+    assert any("repetition_penalty" in reason for reason in rt.engine.fallbacks)
+    assert any(issubclass(w.category, hf_engine.EngineFallbackWarning) for w in caught) or \
+        "generation options the engine does not serve (repetition_penalty)" in rt.engine.warned
 
 
 def test_forward_keeps_the_original_signature(optimized):
@@ -141,12 +155,14 @@ def test_longer_than_max_seq_len_falls_back():
     _, original, result, prompt, _ = _optimize_arch("llama3-gqa-scaled-rope")
     rt = hf_runtime.runtime_of(result.model)
     before = rt.eager_calls.get("length", 0)
-    kwargs = dict(GEN, max_new_tokens=60, min_new_tokens=60)
+    kwargs = dict(GEN, max_new_tokens=60)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", hf_runtime.EagerFallbackWarning)
+        warnings.simplefilter("ignore", hf_engine.EngineFallbackWarning)
         out = result.model.generate(prompt, **kwargs)
         assert torch.equal(out, original.generate(prompt, **kwargs))
     assert rt.eager_calls.get("length", 0) - before == 1
+    assert any("do not fit the cache" in reason for reason in rt.engine.fallbacks)
 
 
 def test_plain_forward_and_verify_again():
@@ -182,7 +198,7 @@ def test_summary_table_is_aligned():
     assert "sliding window 6" in " ".join(result.notes)
     data = result.to_dict()
     assert data["schema"] == "graphfix.optimize" and data["schema_version"] == 1 and data["verified"] is True
-    assert data["verification"]["graphs"] == {"prefill": 1, "decode": 1}
+    assert data["verification"]["graphs"] == ENGINE_GRAPHS
 
 
 @pytest.mark.slow
@@ -196,4 +212,5 @@ def test_smollm2_64_greedy_tokens_identical():
     assert v.ok, v.failures
     assert v.parity.greedy_steps == 64 and v.parity.tokens_match
     assert v.parity.relative_error <= 1e-4
-    assert v.graphs == {"prefill": 1, "decode": 1} and v.recompiles == 0 and v.graph_breaks == 0
+    # decode graphs: attending to 64 and to 96 positions, each serving and recording logits
+    assert v.graphs["engine-decode"] == 4 and v.recompiles == 0 and v.graph_breaks == 0

@@ -74,6 +74,8 @@ class GenerationResult:
     decode_s: float
     total_s: float
     """Wall time of the call, host synchronized at the end."""
+    logits: torch.Tensor | None = None
+    """``(steps, B, V)`` float32 on CPU, when asked for (``record_logits``)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -146,7 +148,9 @@ def _make_first(mode: str) -> Callable:
     return first
 
 
-def _make_decode(model: StepModel, mode: str, last_slot: int, kv_len: int | None) -> Callable:
+def _make_decode(model: StepModel, mode: str, last_slot: int, kv_len: int | None, record: bool = False) -> Callable:
+    """One decode step writing into the state; ``record``: it also returns the step's logits (verification)."""
+
     def decode(tokens, pos, done, out, step, seeds, temperature, top_k, top_p, eos, pad):
         if kv_len is None:
             logits = model.step(tokens, pos)[:, -1].float()
@@ -159,6 +163,7 @@ def _make_decode(model: StepModel, mode: str, last_slot: int, kv_len: int | None
         tokens.copy_(nxt.unsqueeze(1))
         pos.copy_((pos + 1).clamp(max=last_slot))
         step.add_(1)
+        return logits if record else None
 
     return decode
 
@@ -229,6 +234,7 @@ class Generator:
         self.max_eos = max_eos
         self._states: dict[int, _BatchState] = {}
         self._fns: dict[tuple, Callable] = {}
+        self._codes: list[Any] = []
         self._use_index = supports_logits_index(model)
         self._clock = _Clock(self.device)
 
@@ -247,7 +253,25 @@ class Generator:
                 options["triton.cudagraphs"] = True
             if options:
                 kwargs["options"] = options
-        return torch.compile(own_code(fn), **kwargs)  # per key: Dynamo caches per code object
+        own = own_code(fn)  # per key: Dynamo caches per code object
+        self._codes.append(own.__code__)
+        return torch.compile(own, **kwargs)
+
+    def graphs(self) -> dict[str, int]:
+        """Graphs compiled so far per kind of function (``prefill``, ``first``, ``decode``), over their keys."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        out: dict[str, int] = {}
+        for code in self._codes:
+            kind = "decode" if code.co_name == "decode" else "first" if code.co_name == "first" else "prefill"
+            out[kind] = out.get(kind, 0) + len(_debug_get_cache_entry_list(code))
+        return out
+
+    def recompiles(self) -> int:
+        """Graphs beyond the first of each compiled function (each key has its own code object)."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return sum(max(0, len(_debug_get_cache_entry_list(code)) - 1) for code in self._codes)
 
     def _fn(self, key: tuple) -> Callable:
         fn = self._fns.get(key)
@@ -261,7 +285,8 @@ class Generator:
             elif kind == "first":
                 fn = self._compiled(_make_first(key[2]), False)
             else:
-                fn = self._compiled(_make_decode(self.model, key[2], self.model.max_seq_len - 1, key[3]),
+                record = len(key) > 4 and key[4] == "record"
+                fn = self._compiled(_make_decode(self.model, key[2], self.model.max_seq_len - 1, key[3], record),
                                     self.cuda_graphs)
             self._fns[key] = fn
         return fn
@@ -349,11 +374,13 @@ class Generator:
     def generate(self, prompts: Any, max_new_tokens: int, *, sampling: SamplingParams | None = None,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                  attention_mask: torch.Tensor | None = None, stream: Callable[[StreamChunk], None] | None = None,
-                 stream_interval: int | None = None) -> GenerationResult:
+                 stream_interval: int | None = None, record_logits: bool = False) -> GenerationResult:
         """Generate ``max_new_tokens`` per row (fewer when every row hit an EOS).
 
         ``prompts``: token-id lists of any lengths, or a ``(B, L)`` tensor (with
-        ``attention_mask`` for left-padded rows, Hugging Face style).
+        ``attention_mask`` for left-padded rows, Hugging Face style). ``record_logits``: keep each
+        step's float32 logits (``GenerationResult.logits``, ``(steps, B, V)`` on CPU), through decode
+        graphs of their own that also return them (verification; serving never pays for the copy).
         """
         sampling = sampling or SamplingParams()
         rows = self._rows(prompts, attention_mask)
@@ -373,6 +400,7 @@ class Generator:
             self._fn(("first", batch, mode))(logits, state.tokens, state.pos, state.done, state.out, state.step,
                                               state.lengths, state.seeds, state.temperature, state.top_k,
                                               state.top_p, state.eos)
+            recorded = [logits.detach().float().cpu()] if record_logits else []
             del logits  # a CUDA-graphed prefill's output: the next replay reuses its memory
             t1 = self._clock.mark()
             longest = max(len(r) for r in rows)
@@ -381,10 +409,12 @@ class Generator:
             stopped = bool(eos) and self.check_interval == 1 and bool(state.done.all())
             while produced < max_new_tokens and not stopped:
                 # this call writes and attends at positions <= longest + produced - 1 (host arithmetic, no sync)
-                decode = self._fn(("decode", batch, mode, self._kv_len(longest + produced)))
+                key = ("decode", batch, mode, self._kv_len(longest + produced)) + (("record",) if record_logits else ())
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                decode(*args)
+                logits = self._fn(key)(*args)
+                if record_logits:
+                    recorded.append(logits.detach().float().cpu())  # copied before the next replay reuses it
                 produced += 1
                 if stream is not None and produced - streamed >= interval:
                     streamed = self._emit(stream, state, streamed, produced)
@@ -399,7 +429,8 @@ class Generator:
         tokens = [_trim(row, eos) for row in out]
         return GenerationResult(tokens=tokens, prompt_lengths=[len(r) for r in rows], finished=finished,
                                 steps=produced, ttft_s=self._clock.seconds(t0, t1),
-                                decode_s=self._clock.seconds(t1, t2), total_s=total)
+                                decode_s=self._clock.seconds(t1, t2), total_s=total,
+                                logits=torch.stack(recorded) if recorded else None)
 
     def _check(self, rows: list[list[int]], max_new_tokens: int, eos: list[int]) -> None:
         model = self.model

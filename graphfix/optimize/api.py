@@ -54,6 +54,7 @@ from graphfix.errors import GraphfixError, InputError, UnsupportedModelError
 from graphfix.optimize.result import OptimizeResult, diagnosed
 from graphfix.optimize.state import OptimizedState
 from graphfix.optimize.verification import (
+    EngineRunner,
     VerificationError,
     classify_failure,
     quiet,
@@ -388,12 +389,15 @@ def _compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tenso
             state.front = None
         return None
     say(f"compiling with {backend} (prefill and decode apart, fullgraph)")
-    _install_compiled(state, backend, cuda_graphs)
+    _install_compiled(state, backend, cuda_graphs, notes)
+    runner = runner_for(state.kind, state.driver, state.model)  # an HF model now on the engine runs through it
     started = time.perf_counter()
     try:
+        # the engine compiles a decode graph per attended cache length: warm it over the whole verified length
+        steps = state.reference.steps - 1 if isinstance(runner, EngineRunner) else WARM_UP_DECODE_CALLS
         with side_effects.reorder_logging(state.model), compile_failure_contained(), quiet():
             for _ in range(WARM_UP_RUNS):
-                runner.run(state.model, prompt, WARM_UP_DECODE_CALLS)
+                runner.run(state.model, prompt, steps)
     except GraphfixError:
         raise
     except Exception as exc:  # a break under fullgraph=True or a compile error: a refusal
@@ -406,10 +410,21 @@ def _compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tenso
     return round(time.perf_counter() - started, 3)
 
 
-def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool) -> None:
+def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, notes: list[str]) -> None:
     model = state.model
     if state.kind == "hf":
         state.front.compile(backend, cuda_graphs=cuda_graphs)
+        if state.driver is None:  # generate() on the engine; a user's loop calls forward, which the runtime serves
+            from graphfix.optimize import hf_engine
+
+            door, why = hf_engine.build(model, max_seq_len=state.max_seq_len, max_batch_size=state.front.max_batch_size,
+                                        backend=backend, cuda_graphs=cuda_graphs)
+            state.front.engine = door
+            if door is None:
+                notes.append(f"generate() not on the engine: {why}")
+            else:
+                notes.append("generate() runs on graphfix's engine (the same as graphfix generate): requests it does "
+                             "not serve exactly run transformers' generate, with a warning naming why")
     elif meta_llama.has_tensor_core(model):
         from graphfix.optimize import meta_front
 

@@ -125,6 +125,8 @@ class HFRuntime:
     new_variants_enforced: list[str] = dataclasses.field(default_factory=list)
     """Variants first compiled while ``enforce`` was on (a compile the stance cannot see)."""
     warned: set[str] = dataclasses.field(default_factory=set)
+    engine: Any = None
+    """The ``hf_engine.EngineDoor`` serving ``generate`` (``None``: transformers' generate on this runtime)."""
 
     @property
     def compiled(self) -> bool:
@@ -152,6 +154,7 @@ class HFRuntime:
         """Back to the original forward for every call (the cache and ``generate`` wrapper stay)."""
         self.backend = None
         self.variants.clear()
+        self.engine = None
 
     def variant(self, phase: str, kwargs: dict[str, Any]) -> Variant:
         """The compiled callable for this phase and these keyword names (made on first use).
@@ -183,17 +186,22 @@ class HFRuntime:
         out = {"prefill": 0, "decode": 0}
         for v in self.variants.values():
             out[v.phase] = out.get(v.phase, 0) + len(_debug_get_cache_entry_list(v.code))
+        if self.engine is not None:
+            for kind, n in self.engine.generator.graphs().items():
+                out[f"engine-{kind}"] = n
         return out
 
     def graph_runs(self) -> int:
-        """Calls routed into the compiled callables (each runs its graph or, under ``fail_on_recompile``, raises)."""
-        return sum(self.compiled_calls.values())
+        """Calls routed into the compiled callables (each runs its graph or, under ``fail_on_recompile``, raises),
+        and generate calls the engine served."""
+        return sum(self.compiled_calls.values()) + (self.engine.served if self.engine is not None else 0)
 
     def recompiles(self) -> int:
         """Graphs beyond the first of each variant's code object."""
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        return sum(max(0, len(_debug_get_cache_entry_list(v.code)) - 1) for v in self.variants.values())
+        own = sum(max(0, len(_debug_get_cache_entry_list(v.code)) - 1) for v in self.variants.values())
+        return own + (self.engine.generator.recompiles() if self.engine is not None else 0)
 
     @contextlib.contextmanager
     def enforce(self, from_decode: int = 2, prefill: bool = False) -> Iterator[None]:
@@ -365,8 +373,15 @@ def _requested_length(model: nn.Module, prompt_len: int, kwargs: dict[str, Any])
 
 
 def hf_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The instance ``generate``: the original, given a graphfix static cache when the caller gave no cache."""
+    """The instance ``generate``: the engine when it serves the call, else the original given a graphfix static cache
+    when the caller gave no cache."""
     rt: HFRuntime = self.__dict__[ATTR]
+    if rt.engine is not None and rt.backend is not None:
+        from graphfix.optimize import hf_engine
+
+        served = hf_engine.serve(rt.engine, self, args, kwargs)
+        if served is not None:
+            return served
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     config = kwargs.get("generation_config") or self.generation_config
     wants_cache = (

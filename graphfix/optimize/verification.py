@@ -188,8 +188,7 @@ class HFRunner:
             "temperature": None, "top_p": None, "top_k": None,
             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else first_eos or 0,
         }
-        if eos is not None:
-            kwargs["min_new_tokens"] = new  # the same number of steps whatever the tokens
+        kwargs["eos_token_id"] = None  # the same number of steps whatever the tokens, EOS never masked
         guard = rt.enforce(prefill=enforce == "all") if rt is not None and enforce else contextlib.nullcontext()
         with quiet(), guard, torch.no_grad():
             started = time.perf_counter()
@@ -262,10 +261,46 @@ class LoopRunner:
         return Trace(None, tokens, torch.stack(log.logits), seconds, prefill_tokens=first or 0)
 
 
-def runner_for(kind: str, driver: Any = None) -> HFRunner | StartPosRunner | LoopRunner:
-    """The runner of a model's convention; a driver (a user's loop) always wins."""
+class EngineRunner:
+    """An HF model whose ``generate`` the engine serves: the drop-in ``generate`` (its tokens and time), checked
+    against the engine's run of the same prompt with each step's logits recorded (the parity)."""
+
+    kind = "hf-engine"
+
+    def run(self, model: nn.Module, prompt: torch.Tensor, steps: int, *, enforce: str | None = None) -> Trace:
+        from graphfix.optimize.hf_runtime import runtime_of
+
+        door = runtime_of(model).engine
+        new = steps + 1
+        stance = torch.compiler.set_stance("fail_on_recompile") if enforce else contextlib.nullcontext()
+        config = model.generation_config
+        eos = config.eos_token_id
+        pad = config.pad_token_id if config.pad_token_id is not None else \
+            (eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else 0)
+        with quiet(), stance, torch.no_grad():
+            recorded = door.generator.generate(prompt, new, eos_token_id=[], pad_token_id=pad, record_logits=True)
+            started = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=new, eos_token_id=None, do_sample=False, pad_token_id=pad,
+                                 temperature=None, top_p=None, top_k=None)
+            seconds = time.perf_counter() - started
+        tokens = out[:, prompt.shape[1]:].cpu()
+        if door.served == 0 or not torch.equal(tokens, torch.tensor(recorded.tokens)):
+            raise AssertionError("the drop-in generate() did not give the engine's tokens (a fallback took the call, "
+                                 "or the serving graphs differ from the recording ones)")
+        return Trace(prompt, tokens, recorded.logits, seconds)
+
+
+def runner_for(kind: str, driver: Any = None, model: nn.Module | None = None) -> Any:
+    """The runner of a model's convention; a driver (a user's loop) always wins; an HF model on the engine is run
+    through it."""
     if driver is not None:
         return LoopRunner(driver)
+    if kind == "hf" and model is not None:
+        from graphfix.optimize.hf_runtime import runtime_of
+
+        rt = runtime_of(model)
+        if rt is not None and rt.engine is not None and rt.backend is not None:
+            return EngineRunner()
     return HFRunner() if kind == "hf" else StartPosRunner()
 
 
@@ -367,7 +402,7 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
     if steps < 1 or steps > reference.steps - 1:
         raise InputError(f"decode_steps must be between 1 and {reference.steps - 1} (the reference optimize recorded)",
                          hint="optimize with a larger decode_steps to verify longer")
-    model, runner = state.model, runner_for(state.kind, getattr(state, "driver", None))
+    model, runner = state.model, runner_for(state.kind, getattr(state, "driver", None), state.model)
     run_steps: int | None = steps
     if isinstance(runner, LoopRunner) and steps == reference.steps - 1:
         run_steps = None  # the loop's own length: its returned tokens are compared as they are
