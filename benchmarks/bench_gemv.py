@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from graphfix.bench.decode import copy_bandwidth, cuda_graph_ms
 from graphfix.bench.presets import PRESETS
+from graphfix.bench.timing import copy_bandwidth, cuda_graph_ms
 
 
 def _weights(cfg: dict, layers: int, device: torch.device, dtype: torch.dtype) -> dict:

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from graphfix.bench.decode import copy_bandwidth, cuda_graph_ms
 from graphfix.bench.presets import random_hf_model
+from graphfix.bench.timing import copy_bandwidth, cuda_graph_ms
 from graphfix.engine import from_hf, llama
 
 OPTIONS = {  # name: (PDL on the GEMVs, on the RoPE/cache kernel, on attention)

@@ -31,19 +31,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SCHEMA = "graphfix.bench_decode/1"
+from graphfix.bench.report import Results, markdown
+from graphfix.bench.timing import (
+    Budget,
+    _now,
+    _peak_gb,
+    _reset_peak,
+    _summary,
+    _sync,
+    _timed,
+    compile_time_summary,
+    copy_bandwidth,
+    kernel_breakdown,
+    matmul_only_ms,
+)
+from graphfix.bench.warm_start import _warm_start, cache_key, child_warm
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SYSTEMS = ("copy", "graphfix", "hf-static", "hf-eager")
 VARIANTS = ("fused", "gemv", "kernels", "pdl", "attention", "unfused")
@@ -58,118 +70,9 @@ HF_ESTIMATE_S = {"hf-static": 90.0, "hf-eager": 60.0}
 """Seconds a batch-1 HF section takes before one was measured (compile, warm-up, 5 + 3 timed generates)."""
 
 
-def _now() -> float:
-    return time.perf_counter()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.start, self.seconds = _now(), seconds
-
-    def left(self) -> float:
-        return self.seconds - (_now() - self.start)
-
-    def fits(self, estimate: float) -> bool:
-        return self.left() > estimate
-
-
-class Results:
-    """The JSON document, rewritten after every section (a cut-off run keeps what it measured)."""
-
-    def __init__(self, path: str | None, md_path: str | None, meta: dict[str, Any]) -> None:
-        self.path, self.md_path = path, md_path
-        self.doc: dict[str, Any] = {"schema": SCHEMA, **meta, "copy_bandwidth": None, "runs": [],
-                                    "warm_start": None, "ttft": [], "skipped": [], "notes": []}
-
-    def add_run(self, row: dict[str, Any]) -> None:
-        self.doc["runs"].append(row)
-        self.flush()
-
-    def skip(self, what: str, why: str) -> None:
-        self.doc["skipped"].append({"what": what, "why": why})
-        print(f"[bench] skipped {what}: {why}", flush=True)
-        self.flush()
-
-    def flush(self) -> None:
-        if self.path:
-            _atomic_write(self.path, json.dumps(self.doc, indent=2, default=str))
-        if self.md_path:
-            _atomic_write(self.md_path, markdown(self.doc))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    """The JSON/Markdown results, whole or not at all, in a folder made if needed."""
-    from graphfix.convert.atomic import atomic_write
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text if text.endswith("\n") else text + "\n")
-
-
-# ---------------------------------------------------------------------------
-# Measurements
-# ---------------------------------------------------------------------------
-
-
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 20) -> dict[str, float]:
-    """Median GB/s of a device-to-device copy of ``nbytes``, counting bytes read plus bytes written.
-
-    Default size: 2 GiB on a GPU (many times its L2), 64 MiB elsewhere.
-    """
-    nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (64 << 20))
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dst.copy_(src)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1000)
-        else:
-            t = _now()
-            dst.copy_(src)
-            times.append(_now() - t)
-    sec = statistics.median(times)
-    del src, dst
-    return {"bytes": 2 * nbytes, "seconds": sec, "gb_per_s": 2 * nbytes / sec / 1e9}
-
-
 def _prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(100, max(101, vocab - 1), (batch, length), generator=gen)
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    t = _now()
-    fn()
-    _sync(device)
-    return _now() - t
-
-
-def _summary(times_n: list[float], times_1: list[float], new_tokens: int) -> dict[str, float]:
-    t_n, t_1 = statistics.median(times_n), statistics.median(times_1)
-    ms = 1000 * (t_n - t_1) / max(1, new_tokens - 1)
-    return {"tok_per_s": new_tokens / t_n, "ms_per_token": ms, "seconds_median": t_n, "ttft_s": t_1,
-            "seconds_all": times_n}
 
 
 def hf_generate_fn(model, ids: torch.Tensor, new_tokens: int, static: bool):
@@ -201,95 +104,6 @@ def bench_hf(model, system: str, batch: int, args, device: torch.device, vocab: 
     if static:
         row["compile_cold_s"] = first - statistics.median(times_n)
     return row
-
-
-def cuda_graph_ms(fn: Any, reps: int = 20, repeats: int = 1) -> tuple[float, Any]:
-    """Milliseconds per replay of ``fn()`` captured as one CUDA graph (median of ``repeats`` timings), and its output.
-
-    ``fn`` runs twice on a side stream first, so autotuning and first launches stay out of the capture.
-    """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    for _ in range(3):
-        graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return statistics.median(times), out
-
-
-def matmul_only_ms(dec, batch: int, device: torch.device, reps: int = 20) -> float | None:
-    """Milliseconds of one decode step's linear layers alone, back to back in a CUDA graph."""
-    if device.type != "cuda":
-        return None
-    inputs: dict[int, torch.Tensor] = {}
-
-    def inp(n: int) -> torch.Tensor:
-        if n not in inputs:
-            inputs[n] = torch.randn(batch, 1, n, device=device, dtype=dec.output.weight.dtype)
-        return inputs[n]
-
-    calls = [(m, inp(m.in_features)) for m in dec.modules() if isinstance(m, torch.nn.Linear)]
-
-    def step() -> None:
-        for m, x in calls:
-            m(x)
-
-    with torch.no_grad():
-        return cuda_graph_ms(step, reps)[0]
-
-
-def kernel_breakdown(gen, prompts: list[list[int]], device: torch.device, steps: int = 16) -> dict[str, Any] | None:
-    """Device time per decode step by kernel category (profiler over a short generate)."""
-    if device.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        res = gen.generate(prompts, steps + 1)
-        _sync(device)
-    cats: dict[str, float] = {}
-    top = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None)
-        if us is None:
-            us = getattr(ev, "cuda_time_total", 0.0)
-        if not us:
-            continue
-        name = ev.key
-        low = name.lower()
-        if low.startswith("triton"):  # before "attention": fused kernels feeding SDPA carry its name
-            cat = "triton (fused norm/rope/cache/mask/sampling)"
-        elif any(s in low for s in ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas")):
-            cat = "matmul"
-        elif any(s in low for s in ("fmha", "attention", "flash", "efficient")):
-            cat = "attention"
-        elif "memcpy" in low or "memset" in low:
-            cat = "copies"
-        else:
-            cat = "other"
-        cats[cat] = cats.get(cat, 0.0) + us
-        top.append((us, name, ev.count))
-    top.sort(reverse=True)
-    n = res.steps
-    return {"ms_per_step_by_category": {k: v / 1000 / n for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "device_ms_per_step": sum(cats.values()) / 1000 / n,
-            "wall_ms_per_step": 1000 * res.total_s / n,
-            "top_kernels": [{"name": name[:120], "ms_per_step": us / 1000 / n, "calls_per_step": c / n}
-                            for us, name, c in top[:12]]}
 
 
 KV_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
@@ -339,24 +153,6 @@ def _generator(dec, args):
 
     return Generator(dec, backend=args.backend, inductor_options=args.inductor_options,
                      cuda_graphs=not args.no_cuda_graphs, kv_buckets=KV_BUCKETS)
-
-
-COMPILE_TIME_KEYS = {"_compile.compile_inner": "dynamo_and_backend_s", "bytecode_tracing": "dynamo_tracing_s",
-                     "OutputGraph.call_user_compiler": "backend_s", "compile_fx_inner": "inductor_s",
-                     "build_guards": "guards_s"}
-"""Dynamo's own timers (``torch._dynamo.utils.compile_times``, process totals): ``_warmup`` keeps each phase's share."""
-
-
-def compile_time_summary() -> dict[str, float]:
-    """Seconds per compile phase so far in this process; the rest of a warmup is running, autotuning, CUDA graphs."""
-    try:
-        from torch._dynamo.utils import compile_times
-
-        names, values = compile_times(repr="csv", aggregate=True)
-    except Exception:  # noqa: BLE001 - a private timer API: its absence costs the breakdown, not the run
-        return {}
-    timers = dict(zip(names, values))
-    return {label: float(timers[key]) for key, label in COMPILE_TIME_KEYS.items() if key in timers}
 
 
 def _warmup(gen, args, batch: int, device: torch.device) -> dict[str, Any]:
@@ -409,49 +205,6 @@ def apply_variant(dec, variant: str) -> None:
                            pdl=variant == "pdl")
 
 
-def child_warm(args) -> int:
-    """Build the same model, load the compile cache, warm up, first request: print JSON timings.
-
-    The main thread's stack is sampled throughout (``StackSampler``): the JSON names the functions the
-    start spent its seconds in, so a slow warm start can be read from the benchmark's own output.
-    """
-    t0 = _now()
-    from graphfix.bench.stack_sampler import StackSampler
-
-    with StackSampler() as sampler:
-        out = _child_warm(args, t0)
-    out["hot_functions"] = sampler.top(80)
-    out["hot_innermost"] = sampler.top(15, inclusive=False)
-    print(json.dumps(out))
-    return 0
-
-
-def _child_warm(args, t0: float) -> dict[str, Any]:
-    from graphfix.engine import CompileCache, from_hf
-
-    device = torch.device(args.device)
-    info = CompileCache(args.cache_dir, key=cache_key(args, device), precompile=True).activate()
-    model = _load_model(args, device)
-    dec = from_hf(model, max_batch_size=max(_ints(args.batch_sizes)), max_seq_len=_max_seq(args), fuse=True)
-    apply_variant(dec, args.variants)  # the parent measured this variant first: the cache holds its graphs
-    gen = _generator(dec, args)
-    _sync(device)
-    t1 = _now()
-    parts = _warmup(gen, args, 1, device)
-    ids = _prompts(1, args.prompt_len, dec.config.vocab_size, seed=1).tolist()
-    first = _timed(lambda: gen.generate(ids, 1), device)
-    return {"startup_and_build_s": t1 - t0, "warmup_s": parts["total_s"], "warmup_parts": parts,
-            "first_request_s": first, "process_to_first_token_s": _now() - t0, **info}
-
-
-def cache_key(args, device: torch.device) -> dict[str, Any]:
-    """What the compile cache's graphs depend on beyond the code: one cache directory per value (``CompileCache``)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"model": args.model, "layers": args.layers, "dtype": args.dtype, "device": name, "backend": args.backend,
-            "cuda_graphs": not args.no_cuda_graphs, "inductor_options": sorted(args.inductor_options.items()),
-            "max_seq": _max_seq(args), "batch_sizes": args.batch_sizes}
-
-
 def _load_model(args, device: torch.device):
     dtype = DTYPES[args.dtype]
     if Path(args.model).exists():
@@ -468,65 +221,6 @@ def _load_model(args, device: torch.device):
 
 # ---------------------------------------------------------------------------
 # Report
-# ---------------------------------------------------------------------------
-
-
-def _fmt(v: Any, spec: str = ".1f") -> str:
-    if v is None or v == "":
-        return "-"
-    if isinstance(v, float):
-        return format(v, spec)
-    return str(v)
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    lines = [(f"Model `{doc.get('model')}` ({doc.get('dtype')}), device {doc.get('device_name')}, "
-              f"torch {doc.get('torch')}, transformers {doc.get('transformers')}; prompt {doc.get('prompt_len')} "
-              f"tokens, {doc.get('new_tokens')} new tokens, median of {doc.get('repeats')} runs."), ""]
-    copy = doc.get("copy_bandwidth")
-    wb = doc.get("weight_bytes_per_step")
-    if copy:
-        lines.append(f"Copy bandwidth {copy['gb_per_s']:.0f} GB/s (read + written)"
-                     + (f"; weights read per step {wb / 1e9:.2f} GB, floor {copy['gb_per_s'] * 1e9 / wb:.1f} tok/s "
-                        f"at batch 1" if wb else "") + ".")
-        lines.append("")
-    lines.append("| system | batch | tok/s (per seq) | tok/s (all) | ms/token | GB/s | share of copy BW | TTFT (ms) "
-                 "| peak GB | compile cold s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    for r in doc.get("runs", []):
-        name = r["system"] + (f" ({r['variant']})" if r.get("variant") else "")
-        ms = r.get("event_ms_per_token") or r.get("ms_per_token")
-        lines.append("| " + " | ".join([
-            name, str(r["batch"]), _fmt(r.get("tok_per_s")), _fmt(r.get("tok_per_s", 0) * r["batch"]),
-            _fmt(ms, ".2f"), _fmt(r.get("gb_per_s"), ".0f"), _fmt(r.get("fraction_of_copy_bw"), ".2f"),
-            _fmt(1000 * r["ttft_s"] if r.get("ttft_s") is not None else None, ".1f"), _fmt(r.get("peak_gb"), ".1f"),
-            _fmt(r.get("compile_cold_s"), ".0f")]) + " |")
-    warm = doc.get("warm_start")
-    if warm:
-        lines += ["", (f"Warm start (second process, compile cache loaded: {warm.get('megacache_loaded')}): "
-                       f"warmup {_fmt(warm.get('warmup_s'), '.1f')} s against {_fmt(warm.get('cold_warmup_s'), '.1f')} "
-                       f"s cold; process start to first token {_fmt(warm.get('process_to_first_token_s'), '.1f')} s.")]
-    if doc.get("ttft"):
-        lines += ["", "| system | prompt tokens | TTFT (ms) |", "|---|---|---|"]
-        for t in doc["ttft"]:
-            lines.append(f"| {t['system']} | {t['prompt_len']} | {_fmt(1000 * t['seconds'], '.1f')} |")
-    for r in doc.get("runs", []):
-        k = r.get("kernels")
-        if k and "ms_per_step_by_category" in k:
-            cats = ", ".join(f"{c} {v:.3f}" for c, v in k["ms_per_step_by_category"].items())
-            lines += ["", (f"graphfix ({r.get('variant')}) batch {r['batch']}: device time per step "
-                           f"{k['device_ms_per_step']:.3f} ms of {k['wall_ms_per_step']:.3f} ms wall ({cats}); "
-                           f"linears alone in a CUDA graph: {_fmt(r.get('matmul_only_ms'), '.3f')} ms."
-                           + (" Kernels overlap under programmatic dependent launch (one waiting at "
-                              "griddepcontrol.wait counts as busy), so device time exceeds wall time."
-                              if k["device_ms_per_step"] > k["wall_ms_per_step"] else ""))]
-    if doc.get("skipped"):
-        lines += ["", "Skipped: " + "; ".join(f"{s['what']} ({s['why']})" for s in doc["skipped"])]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------
-# Main
 # ---------------------------------------------------------------------------
 
 
@@ -799,35 +493,6 @@ def run(args: argparse.Namespace) -> int:
     res.flush()
     print(markdown(res.doc), flush=True)
     return 0
-
-
-def _warm_start(args, cold_s: float, variant: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "graphfix.bench.decode", "--child-warm", "--cache-dir", args.cache_dir,
-           "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--batch-sizes", args.batch_sizes, "--backend", args.backend,
-           "--ttft-lengths", args.ttft_lengths or "", "--systems", "graphfix", "--variants", variant]
-    for opt in args.inductor_option:
-        cmd += ["--inductor-option", opt]
-    if args.layers:
-        cmd += ["--layers", str(args.layers)]
-    if args.no_cuda_graphs:
-        cmd.append("--no-cuda-graphs")
-    from graphfix.engine import CompileCache
-
-    env = CompileCache(args.cache_dir).child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
-    t = _now()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    out: dict[str, Any] = {"cold_warmup_s": cold_s, "wall_s": _now() - t, "returncode": proc.returncode,
-                           "log": str(Path(args.cache_dir) / "warm_start.log")}
-    Path(out["log"]).write_text(proc.stdout + proc.stderr)  # the child's own output, for a slow or failed start
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            out.update(json.loads(line))
-            break
-    else:
-        out["stderr_tail"] = proc.stderr[-1500:]
-    print(f"[bench] warm start: {out}", flush=True)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

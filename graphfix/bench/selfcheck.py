@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from graphfix.bench.decode import Budget, _atomic_write, copy_bandwidth, kernel_breakdown, matmul_only_ms
+from graphfix.bench.timing import Budget, _atomic_write, copy_bandwidth, kernel_breakdown, matmul_only_ms
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4, 100, 22, 9, 8, 1, 17, 44]]
 

@@ -69,6 +69,8 @@ from graphfix.rewrite.snapshot import ModelSnapshot
 Progress = Callable[[str], None]
 WARM_UP_DECODE_CALLS = 2
 """Decode calls of the warm-up: the second lets shapes that change between calls become dynamic."""
+MIN_TIMED_SECONDS = 0.25
+"""A reference run shorter than this is timer and Python overhead, not the model: the speed check does not judge it."""
 WARM_UP_RUNS = 2
 """Warm-up runs of the loop: the second starts from the state the first left (a cache attribute that kept its
 length, a position counter), so what changes between runs also becomes dynamic before anything is checked."""
@@ -119,6 +121,7 @@ def optimize(
     cuda_graphs: bool | None = None,
     pass_options: dict[str, Any] | None = None,
     name: str | None = None,
+    keep_if_slower: bool = True,
     progress: Progress | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place so that it compiles clean, compile it, and verify it.
@@ -132,7 +135,9 @@ def optimize(
     ``backend``: default ``default_backend()``. ``diagnose_steps``: decode steps of the two
     diagnoses of a recognised convention; ``diagnose=False`` skips them. ``inductor_scan``: also
     list Inductor's ATen fallbacks (slow). ``cuda_graphs``: HF and Meta decode with CUDA graphs
-    (default: on CUDA with inductor). ``pass_options``: ``PassContext.options``.
+    (default: on CUDA with inductor). ``pass_options``: ``PassContext.options``. ``keep_if_slower``: when the
+    verification's timed run of the optimized model is slower than the original's (timed the same way, warm),
+    the original is kept and the summary says so (never slower by default; runs too short to time are not judged).
     Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
@@ -179,6 +184,8 @@ def optimize(
     say(f"reference: original model, eager, {what}")
     with quiet():
         reference = runner.run(model, prompt, loop_steps)
+        if keep_if_slower and reference.seconds >= MIN_TIMED_SECONDS:  # timed again, warm, for the speed check
+            reference.seconds = runner.run(model, prompt, loop_steps).seconds
 
     diag_driver = user_driver if user_driver is not None else loop
     before = _diagnose(model, label, prompt, diagnose_steps, inductor_scan, diag_driver, say, diagnose, "original")
@@ -212,6 +219,11 @@ def optimize(
     if verify:
         verification = run_verification(state, tolerance=tolerance, progress=say)
         verified = verification.ok and (state.compiled or not compile)
+        slower = _slower_than_original(verification, reference, keep_if_slower) if verified and compile else None
+        if slower:
+            _undo(state, snapshot)
+            notes.append(slower)
+            say(slower)
     result = OptimizeResult(
         model=model, before=before, after=after, passes=results,
         parity=verification.parity if verification else None, verified=verified, notes=notes,
@@ -243,6 +255,17 @@ def _prime(runner: Any, model: nn.Module, prompt: torch.Tensor | None) -> None:
     """
     with quiet(), torch.no_grad():
         runner.run(model, prompt, 1)
+
+
+def _slower_than_original(verification: Any, reference: Any, enabled: bool) -> str | None:
+    """The note that keeps the original, when the optimized model measured slower than it (else ``None``)."""
+    after, before = verification.tokens_per_second, verification.reference_tokens_per_second
+    if not enabled or not after or not before or reference.seconds < MIN_TIMED_SECONDS:
+        return None
+    if after >= before:
+        return None
+    return (f"kept the original: optimized it ran {after:.1f} tokens/s against the original's {before:.1f} in the same "
+            "measurement (verified, but no faster: the model is returned as it was; keep_if_slower=False to keep it)")
 
 
 def _kind_of(model: nn.Module) -> str:
