@@ -106,6 +106,19 @@ def test_bench_hands_over_to_the_next_variant_when_one_cannot_run(tmp_path, monk
     assert [(r["system"], r["variant"]) for r in doc["runs"]] == [("graphfix", "fused")]
 
 
+def test_bench_measures_the_drop_in_last_on_the_same_model(tmp_path, monkeypatch, cache_env):
+    js = tmp_path / "b.json"
+    args = _parse(["bench", "--device", "cpu", "--model", "tiny", "--layers", "1", "--dtype", "fp32",
+                   "--systems", "graphfix,optimize", "--variants", "fused", "--batch-sizes", "1,2", "--prompt-len", "3",
+                   "--new-tokens", "4", "--runs", "1", "--ttft-lengths", "", "--backend", "eager", "--no-warm-start",
+                   "--no-profile", "--time-budget", "300", "--cache-dir", str(tmp_path / "cache"), "--json", str(js)])
+    assert args.func(args) == 0
+    doc = json.loads(js.read_text())
+    assert doc["optimize"]["verified"] is True and doc["optimize"]["seconds"] > 0, doc["notes"]
+    rows = {(r["system"], r["batch"]): r for r in doc["runs"]}
+    assert rows[("optimize", 1)]["tok_per_s"] > 0 and rows[("optimize", 2)]["tok_per_s"] > 0
+
+
 def test_compile_cache_points_torch_at_the_folder(tmp_path, monkeypatch, cache_env):
     cache = CompileCache(tmp_path / "cc")
     info = cache.activate()

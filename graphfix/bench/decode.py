@@ -57,7 +57,7 @@ from graphfix.bench.timing import (
 from graphfix.bench.warm_start import _warm_start, cache_key, child_warm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SYSTEMS = ("copy", "graphfix", "hf-static", "hf-eager")
+SYSTEMS = ("copy", "graphfix", "hf-static", "hf-eager", "optimize")
 VARIANTS = ("fused", "gemv", "kernels", "pdl", "attention", "unfused")
 QUICK = {"model": "llama-2-7b", "batch_sizes": "1", "prompt_len": 5, "new_tokens": 200,
          "systems": "copy,graphfix,hf-static", "ttft_lengths": "", "variants": "fused", "warm_start": False}
@@ -489,6 +489,17 @@ def run(args: argparse.Namespace) -> int:
             except Exception as exc:  # noqa: BLE001 - a failing variant is recorded in the notes, the others still run
                 res.doc["notes"].append(f"graphfix {variant} failed: {type(exc).__name__}: {str(exc)[:400]}")
                 res.flush()
+    # 7. the drop-in: graphfix.optimize(model), then the model's own generate (last: it resets Dynamo)
+    if "optimize" in systems:
+        if budget.fits(150):
+            from graphfix.bench.dropin import bench_dropin
+
+            try:
+                bench_dropin(model, batches, args, device, vocab, res)
+            except Exception as exc:  # noqa: BLE001 - recorded in the notes
+                res.doc["notes"].append(f"optimize failed: {type(exc).__name__}: {str(exc)[:400]}")
+        else:
+            res.skip("optimize", f"{budget.left():.0f} s left")
     res.doc["elapsed_s"] = _now() - budget.start
     res.flush()
     print(markdown(res.doc), flush=True)
