@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graphfix.engine.kernels import FUSED_DTYPES, HAS_TRITON
+from graphfix.engine.kernels import HAS_TRITON, kernels_serve
 
 if HAS_TRITON:
     import triton
@@ -173,9 +173,10 @@ if HAS_TRITON:
 
 
 def triton_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """CUDA, bf16/fp16, a power-of-two head size with unit stride (``tl.arange`` needs one)."""
+    """Where ``kernels.kernels_serve`` (CUDA bf16/fp16), a power-of-two head size with unit stride
+    (``tl.arange`` needs one). Any number of rows, each at its own position."""
     head_dim = q.shape[-1]
-    return (HAS_TRITON and q.is_cuda and q.dtype in FUSED_DTYPES and k.dtype == q.dtype
+    return (kernels_serve(q) and k.dtype == q.dtype
             and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
 
 
