@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphfix.engine.attention_kernel import decode_attention
-from graphfix.engine.kernels import fused_linear, pdl_supported
+from graphfix.engine.kernels import MAX_ROWS, fused_linear, pdl_supported
 from graphfix.engine.rope_kernel import rope_cache
 from graphfix.errors import InputError, UnsupportedModelError
 from graphfix.rewrite.blocks.kv_cache import StaticKVCache
@@ -375,7 +375,7 @@ class LlamaDecoder(nn.Module):
         prefix of a long cache instead of all of it.
         """
         h = self.tok_embeddings(tokens)
-        kernels = bool(self.decode_kernels) and tokens.shape[0] * tokens.shape[1] == 1  # GEMVs: one row
+        kernels = self.kernels_serve(tokens.shape[0], tokens.shape[1])
         fuse_linears = self.decode_kernels == "all"
         masks: dict[int | None, torch.Tensor] = {}
         tables = cos = sin = None
@@ -398,12 +398,30 @@ class LlamaDecoder(nn.Module):
                                 pdl=self.decode_pdl)
         return self.output(self.norm(h))
 
+    def kernels_serve(self, rows: int, tokens_per_row: int) -> bool:
+        """Whether a step of this shape runs the decode kernels: one token per row, 1 to ``kernels.MAX_ROWS`` rows.
+
+        Prefill (several tokens a row) and larger batches are GEMMs, where cuBLAS and Inductor win.
+        """
+        return bool(self.decode_kernels) and tokens_per_row == 1 and rows <= MAX_ROWS
+
+    @property
+    def compile_key(self) -> tuple:
+        """What a traced ``step`` depends on besides its tensors' shapes: the decode-kernel setting.
+
+        ``Generator`` keeps one set of compiled callables (each with a code object of its own) per
+        value, so switching ``use_decode_kernels`` back and forth selects graphs compiled for that
+        setting instead of recompiling (or failing a guard under ``fail_on_recompile``).
+        """
+        return (self.decode_kernels, self.decode_pdl, self.decode_rope)
+
     def use_decode_kernels(self, enabled: bool = True, fuse_linears: bool = True,
                            pdl: bool = True, rope_kernel: bool = True) -> LlamaDecoder:
-        """Run batch-1 decode steps through ``Block.decode_fused`` (seven kernels a layer); needs ``fuse=True``.
+        """Run decode steps of 1 to 16 rows through ``Block.decode_fused`` (seven kernels a layer); needs ``fuse=True``.
 
         ``fuse_linears=False``: the split-KV attention kernel only. Prefill and larger
-        batches (GEMMs, where cuBLAS wins) keep the standard path. Compiled graphs made before the switch keep what they traced.
+        batches (GEMMs, where cuBLAS wins) keep the standard path (``kernels_serve``). A ``Generator``
+        keys its compiled callables by ``compile_key``: a switch selects the other setting's graphs.
         ``pdl``: launch every kernel of the layer (GEMVs, RoPE, attention) with programmatic
         dependent launch where the device has it (sm_90+, ``kernels.pdl_supported``); elsewhere
         it has no effect. Same arithmetic; a step 3.734 -> 3.560 ms on an H200
