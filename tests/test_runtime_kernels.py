@@ -80,10 +80,14 @@ def test_attention_reference_masks_by_position_and_window():
             assert torch.allclose(out[b, h], weights @ values, atol=1e-6)
 
 
-def test_triton_kernels_in_the_interpreter_match_the_references():
+@pytest.mark.parametrize("dtype,bound", [("float32", 1e-4), ("bfloat16", 1.6e-2)])
+def test_triton_kernels_in_the_interpreter_match_the_references(dtype, bound):
+    """Every kernel in Triton's interpreter against its eager reference (computed in float32), for 1 to 16 rows at
+    different positions: the one-row GEMV and the rows kernel with every prologue and epilogue, attention with
+    grouped heads, windows and splits, RoPE and the cache write."""
     import triton  # noqa: F401 - a test dependency (pyproject's [test] extra): its absence is a failure, not a skip
 
-    proc = subprocess.run([sys.executable, "-m", "graphfix.bench.kernel_check", "--interpret"],
+    proc = subprocess.run([sys.executable, "-m", "graphfix.bench.kernel_check", "--interpret", "--dtype", dtype],
                           check=False, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
@@ -92,7 +96,14 @@ def test_triton_kernels_in_the_interpreter_match_the_references():
     assert any(r.get("window") for r in rows) and any(r.get("splits", 1) > 2 for r in rows)
     assert {r.get("interleaved") for r in rows if r["kernel"] == "rope_cache"} == {False, True}
     assert [r["in_place"] for r in rows if r["kernel"] == "rope_cache_compiled"] == [True]  # no copy of a cache
-    assert all(r["ok"] and r["rel_error"] < 1e-4 for r in rows)
+    gemv_rows = {r["rows"] for r in rows if r["kernel"] == "fused_gemv"}
+    flags = {tuple(r["flags"]) for r in rows if r["kernel"] == "fused_gemv" and r["rows"] == 16}
+    assert gemv_rows == {1, 2, 3, 8, 16} and {"norm", "bias"} <= {f for fs in flags for f in fs}
+    assert {"silu", "residual"} <= {f for fs in flags for f in fs}
+    for kernel in ("decode_attention", "rope_cache"):  # batches of 2, 3, 8 and 16 rows, no two at one position
+        batches = [r["shape"][0] for r in rows if r["kernel"] == kernel]
+        assert {2, 3, 8, 16} <= set(batches), (kernel, batches)
+    assert all(r["ok"] and r["rel_error"] < bound for r in rows), [r for r in rows if not r["rel_error"] < bound]
 
 
 def test_pdl_is_a_no_op_where_the_device_lacks_it():

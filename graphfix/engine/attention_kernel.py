@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graphfix.engine.kernels import HAS_TRITON, kernels_serve
+from graphfix.engine.kernels import HAS_TRITON, INTERPRET, kernels_serve
 
 if HAS_TRITON:
     import triton
@@ -164,8 +164,9 @@ if HAS_TRITON:
     def decode_attention_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
                              scale: float) -> torch.Tensor:
         """``decode_attention`` with both kernels launched with programmatic dependent launch (an opaque op,
-        as ``kernels.fused_gemv_pdl``: Inductor's launcher has no PDL attribute)."""
-        return _launch(q, k, v, pos, window, scale, pdl=True)
+        as ``kernels.fused_gemv_pdl``: Inductor's launcher has no PDL attribute). Under the interpreter
+        it stands in for ``decode_attention`` without PDL (see ``kernels.fused_linear``)."""
+        return _launch(q, k, v, pos, window, scale, pdl=not INTERPRET)
 
     @decode_attention_pdl.register_fake
     def _decode_attention_pdl_fake(q, k, v, pos, window, scale):
@@ -188,6 +189,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     """
     if triton_attention_applies(q, k):
         s = scale if scale is not None else q.shape[-1] ** -0.5
-        op = torch.ops.graphfix.decode_attention_pdl if pdl else torch.ops.graphfix.decode_attention
+        op = torch.ops.graphfix.decode_attention_pdl if pdl or INTERPRET else torch.ops.graphfix.decode_attention
         return op(q, k, v, pos, window or 0, s)
     return decode_attention_reference(q, k, v, pos, window, scale)

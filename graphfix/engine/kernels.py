@@ -408,7 +408,9 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Te
     caller decides once with ``pdl_supported``, so the traced graph holds no device query.
     """
     if triton_gemv_applies(x, weight, MAX_ROWS):
-        op = torch.ops.graphfix.fused_gemv_pdl if pdl else torch.ops.graphfix.fused_gemv
+        # under the interpreter, the opaque op: a traced triton_op runs its body on fake tensors, which the
+        # interpreter cannot launch on (its launch ignores pdl there)
+        op = torch.ops.graphfix.fused_gemv_pdl if pdl or INTERPRET else torch.ops.graphfix.fused_gemv
         out = op(x, weight, norm_weight, eps, silu, bias, residual)
         return out.view(*x.shape[:-1], weight.shape[0])
     return fused_linear_reference(x, weight, norm_weight=norm_weight, eps=eps, silu=silu, bias=bias,
