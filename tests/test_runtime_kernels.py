@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from graphfix.engine import Generator, from_hf, from_meta
-from graphfix.engine.attention_kernel import BLOCK_S, decode_attention_reference, split_plan
+from graphfix.engine.attention_kernel import BLOCK_S, MAX_CHUNK, decode_attention_reference, split_plan
 from graphfix.errors import InputError
 from tests.test_runtime import PROMPTS, hf_greedy, tiny_hf
 
@@ -61,11 +61,14 @@ def test_decode_kernels_need_the_fused_layout():
     assert dec.use_decode_kernels(False).decode_kernels is False
 
 
-@pytest.mark.parametrize("heads,kv_len", [(32, 256), (32, 2048), (256, 64), (1, 40), (8, 4096)])
+@pytest.mark.parametrize("heads,kv_len", [(32, 256), (32, 2048), (256, 64), (1, 40), (8, 4096), (256, 4096),
+                                         (512, 1000)])
 def test_split_plan_covers_the_cache_in_aligned_chunks(heads, kv_len):
+    """``heads``: rows x heads (256 is Llama-2-7B at batch 8)."""
     splits, chunk = split_plan(heads, kv_len)
-    assert chunk % BLOCK_S == 0 and splits * chunk >= kv_len > (splits - 1) * chunk
-    assert heads * splits <= max(heads, 256 + heads)  # about TARGET_PROGRAMS blocks, never fewer than the heads
+    assert chunk % BLOCK_S == 0 and splits * chunk >= kv_len > (splits - 1) * chunk and chunk <= MAX_CHUNK
+    # about TARGET_PROGRAMS blocks, never fewer than the heads, more only to keep chunks within MAX_CHUNK
+    assert heads * splits <= max(heads * -(-kv_len // MAX_CHUNK), 256 + heads)
 
 
 def test_attention_reference_masks_by_position_and_window():
