@@ -1,6 +1,7 @@
 """A short GPU self-check of the engine: parity with HF greedy, CUDA-graph decode, sampling, variants.
 
     python -m graphfix.bench.selfcheck --json out.json [--budget 200] [--layers 4] [--scaling-layers 32]
+        [--parts correctness,kernels,scaling,variants]
 
 1. correctness (float32, TF32 off, tiny Llama and Qwen2 configs): the engine compiled
    with Inductor and CUDA graphs gives HF ``generate(do_sample=False)``'s tokens for a
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--device", default="cuda")
     p.add_argument("--variants", help="comma list: fused, gemv, kernels, unfused, fused+cdt, fused+max_autotune")
+    p.add_argument("--parts", default="correctness,kernels,scaling,variants",
+                   help="comma list of the sections to run: correctness, kernels, scaling, variants")
     p.add_argument("--scaling-layers", type=int, default=32, help="layers of the batch-scaling model (7B: 32)")
     p.add_argument("--scaling-variants", default="pdl,kernels",
                    help="comma list for the batch 1 vs 8 measurement (pdl, kernels, attention, fused); empty: none")
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["copy_bandwidth"] = copy_bandwidth(device)
         print(f"[selfcheck] copy {doc['copy_bandwidth']['gb_per_s']:.0f} GB/s", flush=True)
     ok = True
-    for kind in ("llama", "qwen2"):
+    parts = set(args.parts.split(","))
+    for kind in ("llama", "qwen2") if "correctness" in parts else ():
         if kind == "qwen2" and not budget.fits(120):
             doc[f"correctness_{kind}"] = {"skipped": "budget"}
             continue
@@ -206,19 +210,21 @@ def main(argv: list[str] | None = None) -> int:
             "top_k1_equals_greedy")) and res["eos_row0_len"] == res["eos_row0_expected_len"]
         doc[f"correctness_{kind}"] = res
         flush()
-    if device.type == "cuda":
+    if device.type == "cuda" and "kernels" in parts:
         ok &= _kernel_checks(device, doc)
         flush()
     doc["correct"] = ok
     if device.type == "cuda":
         scaling = tuple(v for v in args.scaling_variants.split(",") if v)
-        if scaling:
+        if scaling and "scaling" in parts:
             doc["batch_scaling"] = _checked("batch scaling", lambda: {"rows": batch_scaling(
                 device, args.scaling_layers, scaling, budget=budget)})
             for row in doc["batch_scaling"].get("rows", []):
                 print(f"[selfcheck] batch scaling {json.dumps(row)}", flush=True)
             flush()
-        doc["variants"] = variants(device, args.layers, budget, only=args.variants.split(",") if args.variants else None)
+        if "variants" in parts:
+            doc["variants"] = variants(device, args.layers, budget,
+                                       only=args.variants.split(",") if args.variants else None)
     flush()
     print(f"[selfcheck] done, correct={ok}, {budget.left():.0f} s of budget left", flush=True)
     return 0 if ok else 1
