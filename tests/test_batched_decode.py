@@ -78,8 +78,6 @@ def test_decode_kernel_settings_alternate_without_recompiling():
     code objects (a guard on ``decode_kernels`` failed): each held a graph per setting, shared one recompile
     limit, and a generator warmed under one setting recompiled under the other (the GPU self-check's failure).
     """
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-
     prompts = ROW_PROMPTS[:3]
     dec = from_hf(tiny_hf("llama"), max_batch_size=3, max_seq_len=64)
     with torch.no_grad():
@@ -102,9 +100,7 @@ def test_decode_kernel_settings_alternate_without_recompiling():
             dec.use_decode_kernels(enabled)
             assert gen.generate(prompts, NEW).tokens == refs
             assert gen.generate(prompts[1:2], NEW).tokens == refs[1:2]
-    for key, fn in gen._fns.items():  # one graph per code object: no setting ever evicted or guarded another's
-        code = getattr(fn, "_torchdynamo_orig_callable", fn).__code__
-        assert len(_debug_get_cache_entry_list(code)) == 1, key
+    assert gen.recompiles() == 0  # one graph per code object: no setting ever evicted or guarded another's
 
 
 def test_triton_kernels_in_the_batched_decoder_equal_the_standard_path():
