@@ -39,6 +39,7 @@ import torch
 
 from graphfix.engine.protocol import StepModel, compile_key, per_row_positions, supports_kv_len, supports_logits_index
 from graphfix.engine.sampling import MODES, SamplingParams, sample
+from graphfix.engine.speculative import speculators
 from graphfix.errors import InputError
 from graphfix.rewrite.codeobj import own_code
 
@@ -76,6 +77,8 @@ class GenerationResult:
     """Wall time of the call, host synchronized at the end."""
     logits: torch.Tensor | None = None
     """``(steps, B, V)`` float32 on CPU, when asked for (``record_logits``)."""
+    speculation: dict[str, Any] | None = None
+    """Speculative requests only: rounds (verify steps), tokens per verify step, acceptance (``engine.speculative``)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -216,7 +219,8 @@ class Generator:
                  prefill: str = "dynamic", buckets: Sequence[int] = DEFAULT_BUCKETS, max_prefill_chunk: int = 2048,
                  cuda_graphs: bool = True, inductor_options: dict[str, Any] | None = None,
                  stream_interval: int = 8, check_interval: int = 16, max_eos: int = 8,
-                 kv_buckets: Sequence[int] | None = None, graph_prefill: Sequence[int] = (16,)) -> None:
+                 kv_buckets: Sequence[int] | None = None, graph_prefill: Sequence[int] = (16,),
+                 speculate: str | None = None, draft: StepModel | None = None) -> None:
         if prefill not in ("dynamic", "buckets"):
             raise ValueError(f"prefill must be 'dynamic' or 'buckets', got {prefill!r}")
         self.model = model
@@ -241,6 +245,9 @@ class Generator:
         self._codes: list[Any] = []
         self._use_index = supports_logits_index(model)
         self._clock = _Clock(self.device)
+        self.speculate, self.draft = speculate, draft  # speculative decoding: graphfix.engine.speculative
+        self._speculators: dict[str, Any] = {}
+        speculators(self, speculate, draft, self._speculators)  # a bad spec or a missing draft fails here
 
     # -- compiled functions -------------------------------------------------------------------
 
@@ -267,7 +274,8 @@ class Generator:
 
         out: dict[str, int] = {}
         for code in self._codes:
-            kind = "decode" if code.co_name == "decode" else "first" if code.co_name == "first" else "prefill"
+            named = ("decode", "first", "spec_round", "spec_start")
+            kind = code.co_name if code.co_name in named else "prefill"
             out[kind] = out.get(kind, 0) + len(_debug_get_cache_entry_list(code))
         return out
 
@@ -389,13 +397,15 @@ class Generator:
     def generate(self, prompts: Any, max_new_tokens: int, *, sampling: SamplingParams | None = None,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                  attention_mask: torch.Tensor | None = None, stream: Callable[[StreamChunk], None] | None = None,
-                 stream_interval: int | None = None, record_logits: bool = False) -> GenerationResult:
+                 stream_interval: int | None = None, record_logits: bool = False,
+                 speculate: str | None = None) -> GenerationResult:
         """Generate ``max_new_tokens`` per row (fewer when every row hit an EOS).
 
         ``prompts``: token-id lists of any lengths, or a ``(B, L)`` tensor (with
         ``attention_mask`` for left-padded rows, Hugging Face style). ``record_logits``: keep each
         step's float32 logits (``GenerationResult.logits``, ``(steps, B, V)`` on CPU), through decode
         graphs of their own that also return them (verification; serving never pays for the copy).
+        ``speculate``: this request's speculation (``"lookup:4"``, ``"draft:4"``, ``"none"``); default the generator's.
         """
         sampling = sampling or SamplingParams()
         rows = self._rows(prompts, attention_mask)
@@ -404,6 +414,11 @@ class Generator:
         batch = len(rows)
         state = self._state(batch)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        spec = speculators(self, self.speculate if speculate is None else speculate, self.draft, self._speculators)
+        if spec is not None:
+            if stream is not None or record_logits:
+                raise InputError("speculative decoding does not stream or record logits yet", hint="speculate='none'")
+            return spec.generate(rows, max_new_tokens, sampling, eos, pad)
         interval = max(1, stream_interval or self.stream_interval)
         mode = sampling.mode
         wall = time.perf_counter()

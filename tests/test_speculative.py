@@ -1,0 +1,119 @@
+"""Speculative decoding on the engine (graphfix.engine.speculative): greedy output equals plain decoding.
+
+Tiny random-weight decoders on CPU (large weights, so the logits are far apart and no greedy
+token flips on the rounding of a several-token verify step against a one-token step).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphfix.bench.presets import tiny_hf_model
+from graphfix.engine import Generator, from_hf
+from graphfix.engine.draft import truncated_draft
+from graphfix.engine.spec_rules import accept_greedy, lookup_proposals
+from graphfix.engine.speculative import SpecConfig
+from graphfix.errors import InputError
+
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 9, 10], [1, 2, 3], [7, 7, 7, 7, 7, 9, 12, 13]]
+NEW = 16
+
+
+def _decoder(kind: str = "llama", layers: int = 3, **overrides):
+    return from_hf(tiny_hf_model(kind, "cpu", num_hidden_layers=layers, **overrides), max_batch_size=3, max_seq_len=64)
+
+
+def test_spec_strings():
+    assert SpecConfig.parse("lookup") == SpecConfig("lookup", 4)
+    assert SpecConfig.parse("draft:2") == SpecConfig("draft", 2)
+    assert SpecConfig.parse("none") is None and SpecConfig.parse(None) is None
+    for bad in ("ngram:3", "lookup:x", "lookup:0", "lookup:99"):
+        with pytest.raises(InputError):
+            SpecConfig.parse(bad)
+
+
+def test_lookup_proposes_what_followed_the_latest_match():
+    seq = torch.tensor([[1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 1, 2, 0, 0, 0, 0],    # "1 2" last seen before "3 4 5"
+                        [4, 4, 4, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])   # no earlier "8": starts at the last token
+    out = lookup_proposals(seq, torch.tensor([12, 5]), k=3)
+    assert out.tolist() == [[3, 4, 5], [8, 0, 0]]
+    seq[0, 6] = 7  # now "1 2" was followed by "3" only at the start: the longer "2"-match loses to the "1 2" one
+    assert lookup_proposals(seq, torch.tensor([12, 5]), k=3)[0].tolist() == [3, 9, 9]
+
+
+def test_greedy_acceptance_counts_the_matching_prefix():
+    logits = torch.nn.functional.one_hot(torch.tensor([[4, 5, 6, 7]]), 8).float()
+    tokens, accepted = accept_greedy(logits, torch.tensor([[4, 5, 1]]))
+    assert tokens.tolist() == [[4, 5, 6, 7]] and accepted.tolist() == [2]
+
+
+@pytest.mark.parametrize("kind,overrides,specs", [
+    ("llama", {}, (("lookup:4", None), ("draft:3", 1), ("draft:2", 2))),
+    ("mistral", {"sliding_window": 8}, (("draft:3", 1),)),  # windows: the verify step's mask and the draft's
+    ("qwen2", {}, (("lookup:2", None),)),
+])
+def test_greedy_equals_plain_decoding(kind, overrides, specs):
+    dec = _decoder(kind, **overrides)
+    plain = Generator(dec, compile=False).generate(PROMPTS, NEW)
+    for spec, layers in specs:
+        draft = truncated_draft(dec, layers) if layers else None
+        out = Generator(dec, compile=False, speculate=spec, draft=draft).generate(PROMPTS, NEW)
+        assert out.tokens == plain.tokens, (kind, spec)
+        assert out.speculation["rounds"] < NEW  # several tokens per verify step at least sometimes
+
+
+def test_a_perfect_draft_is_always_accepted():
+    dec = _decoder()
+    out = Generator(dec, compile=False, speculate="draft:3", draft=truncated_draft(dec, 3)).generate(PROMPTS, 21)
+    assert out.speculation["acceptance"] == 1.0
+    assert out.speculation["rounds"] == 5  # 1 token from prefill, then 4 a round
+
+
+def test_stale_cache_contents_are_never_seen():
+    """Rejected proposals leave keys and values above a row's length: garbage there changes nothing."""
+    dec = _decoder()
+    gen = Generator(dec, compile=False, speculate="lookup:4")
+    first = gen.generate(PROMPTS, NEW)
+    for layer in dec.layers:
+        layer.attention.kv_cache.k_cache.normal_(0, 100)
+        layer.attention.kv_cache.v_cache.normal_(0, 100)
+    assert gen.generate(PROMPTS, NEW).tokens == first.tokens
+
+
+def test_eos_and_max_new_tokens_stop_each_row():
+    dec = _decoder()
+    plain = Generator(dec, compile=False).generate(PROMPTS, NEW)
+    eos = plain.tokens[0][5]
+    ref = Generator(dec, compile=False).generate(PROMPTS, NEW, eos_token_id=eos)
+    out = Generator(dec, compile=False, speculate="draft:4", draft=truncated_draft(dec, 2)).generate(
+        PROMPTS, NEW, eos_token_id=eos)
+    assert out.tokens == ref.tokens and out.finished == ref.finished
+    assert out.tokens[0][-1] == eos and len(out.tokens[0]) == plain.tokens[0].index(eos) + 1
+    assert [len(t) for t in Generator(dec, compile=False, speculate="lookup:8").generate(PROMPTS, 5).tokens] == [5] * 3
+
+
+def test_compiled_rounds_do_not_recompile():
+    dec = _decoder()
+    plain = Generator(dec, compile=False).generate(PROMPTS, NEW)
+    gen = Generator(dec, backend="eager", speculate="draft:3", draft=truncated_draft(dec, 1))
+    gen.warmup(batch_sizes=(3,), prompt_lengths=[10])
+    gen.generate(PROMPTS, 4, speculate="lookup:4")  # another speculation per request: its own round graph
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = gen.generate(PROMPTS, NEW)
+        lookup = gen.generate(PROMPTS, NEW, speculate="lookup:4")
+    assert out.tokens == plain.tokens and lookup.tokens == plain.tokens
+    assert gen.graphs().get("spec_round") == 2 and gen.recompiles() == 0
+    assert gen.generate(PROMPTS, NEW, speculate="none").tokens == plain.tokens  # per-request switch off
+
+
+def test_draft_problems_are_input_errors():
+    dec = _decoder()
+    with pytest.raises(InputError, match="draft model"):
+        Generator(dec, compile=False, speculate="draft:2")
+    other = from_hf(tiny_hf_model("llama", "cpu", vocab_size=96), max_batch_size=3, max_seq_len=64)
+    with pytest.raises(InputError, match="vocabulary"):
+        Generator(dec, compile=False, speculate="draft", draft=other)
+    small = truncated_draft(dec, 1, max_batch_size=1)
+    with pytest.raises(InputError, match="draft's cache"):
+        Generator(dec, compile=False, speculate="draft", draft=small).generate(PROMPTS, NEW)
