@@ -56,6 +56,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--cache-dir", default=None, help="persistent compile cache (warm starts)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (batch 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_speculation_args(p)
     p.set_defaults(func=run_generate)
 
     from graphfix.bench.decode import build_parser
@@ -125,6 +126,44 @@ def build_step_model(model: torch.nn.Module, batch: int, max_seq_len: int, fuse:
     return from_hf(model, max_batch_size=batch, max_seq_len=max_seq_len, fuse=fuse)
 
 
+def add_speculation_args(p: argparse.ArgumentParser) -> None:
+    """``--speculate lookup[:k]|draft[:k]``, ``--draft PATH``, ``--draft-layers N`` (graphfix.engine.speculative)."""
+    p.add_argument("--speculate", default=None, metavar="KIND[:K]",
+                   help="speculative decoding: lookup[:k] (prompt lookup) or draft[:k] (needs --draft or "
+                        "--draft-layers); k proposed tokens per verify step (default 4)")
+    p.add_argument("--draft", default=None, metavar="PATH",
+                   help="draft model for --speculate draft: a smaller model with the same tokenizer (any MODEL form)")
+    p.add_argument("--draft-layers", type=int, default=None, metavar="N",
+                   help="draft = the model's own first N layers (shared weights) instead of --draft")
+
+
+def speculation_from_args(args: argparse.Namespace, step_model: Any, dtype: torch.dtype,
+                          device: torch.device) -> tuple[str | None, Any]:
+    """The ``speculate`` string and the draft ``StepModel`` the options ask for (loaded here)."""
+    from graphfix.engine.speculative import SpecConfig
+
+    spec = SpecConfig.parse(getattr(args, "speculate", None))
+    path, layers = getattr(args, "draft", None), getattr(args, "draft_layers", None)
+    if spec is None:
+        if path or layers:
+            raise InputError("--draft and --draft-layers need --speculate draft[:k]")
+        return None, None
+    if spec.kind == "lookup":
+        return str(spec), None
+    if bool(path) == bool(layers):
+        raise InputError("--speculate draft needs exactly one of --draft PATH and --draft-layers N")
+    if layers:
+        from graphfix.engine.draft import truncated_draft
+
+        return str(spec), truncated_draft(step_model, layers)
+    from graphfix.diagnose import sources
+
+    _say(args, f"loading the draft {path}")
+    draft = sources.load(path, dtype=dtype).model.to(device)
+    return str(spec), build_step_model(draft, step_model.max_batch_size, step_model.max_seq_len,
+                                       fuse=not args.unfused)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from graphfix.diagnose import sources
     from graphfix.engine import CompileCache, Generator, SamplingParams
@@ -144,6 +183,8 @@ def run_generate(args: argparse.Namespace) -> int:
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "backend": backend, "cuda_graphs": not args.no_cuda_graphs, "unfused": args.unfused,
                "triton_gemv": args.triton_gemv, "decode_kernels": args.decode_kernels}
+        if args.speculate:  # only then: older cache folders keep their key
+            key.update(speculate=args.speculate, draft=args.draft, draft_layers=args.draft_layers)
         CompileCache(args.cache_dir, key=key).activate()
     tokenizer = _tokenizer(args.model) if args.prompt else None
     rows = _prompts(args, tokenizer)
@@ -156,7 +197,9 @@ def run_generate(args: argparse.Namespace) -> int:
         use_triton_gemv(step_model)
     if args.decode_kernels:
         step_model.use_decode_kernels()
-    gen = Generator(step_model, compile=args.compile, backend=backend, cuda_graphs=not args.no_cuda_graphs)
+    speculate, draft = speculation_from_args(args, step_model, dtype, device)
+    gen = Generator(step_model, compile=args.compile, backend=backend, cuda_graphs=not args.no_cuda_graphs,
+                    speculate=speculate, draft=draft)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -175,6 +218,9 @@ def run_generate(args: argparse.Namespace) -> int:
             text = tokenizer.decode(seen) if tokenizer else " ".join(map(str, chunk.tokens[0].tolist())) + " "
             print(text[len(before):] if tokenizer else text, end="", flush=True)
 
+    if speculate and stream is not None:
+        _say(args, "--stream is not served with --speculate: printing at the end")
+        stream = None
     result = gen.generate(rows, args.max_new_tokens, sampling=sampling, eos_token_id=eos, stream=stream,
                           stream_interval=1 if stream else None)
     if stream is not None:
@@ -189,4 +235,8 @@ def run_generate(args: argparse.Namespace) -> int:
             print(prefix + (text if text is not None else " ".join(map(str, toks))))
     _say(args, f"{result.steps} tokens per row, first token {1000 * result.ttft_s:.1f} ms, "
                f"{result.tokens_per_s:.1f} tokens/s per row")
+    if result.speculation:
+        info = result.speculation
+        _say(args, f"speculation {info['speculate']}: {info['rounds']} verify steps, "
+                   f"{info['tokens_per_step']:.2f} tokens per step, acceptance {info['acceptance']:.2f}")
     return 0

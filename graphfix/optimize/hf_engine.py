@@ -12,8 +12,9 @@ exactly: token ids (left-padded with an ``attention_mask`` or not), greedy or sa
 with temperature, top-k and top-p, EOS ids, ``max_new_tokens``/``max_length``, a
 ``min_new_tokens`` that covers the whole request, up to ``max_batch_size`` rows that fit the
 cache (``min_new_tokens`` only without EOS ids: transformers masks EOS logits until then,
-which the engine does not). Anything else (beams, several sequences per prompt, logits processors and
-penalties, streamers, scores and logits in the output, a cache of the caller's) is served
+which the engine does not), and ``prompt_lookup_num_tokens`` (the engine's own prompt lookup,
+``engine.speculative``, at most ``MAX_K`` tokens a round: greedy output unchanged). Anything
+else (beams, several sequences per prompt, logits processors and penalties, streamers, scores and logits in the output, a cache of the caller's) is served
 by transformers' own ``generate`` on the runtime of ``hf_runtime`` (compiled, or the original
 forward), and the reason is counted and said once (``EngineDoor.fallbacks``). The output is
 what transformers returns: the prompt followed by the new tokens, rows that stopped at an
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from graphfix.engine.sampling import SamplingParams
+from graphfix.engine.speculative import MAX_K
 
 DEFAULT_KV_BUCKETS = (64, 256, 1024, 4096, 16384)
 """Decode graphs per attended cache length: a step attends to the smallest that holds every row."""
@@ -48,7 +50,7 @@ _SAME_AS_DEFAULT = ("num_beams", "num_beam_groups", "num_return_sequences", "pen
                     "forced_eos_token_id", "exponential_decay_length_penalty", "guidance_scale", "min_p",
                     "typical_p", "epsilon_cutoff", "eta_cutoff", "diversity_penalty", "low_memory", "watermarking_config",
                     "constraints", "output_scores", "output_logits", "output_attentions", "output_hidden_states",
-                    "prompt_lookup_num_tokens", "assistant_early_exit", "stop_strings", "top_h", "min_length",
+                    "assistant_early_exit", "stop_strings", "top_h", "min_length",
                     "max_time", "renormalize_logits", "remove_invalid_values", "cache_implementation")
 """Generation-config fields that change what ``generate`` does beyond what the engine serves."""
 
@@ -130,7 +132,10 @@ def request(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
                                   top_p=config.top_p if config.top_p is not None else None, seed=seed)
     else:
         sampling = SamplingParams()
+    lookup = getattr(config, "prompt_lookup_num_tokens", None)  # transformers' prompt lookup: the engine's lookup
+    speculate = f"lookup:{min(int(lookup), MAX_K)}" if lookup else "none"
     return {"inputs": inputs, "attention_mask": kwargs.get("attention_mask"), "new": int(new), "eos": eos,
+            "speculate": speculate,
             "pad": pad, "sampling": sampling, "dict": bool(kwargs.get("return_dict_in_generate")
                                                           or config.return_dict_in_generate)}, ""
 
@@ -155,7 +160,8 @@ def serve(door: EngineDoor, model: nn.Module, args: tuple[Any, ...], kwargs: dic
         door.fallback(why)
         return None
     result = door.generator.generate(req["inputs"], req["new"], sampling=req["sampling"], eos_token_id=req["eos"],
-                                     pad_token_id=req["pad"], attention_mask=req["attention_mask"])
+                                     pad_token_id=req["pad"], attention_mask=req["attention_mask"],
+                                     speculate=req["speculate"])
     door.served += 1
     return as_hf_output(req["inputs"], result.tokens, req["pad"], req["dict"])
 
