@@ -96,7 +96,7 @@ def test_eos_and_max_new_tokens_stop_each_row():
 def test_compiled_rounds_do_not_recompile():
     dec = _decoder()
     plain = Generator(dec, compile=False).generate(PROMPTS, NEW)
-    gen = Generator(dec, backend="eager", speculate="draft:3", draft=truncated_draft(dec, 1))
+    gen = Generator(dec, backend="eager", speculate="draft:2", draft=truncated_draft(dec, 1))
     gen.warmup(batch_sizes=(3,), prompt_lengths=[10])
     gen.generate(PROMPTS, 4, speculate="lookup:4")  # another speculation per request: its own round graph
     with torch.compiler.set_stance("fail_on_recompile"):
@@ -117,3 +117,11 @@ def test_draft_problems_are_input_errors():
     small = truncated_draft(dec, 1, max_batch_size=1)
     with pytest.raises(InputError, match="draft's cache"):
         Generator(dec, compile=False, speculate="draft", draft=small).generate(PROMPTS, NEW)
+
+
+
+def test_implied_speedup():
+    from graphfix.bench.speculative import implied_speedup
+
+    assert implied_speedup(1.0, 4, 0.5) == pytest.approx(1.9375)  # 1 + .5 + .25 + .125 + .0625 tokens a round
+    assert implied_speedup(2.0, 3, 1.0) == 2.0

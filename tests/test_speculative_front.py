@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 
 import pytest
 import torch
 
-from graphfix.cli.generate_cmd import add_parser
 from graphfix.errors import InputError
 from graphfix.optimize import hf_engine
 from tests.test_runtime import hf_greedy, tiny_hf
+from tests.test_runtime_cli import _parse
 
 GEN = {"max_new_tokens": 12, "eos_token_id": None, "do_sample": False, "pad_token_id": 0}
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="graphfix")
-    parser.add_argument("--quiet", "-q", action="store_true")
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(argv)
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    model = tiny_hf("llama", seed=3)
-    path = tmp_path_factory.mktemp("tiny-llama-spec")
+    model, path = tiny_hf("llama", seed=3), tmp_path_factory.mktemp("tiny-llama-spec")
     model.save_pretrained(path)
     return path, model
 
