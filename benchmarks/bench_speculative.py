@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--specs", default="lookup:2,lookup:3,lookup:4,draft:3", help="comma-separated speculations")
     p.add_argument("--new", type=int, default=128, help="new tokens per request (CPU)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--draft-layers", type=int, default=10, help="the SmolLM2 draft: its own first N layers")
+    p.add_argument("--draft-layers", type=int, default=24, help="the SmolLM2 draft: its own first N layers")
     p.add_argument("--compile", action="store_true", help="compile (CPU: --backend, default aot_eager)")
     p.add_argument("--backend", default="aot_eager")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: see graphfix/bench/speculative.py)")

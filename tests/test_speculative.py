@@ -125,3 +125,49 @@ def test_implied_speedup():
 
     assert implied_speedup(1.0, 4, 0.5) == pytest.approx(1.9375)  # 1 + .5 + .25 + .125 + .0625 tokens a round
     assert implied_speedup(2.0, 3, 1.0) == 2.0
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_plain_with_lookup_and_its_own_layers_as_draft():
+    """The real SmolLM2-135M (float32, CPU): prompt lookup, and its first 24 of 30 layers as the draft."""
+    from graphfix.diagnose import sources
+
+    dec = from_hf(sources.load("smollm2").model, max_batch_size=1, max_seq_len=128)
+    prompt = [1, 504, 3458, 282, 260, 1345, 28, 253, 1345, 2254, 30, 504, 3458, 282, 260, 1345, 28]
+    plain = Generator(dec, compile=False).generate([prompt], 32)
+    for spec, draft in (("lookup:3", None), ("draft:3", truncated_draft(dec, 24))):
+        out = Generator(dec, compile=False, speculate=spec, draft=draft).generate([prompt], 32)
+        assert out.tokens == plain.tokens, spec
+        assert out.speculation["acceptance"] > 0, spec
+
+
+VERIFY_LINEARS_CHECK = """
+import torch
+from graphfix.bench.presets import tiny_hf_model
+from graphfix.engine import from_hf
+from graphfix.engine.verify_linears import RowsLinear, undo_rows_kernel, use_rows_kernel
+dec = from_hf(tiny_hf_model("qwen2", "cpu"), max_batch_size=2, max_seq_len=64)  # q/k/v biases
+tokens = torch.tensor([[3, 9, 4, 1, 7], [5, 5, 2, 8, 6]])
+pos = torch.stack([torch.arange(10, 15), torch.arange(3, 8)])
+with torch.no_grad():
+    ref = dec.step(tokens, pos)
+    swapped = use_rows_kernel(dec)
+    assert all(type(m) is RowsLinear for m in dec.modules() if isinstance(m, torch.nn.Linear)), "not all swapped"
+    out = dec.step(tokens, pos)
+    assert undo_rows_kernel(dec) == swapped
+print(swapped, float((out - ref).abs().max() / ref.abs().max()))
+"""
+
+
+def test_verify_linears_through_the_rows_kernel_in_the_interpreter():
+    """``use_rows_kernel``: a 5-token step over 2 rows (10 rows of x) runs the skinny GEMM, same logits."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", VERIFY_LINEARS_CHECK], env=env, capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    swapped, err = done.stdout.split()
+    assert int(swapped) == 2 * 4 + 1 and float(err) < 1e-5  # wqkv, wo, w13, w2 per layer, the LM head
