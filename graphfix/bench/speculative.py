@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 import torch
@@ -84,6 +85,9 @@ def smollm2_cpu(specs: list[str], new: int = 128, repeats: int = 1, draft_layers
     longest = max(len(p) for _, p in prompts)
     dec = from_hf(model, max_batch_size=1, max_seq_len=longest + new + 16)
     draft = truncated_draft(dec, draft_layers)
+    cost = step_cost_cpu(dec, longest)
+    print("verify-step cost on this CPU (eager step of T tokens / one-token step): "
+          + ", ".join(f"T={t} {r:.2f}x" for t, r in cost.items()), flush=True)
     gens = {"plain": Generator(dec, compile=compile, backend=backend)}
     for spec in specs:
         gens[spec] = Generator(dec, compile=compile, backend=backend, speculate=spec,
@@ -122,7 +126,24 @@ def smollm2_cpu(specs: list[str], new: int = 128, repeats: int = 1, draft_layers
                          "identical": same})
             print(f"  {name:10s} {tps:12.2f} {tps / base:8.2f} {tps_total:10.2f} {info['acceptance']:7.2f} "
                   f"{info['tokens_per_step']:8.2f}  {'yes' if same else 'NO'}", flush=True)
-    return {"rows": rows}
+    return {"rows": rows, "step_cost": cost}
+
+
+def step_cost_cpu(dec: Any, position: int, sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 9), reps: int = 5) -> dict[int, float]:
+    """Eager ``dec.step`` of ``T`` tokens at ``position`` against one token: the median of ``reps``, as a ratio."""
+    medians = {}
+    with torch.no_grad():
+        for t in sizes:
+            tokens = torch.ones(1, t, dtype=torch.long)
+            pos = (position + torch.arange(t)).unsqueeze(0)
+            dec.step(tokens, pos)
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                dec.step(tokens, pos)
+                times.append(time.perf_counter() - start)
+            medians[t] = statistics.median(times)
+    return {t: m / medians[1] for t, m in medians.items()}
 
 
 def verify_cost_gpu(model: str = "llama-2-7b", ks: tuple[int, ...] = (1, 2, 4, 8), pos: int = 100,
