@@ -171,3 +171,14 @@ def test_verify_linears_through_the_rows_kernel_in_the_interpreter():
     assert done.returncode == 0, done.stderr[-2000:]
     swapped, err = done.stdout.split()
     assert int(swapped) == 2 * 4 + 1 and float(err) < 1e-5  # wqkv, wo, w13, w2 per layer, the LM head
+
+
+def test_a_truncated_draft_takes_the_targets_decode_kernel_setting():
+    """The decode kernels' path (their eager references on CPU) in the draft's one-token steps: still exact."""
+    dec = _decoder()
+    plain = Generator(dec, compile=False).generate(PROMPTS, NEW)
+    dec.use_decode_kernels()
+    draft = truncated_draft(dec, 2)
+    assert draft.compile_key == dec.compile_key
+    out = Generator(dec, compile=False, speculate="draft:2", draft=draft).generate(PROMPTS, NEW)
+    assert out.tokens == plain.tokens

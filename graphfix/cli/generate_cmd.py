@@ -159,9 +159,11 @@ def speculation_from_args(args: argparse.Namespace, step_model: Any, dtype: torc
     from graphfix.diagnose import sources
 
     _say(args, f"loading the draft {path}")
-    draft = sources.load(path, dtype=dtype).model.to(device)
-    return str(spec), build_step_model(draft, step_model.max_batch_size, step_model.max_seq_len,
-                                       fuse=not args.unfused)
+    draft = build_step_model(sources.load(path, dtype=dtype).model.to(device), step_model.max_batch_size,
+                             step_model.max_seq_len, fuse=not args.unfused)
+    if args.decode_kernels:
+        draft.use_decode_kernels()
+    return str(spec), draft
 
 
 def run_generate(args: argparse.Namespace) -> int:
