@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: see graphfix/bench/speculative.py)")
     p.add_argument("--model", default="llama-2-7b", help="--gpu: the preset shapes")
     p.add_argument("--ks", default="1,2,4,8", help="--gpu: proposal lengths")
+    p.add_argument("--compiled-ks", default="4", help="--gpu: proposal lengths also measured compiled ('' for none)")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     if args.gpu or args.gpu_engine:
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         out = {}
         if args.gpu:
-            out["verify_cost"] = verify_cost_gpu(args.model, tuple(int(k) for k in args.ks.split(",")))
+            out["verify_cost"] = verify_cost_gpu(args.model, tuple(int(k) for k in args.ks.split(",")),
+                                                 compiled_ks=tuple(int(k) for k in args.compiled_ks.split(",") if k))
         if args.gpu_engine:
             out["engine"] = engine_check_gpu(args.engine_model)
     else:
