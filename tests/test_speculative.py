@@ -182,3 +182,16 @@ def test_a_truncated_draft_takes_the_targets_decode_kernel_setting():
     assert draft.compile_key == dec.compile_key
     out = Generator(dec, compile=False, speculate="draft:2", draft=draft).generate(PROMPTS, NEW)
     assert out.tokens == plain.tokens
+
+
+def test_streaming_gives_every_token_once_in_order():
+    dec = _decoder()
+    chunks = []
+    gen = Generator(dec, compile=False, speculate="lookup:3")
+    out = gen.generate(PROMPTS, NEW, stream=chunks.append, stream_interval=2)
+    assert len(chunks) > 2 and [c.start for c in chunks] == [0] + [sum(c.tokens.shape[1] for c in chunks[:i])
+                                                                  for i in range(1, len(chunks))]
+    joined = torch.cat([c.tokens for c in chunks], dim=1).tolist()
+    assert [row[: len(t)] for row, t in zip(joined, out.tokens)] == out.tokens
+    with pytest.raises(InputError, match="record logits"):
+        gen.generate(PROMPTS, NEW, record_logits=True)

@@ -220,9 +220,6 @@ def run_generate(args: argparse.Namespace) -> int:
             text = tokenizer.decode(seen) if tokenizer else " ".join(map(str, chunk.tokens[0].tolist())) + " "
             print(text[len(before):] if tokenizer else text, end="", flush=True)
 
-    if speculate and stream is not None:
-        _say(args, "--stream is not served with --speculate: printing at the end")
-        stream = None
     result = gen.generate(rows, args.max_new_tokens, sampling=sampling, eos_token_id=eos, stream=stream,
                           stream_interval=1 if stream else None)
     if stream is not None:

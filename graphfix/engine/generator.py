@@ -416,9 +416,10 @@ class Generator:
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         spec = speculators(self, self.speculate if speculate is None else speculate, self.draft, self._speculators)
         if spec is not None:
-            if stream is not None or record_logits:
-                raise InputError("speculative decoding does not stream or record logits yet", hint="speculate='none'")
-            return spec.generate(rows, max_new_tokens, sampling, eos, pad)
+            if record_logits:
+                raise InputError("speculative decoding does not record logits", hint="speculate='none'")
+            return spec.generate(rows, max_new_tokens, sampling, eos, pad, stream,
+                                 max(1, stream_interval or self.stream_interval))
         interval = max(1, stream_interval or self.stream_interval)
         mode = sampling.mode
         wall = time.perf_counter()

@@ -240,8 +240,13 @@ class Speculator:
                              "the request", hint="allocate the draft as large as the target")
 
     def generate(self, rows: list[list[int]], max_new_tokens: int, sampling: SamplingParams, eos: list[int],
-                 pad: int) -> Any:
-        """``Generator.generate`` for rows already checked by it; returns a ``GenerationResult``."""
+                 pad: int, stream: Callable[[Any], None] | None = None, stream_interval: int = 8) -> Any:
+        """``Generator.generate`` for rows already checked by it; returns a ``GenerationResult``.
+
+        ``stream``: called with a ``StreamChunk`` once every row (finished rows count as complete) has
+        ``stream_interval`` tokens more than were streamed, and at the end; rounds emit a varying number
+        of tokens, so chunks vary in length.
+        """
         from graphfix.engine.generator import GenerationResult, _trim
 
         gen, batch = self.gen, len(rows)
@@ -263,7 +268,7 @@ class Speculator:
                 self.draft.reset()
                 self.draft_gen._prefill(rows, self.draft_gen._state(batch))
             t1 = gen._clock.mark()
-            rounds, longest_now = 0, longest + 1
+            rounds, longest_now, streamed = 0, longest + 1, 0
             finished = bool(state.done.all())
             while not finished:
                 key = ("round", batch, mode, gen._kv_len(min(longest_now + self.spec.k, gen.model.max_seq_len)))
@@ -272,7 +277,14 @@ class Speculator:
                 self._fn(key)(*state.args())
                 calls = self._calls[key] = self._calls.get(key, 0) + 1
                 rounds += 1
-                progress = torch.stack([state.done.all().long(), state.length.max()]).tolist()  # the one sync a round
+                if stream is None:
+                    progress = torch.stack([state.done.all().long(), state.length.max()]).tolist()  # one sync a round
+                else:
+                    flags = torch.cat([state.done.long(), state.length]).tolist()
+                    progress = [int(all(flags[:batch])), max(flags[batch:])]
+                    ready = min(max_new_tokens if d else n - len(r) for d, n, r in zip(flags[:batch], flags[batch:], rows))
+                    if ready - streamed >= stream_interval:
+                        streamed = self._emit(stream, state, rows, streamed, ready, pad, flags[:batch])
                 warm = calls >= GRAPH_CALLS or not gen.cuda_graphs
                 finished, longest_now = bool(progress[0]) and warm, progress[1]
             t2 = gen._clock.mark()
@@ -281,6 +293,8 @@ class Speculator:
             stats = state.stats.sum(0).tolist()
         total = time.perf_counter() - wall
         out = [seqs[b][len(r): lengths[b]][:max_new_tokens] for b, r in enumerate(rows)]
+        if stream is not None and streamed < max(len(t) for t in out):
+            self._emit(stream, state, rows, streamed, max(len(t) for t in out), pad, None, out)
         tokens = [_trim(row, eos) for row in out]
         hit_eos = [bool(eos) and bool(t) and t[-1] in eos for t in tokens]
         steps = max(len(t) for t in out)
@@ -291,6 +305,21 @@ class Speculator:
         return GenerationResult(tokens=tokens, prompt_lengths=[len(r) for r in rows], finished=hit_eos, steps=steps,
                                 ttft_s=gen._clock.seconds(t0, t1), decode_s=gen._clock.seconds(t1, t2), total_s=total,
                                 speculation=info)
+
+    @staticmethod
+    def _emit(stream: Callable[[Any], None], state: _SpecState, rows: list[list[int]], start: int, end: int, pad: int,
+              done: list[int] | None, out: list[list[int]] | None = None) -> int:
+        """Tokens ``start .. end - 1`` of every row as a ``StreamChunk`` (pad after a finished row's last token)."""
+        from graphfix.engine.generator import StreamChunk
+
+        if out is None:
+            lengths = state.length.tolist()
+            seqs = state.seq.cpu().tolist()
+            out = [seqs[b][len(r): lengths[b]] for b, r in enumerate(rows)]
+        chunk = [(row + [pad] * (end - len(row)))[start:end] if len(row) < end else row[start:end] for row in out]
+        finished = [bool(d) for d in done] if done is not None else state.done.cpu().tolist()
+        stream(StreamChunk(tokens=torch.tensor(chunk, dtype=torch.long), start=start, finished=finished))
+        return end
 
     def _load(self, state: _SpecState, rows: list[list[int]], sampling: SamplingParams, plain: Any, new: int) -> None:
         seq = torch.zeros(state.seq.shape, dtype=torch.long)
