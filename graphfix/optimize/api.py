@@ -420,7 +420,8 @@ def _compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tenso
     started = time.perf_counter()
     try:
         # the engine compiles a decode graph per attended cache length: warm it over the whole verified length
-        steps = state.reference.steps - 1 if isinstance(runner, EngineRunner) else WARM_UP_DECODE_CALLS
+        on_engine = isinstance(runner, EngineRunner) or getattr(state.front, "decoder", None) is not None
+        steps = state.reference.steps - 1 if on_engine else WARM_UP_DECODE_CALLS
         with side_effects.reorder_logging(state.model), compile_failure_contained(), quiet():
             for _ in range(WARM_UP_RUNS):
                 runner.run(state.model, prompt, steps)
@@ -454,7 +455,7 @@ def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, no
     elif meta_llama.has_tensor_core(model):
         from graphfix.optimize import meta_front
 
-        state.front = meta_front.install(model, backend, cuda_graphs)
+        state.front = meta_front.install(model, backend, cuda_graphs, notes=notes)
         state.disable = lambda: meta_front.uninstall(model)
     else:
         from graphfix.rewrite.blocks.phase_router import install_router
