@@ -146,3 +146,19 @@ def test_optimize_fails_a_front_door_that_swaps_the_rope_layout(dtype_name):
     failures = result.verification.failures
     assert any(f.startswith("parity: logit error e_opt") for f in failures), failures
     assert "returned as it was" in result.notes[-1]
+
+
+def test_the_gpu_check_runs_at_tiny_size(capsys):
+    """``graphfix.bench.parity_check`` end to end on the CPU: the preset's correct model verifies, the planted one
+    does not (the GPU runs ``parity_7b``, the same code on Llama-2-7B shapes)."""
+    from graphfix.bench.parity_check import parity_check
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = parity_check("tiny", "cpu", layers=1, decode_steps=2, backend="aot_eager", diagnose=False,
+                           max_seq_len=32)
+    assert res["ok"], res
+    assert res["correct"]["verified"] and res["correct"]["e_opt"] <= res["correct"]["bound"]
+    assert not res["planted"]["verified"] and res["planted"]["e_opt"] > res["planted"]["bound"]
+    assert res["planted"]["failures"][0].startswith("parity: logit error")
+    assert "[parity_check] planted:" in capsys.readouterr().out
