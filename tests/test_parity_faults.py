@@ -125,7 +125,7 @@ class _nothing:
 
 
 def test_optimize_verifies_a_correct_bfloat16_model():
-    result = _optimize(torch.bfloat16, False, backend="aot_eager")
+    result = _optimize(torch.bfloat16, False, backend="aot_eager", keep_if_slower=False)  # bf16 on a CPU is slow
     p = result.parity
     assert result.verified and result.compiled, result.summary()
     assert p.method == "reference" and p.e_opt <= p.bound and p.reference_dtype == "float64"
