@@ -126,7 +126,7 @@ def optimize(
     cuda_graphs: bool | None = None,
     pass_options: dict[str, Any] | None = None,
     name: str | None = None,
-    keep_if_slower: bool = True,
+    keep_if_slower: bool | None = None,
     progress: Progress | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place so that it compiles clean, compile it, and verify it.
@@ -143,6 +143,7 @@ def optimize(
     (default: on CUDA with inductor). ``pass_options``: ``PassContext.options``. ``keep_if_slower``: when the
     verification's timed run of the optimized model is slower than the original's (timed the same way, warm),
     the original is kept and the summary says so (never slower by default; runs too short to time are not judged).
+    Default: on with ``inductor`` (a backend for speed), off with ``eager``/``aot_eager`` (backends for checking).
     Parity (docs/optimize.md): ``parity_reference`` (``auto``, ``float64``, ``float32``, ``none``) is the precision
     of the original's reference run, ``parity_multiplier`` and ``parity_floor`` the bound
     ``e_opt <= multiplier * e_orig + floor`` (defaults by dtype), ``tolerance`` the fixed rule used only when
@@ -176,6 +177,8 @@ def optimize(
     backend = backend or default_backend(run_device)
     if cuda_graphs is None:
         cuda_graphs = run_device.type == "cuda" and backend == "inductor"
+    if keep_if_slower is None:
+        keep_if_slower = backend == "inductor"
     seq_len = _max_seq_len(model, kind, max_seq_len)
     if prompt is None and user_driver is None:
         prompt = prompt_tokens(model, prefill_tokens, 1)
