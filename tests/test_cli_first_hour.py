@@ -180,6 +180,17 @@ def test_a_silent_phase_gets_heartbeats_that_say_what_runs() -> None:
     assert describe_stack(sys._getframe()).startswith("running test_a_silent_phase")
 
 
+def test_the_first_heartbeat_of_a_phase_comes_sooner_than_the_next() -> None:
+    """A phase says something after a few seconds of silence, then every ``heartbeat`` seconds."""
+    out = io.StringIO()
+    progress = Progress(False, heartbeat=30.0, stream=out)
+    progress.first_heartbeat = 0.05  # FIRST_HEARTBEAT_S, scaled down
+    with progress as say:
+        say("loading")
+        time.sleep(0.5)
+    assert out.getvalue().count("... loading:") == 1  # the first, early; the next only after 30 s
+
+
 # -- generate -----------------------------------------------------------------------------------------------------
 
 

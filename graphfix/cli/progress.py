@@ -19,6 +19,9 @@ from types import FrameType, TracebackType
 from typing import TextIO
 
 HEARTBEAT_S = 10.0
+"""Seconds between heartbeats while a phase stays silent."""
+FIRST_HEARTBEAT_S = 5.0
+"""Seconds of silence in a phase before its first heartbeat: a user wonders after a few seconds, not ten."""
 
 
 class Progress:
@@ -27,6 +30,7 @@ class Progress:
     def __init__(self, quiet: bool, *, heartbeat: float = HEARTBEAT_S, stream: TextIO | None = None) -> None:
         self.quiet = quiet
         self.heartbeat = heartbeat
+        self.first_heartbeat = min(FIRST_HEARTBEAT_S, heartbeat)
         self.stream = stream
         self.start = time.perf_counter()
         self.phase = "starting"
@@ -71,11 +75,12 @@ class Progress:
             self._thread = None
 
     def _beat(self) -> None:
-        tick = min(1.0, self.heartbeat / 4)
+        tick = min(1.0, self.first_heartbeat / 4)
         while not self._stop.wait(tick):
             now = time.perf_counter()
             with self._lock:
-                if self.paused or now - self.last < self.heartbeat:
+                wait = self.first_heartbeat if self.last == self.phase_start else self.heartbeat
+                if self.paused or now - self.last < wait:
                     continue
                 self.last = now
                 phase, since = self.phase, now - self.phase_start
