@@ -69,6 +69,8 @@ def check_output(path: str | os.PathLike[str] | None, flag: str, *, create_paren
         return None
     target = Path(path)
     shown = str(path)
+    if flag.endswith("="):  # --also FORMAT=: the value follows without a space
+        flag, shown = flag.split()[0], flag.split()[-1] + shown
     if target.is_dir():
         raise InputError(f"{flag} {shown} is a folder", hint="give a file name")
     folder = target.parent if str(target.parent) else Path(".")

@@ -252,6 +252,14 @@ def torch_file_shapes(path: Path) -> Shapes:
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of a library's message: torch goes on with advice (``weights_only=False``,
+    ``add_safe_globals``, "report a bug") that would be wrong for a checkpoint graphfix refused."""
+    line = (text.strip().splitlines() or [""])[0]
+    end = line.find(". ")
+    return (line[:end + 1] if end >= 0 else line)[:limit]
+
+
 def safe_torch_load(path: Path) -> dict[str, Any]:
     """``torch.load(mmap=True, weights_only=True)`` with one-line errors; a pickle that holds code is refused."""
     import pickle
@@ -260,12 +268,12 @@ def safe_torch_load(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"(GLOBAL|Unsupported global|unsupported)[^\n]*", str(exc))
-        detail = f" ({found.group(0)[:120]})" if found else ""
+        detail = f" ({first_sentence(found.group(0))})" if found else ""
         raise InputError(f"{path}: refused, the file holds Python objects other than tensors{detail}",
                          hint="graphfix never runs code from a checkpoint; re-save it as a plain state dict "
                               "or as safetensors") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_sentence(str(exc)) or type(exc).__name__
         raise InputError(f"{path}: not a readable checkpoint ({first})",
                          hint="the file is truncated or corrupt; re-download it") from None
     if not isinstance(state, dict):
