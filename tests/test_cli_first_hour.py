@@ -244,3 +244,17 @@ def test_the_text_report_lists_findings_also_when_some_were_hidden() -> None:
     text = render_text(report)
     assert "1 of these appear only once the findings before them are fixed" in text
     assert "#  KIND" in text and "models/model.py:77" in text and "hidden behind: torch.view_as_complex" in text
+
+
+def test_every_command_takes_both_dtype_spellings() -> None:
+    """``--dtype bf16`` and ``--dtype bfloat16`` mean the same in convert, generate, optimize and verify."""
+    from graphfix.cli.app import build_parser
+    from graphfix.cli.preflight import DTYPES
+    from graphfix.convert.spec import parse_dtype
+
+    parser = build_parser()
+    for short, long in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")):
+        for argv in (["convert", "a", "b", "--to", "hf"], ["generate", "m"], ["optimize", "m"], ["verify", "m"]):
+            parsed = [parser.parse_args([*argv, "--dtype", s]).dtype for s in (short, long)]
+            as_dtypes = [parse_dtype(p) if argv[0] == "convert" else DTYPES[p] for p in parsed]
+            assert as_dtypes[0] == as_dtypes[1] == DTYPES[long], (argv[0], parsed)
