@@ -268,6 +268,8 @@ CASES = [
     Case("optimize-dtype-unknown", lambda z, t: ["optimize", M, "--dtype", "bf17"], "invalid choice"),
     Case("optimize-device-unknown", lambda z, t: ["optimize", M, "--device", "gpu9"], "is not a device"),
     Case("optimize-tolerance-nan", lambda z, t: ["optimize", M, "--tolerance", "nan"], "--tolerance must be"),
+    Case("optimize-parity-multiplier-negative", lambda z, t: ["optimize", M, "--parity-multiplier", "-1"],
+         "--parity-multiplier must be a finite number > 0"),
     Case("optimize-output-missing", lambda z, t: ["optimize", M, "-o", str(t / "no" / "o.txt")], "does not exist"),
     Case("optimize-unknown-pass", lambda z, t: ["optimize", M, "--passes", "real-rope,nope"], "unknown pass 'nope'"),
     Case("verify-decode-steps-zero", lambda z, t: ["verify", M, "--decode-steps", "0"], "--decode-steps must be"),
