@@ -61,10 +61,11 @@ STDOUT_SCRIPT = textwrap.dedent("""
     from graphfix.cli.app import main
     meta, hf = sys.argv[1], sys.argv[2]
     runs = [
-        ["report", meta, "--format", "json", "--no-hidden", "--prefill", "2", "--decode-steps", "1",
-         "--backend", "eager", "--max-graph-breaks", "99", "--max-recompiles", "99"],
-        ["report", "tests.fixtures.fuzz_builders:noisy_tiny_hf", "--format", "json", "--no-hidden", "--prefill", "2",
+        ["report", meta, "--format", "json", "--no-hidden", "--no-fullgraph-check", "--prefill", "2",
          "--decode-steps", "1", "--backend", "eager", "--max-graph-breaks", "99", "--max-recompiles", "99"],
+        ["report", "tests.fixtures.fuzz_builders:noisy_tiny_hf", "--format", "json", "--no-hidden",
+         "--no-fullgraph-check", "--prefill", "2", "--decode-steps", "1", "--backend", "eager",
+         "--max-graph-breaks", "99", "--max-recompiles", "99"],
         ["generate", meta, "--prompt", "w3 w4", "--max-new-tokens", "3", "--no-compile", "--json"],
         ["optimize", hf, "--no-diagnose", "--backend", "eager", "--prefill", "2", "--decode-steps", "2",
          "--format", "json"],

@@ -336,8 +336,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, zoo: Zoo, t
     assert code == 2, captured.err
     assert len(lines) == 1 and lines[0].startswith("graphfix: error: "), captured.err
     assert case.needle in lines[0], lines[0]
-    assert not any(advice in lines[0] for advice in ("weights_only=False", "torch.serialization", "Please use", "report a bug")), \
-        lines[0]  # torch's advice after a refusal would undo it
+    advice = ("weights_only=False", "torch.serialization", "Please use", "report a bug")
+    assert not any(a in lines[0] for a in advice), lines[0]  # torch's advice after a refusal would undo it
     assert "Traceback" not in captured.err and captured.out == ""
     assert snapshot(tmp_path, zoo.root) == before, "the failed command wrote, changed or removed a file"
     assert not zoo.marker.exists(), "code from a user's file or checkpoint ran"
