@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from graphfix.cli.preflight import DTYPE_HELP, DTYPES
 from graphfix.convert.api import TARGETS, convert
 from graphfix.convert.detect import detect_format
 from graphfix.convert.progress import human_bytes
-from graphfix.convert.spec import DTYPE_CHOICES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", type=Path, help="source: HF folder (config.json), Meta folder (params.json) or .gguf file")
     p.add_argument("dst", type=Path, help="destination folder (must not exist unless --overwrite)")
     p.add_argument("--to", required=True, choices=TARGETS, help="target format")
-    p.add_argument("--dtype", default="keep", choices=list(DTYPE_CHOICES),
-                   help="dtype of the written weights (default: keep the source's; GGUF quantized -> float32)")
+    # the spellings of every other command (bf16 and bfloat16 alike); parse_dtype maps the short ones
+    p.add_argument("--dtype", default="keep", choices=["keep", *sorted(DTYPES)],
+                   help=f"dtype of the written weights: keep (default: the source's; GGUF quantized -> float32), "
+                        f"{DTYPE_HELP}")
     p.add_argument("--shards", type=int, default=None,
                    help="meta: model-parallel rank files to write (default 1); hf: number of safetensors files")
     p.add_argument("--max-shard-size", default="5GB",

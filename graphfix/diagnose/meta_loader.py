@@ -8,6 +8,8 @@ values and a state dict loaded safely (``weights_only=True``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,10 @@ def ensure_model_parallel(world_size: int = 1, rank: int = 0, *, port: int | Non
                 os.environ["MASTER_PORT"] = str(port)
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
     if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(world_size)
+        # fairscale print()s "> initializing model parallel with size 1" and two more such lines: noise that
+        # corrupted JSON on stdout and that -q could not hide. Dropped: they say nothing a graphfix user needs.
+        with contextlib.redirect_stdout(io.StringIO()):
+            fs_init.initialize_model_parallel(world_size)
 
 
 def read_meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -51,10 +56,9 @@ def read_meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not shards:
         raise InputError(f"{path} has params.json but no consolidated.*.pth", hint="copy the checkpoint files too")
     if len(shards) == 1:
-        try:
-            return torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise InputError(f"{shards[0]}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+        from graphfix.diagnose.validate import safe_torch_load
+
+        return safe_torch_load(shards[0])
     try:
         from graphfix.convert.formats.meta import read_merged_state_dict  # type: ignore[import-not-found]
     except ImportError as exc:  # pragma: no cover - the converter ships with graphfix
