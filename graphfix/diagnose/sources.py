@@ -124,9 +124,14 @@ def load_hf_dir(path: Path, *, dtype: torch.dtype) -> LoadedModel:
     config = read_json(path / "config.json")
     _check_architecture(config.get("model_type"), path / "config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
     except Exception as exc:  # transformers raises many types for bad checkpoints
         raise InputError(f"cannot load Hugging Face checkpoint {path}: {_one_line(exc)}") from exc
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers fills them with random values: a report on that model would be about noise
+        raise InputError(f"{path}: tensor {missing[0]!r} is missing from the weights ({len(missing)} missing in all); "
+                         "the checkpoint is incomplete or a shard is missing: re-download it")
     return LoadedModel(model.eval(), path.name, "hf")
 
 
@@ -159,8 +164,9 @@ def load_gguf(path: Path, *, dtype: torch.dtype, name: str | None = None) -> Loa
 
 def load_meta_checkpoint(path: Path, *, dtype: torch.dtype) -> LoadedModel:
     """Meta's reference ``Transformer`` (fairscale, world size 1) with the checkpoint's weights."""
-    from graphfix.diagnose.meta_loader import build_meta_transformer, read_meta_state_dict
+    from graphfix.diagnose.meta_loader import build_meta_transformer, read_meta_state_dict, validate_meta_checkpoint
 
+    validate_meta_checkpoint(path, dtype=dtype)  # headers and sizes, before anything is allocated
     params = read_json(path / "params.json")
     state = read_meta_state_dict(path)
     model = build_meta_transformer(params, state, dtype=dtype)
