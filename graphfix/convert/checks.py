@@ -22,6 +22,7 @@ from graphfix.errors import InputError
 #: the largest size any single dimension may have (a tensor dimension is an int64, but no model is this large)
 MAX_DIM = 2**31 - 1
 _REQUIRED = object()
+_ABSENT = object()
 
 
 def _bad(where: Path | str, key: str, value: Any, want: str) -> InputError:
@@ -36,6 +37,16 @@ def require_mapping(value: Any, where: Path | str, what: str = "a JSON object") 
     return value
 
 
+def _present(cfg: Mapping[str, Any], key: str, where: Path | str, field: str, default: Any) -> Any:
+    """``cfg[key]``, or ``_ABSENT`` when it is absent or null and has a default (an error when it has none)."""
+    value = cfg.get(key)
+    if value is not None:
+        return value
+    if default is _REQUIRED:
+        raise InputError(f"{where}: required key {field!r} is missing; this file does not describe a Llama model")
+    return _ABSENT
+
+
 def cfg_int(cfg: Mapping[str, Any], key: str, where: Path | str, *, default: Any = _REQUIRED, minimum: int = 1,
             maximum: int = MAX_DIM, field: str | None = None) -> Any:
     """``cfg[key]`` as an int in ``[minimum, maximum]``; ``default`` when absent or null (required if none given).
@@ -45,10 +56,8 @@ def cfg_int(cfg: Mapping[str, Any], key: str, where: Path | str, *, default: Any
     choke on it too. A float with an integral value (``4096.0``) is accepted.
     """
     field = field or key
-    value = cfg.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            raise InputError(f"{where}: required key {field!r} is missing; this file does not describe a Llama model")
+    value = _present(cfg, key, where, field, default)
+    if value is _ABSENT:
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -65,10 +74,8 @@ def cfg_float(cfg: Mapping[str, Any], key: str, where: Path | str, *, default: A
               positive: bool = True, field: str | None = None) -> Any:
     """``cfg[key]`` as a finite float (positive unless told otherwise); ``default`` when absent or null."""
     field = field or key
-    value = cfg.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            raise InputError(f"{where}: required key {field!r} is missing; this file does not describe a Llama model")
+    value = _present(cfg, key, where, field, default)
+    if value is _ABSENT:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _bad(where, field, value, "must be a finite number")
