@@ -9,7 +9,8 @@ each tensor into place.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -160,15 +161,16 @@ def hf_config_dict(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
     from transformers import LlamaConfig
 
     try:
-        cfg = LlamaConfig(
-            hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
-            num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-            head_dim=spec.head_dim, intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
-            rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
-            tie_word_embeddings=spec.tie_word_embeddings, max_position_embeddings=spec.max_position_embeddings,
-            bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id,
-            architectures=["LlamaForCausalLM"],
-        ).to_dict()
+        with _transformers_quiet():
+            cfg = LlamaConfig(
+                hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
+                num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+                head_dim=spec.head_dim, intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
+                rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
+                tie_word_embeddings=spec.tie_word_embeddings, max_position_embeddings=spec.max_position_embeddings,
+                bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id,
+                architectures=["LlamaForCausalLM"],
+            ).to_dict()
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types
         raise UnsupportedModelError(f"transformers refuses this model's config ({_last_line(exc)}); "
                                     "it cannot be written as a Hugging Face checkpoint") from None
@@ -181,10 +183,24 @@ def check_hf_config(cfg: dict[str, Any], where: Path) -> None:
     from transformers import LlamaConfig
 
     try:
-        LlamaConfig.from_dict(dict(cfg))
+        with _transformers_quiet():
+            LlamaConfig.from_dict(dict(cfg))
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types
         raise UnsupportedModelError(f"{where}: transformers would refuse the converted config ({_last_line(exc)}); "
                                     "fix the source config") from None
+
+
+@contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """Silence transformers' logger while graphfix builds configs only to check them (errors still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _last_line(exc: BaseException) -> str:
