@@ -10,7 +10,11 @@ q/k/v (RMSNorm folded in), o (residual add), gate/up (RMSNorm), down (SiLU·mul,
 then the output head. ``cublas`` runs the same shapes through ``F.linear`` with no prologue
 or epilogue (a lower bound on cuBLAS's cost, not the same arithmetic).
 
-    python benchmarks/bench_gemv.py [--model llama-2-7b] [--json out.json]
+    python benchmarks/bench_gemv.py [--model llama-2-7b] [--rows 8] [--json out.json]
+
+``--rows`` (default 1): the chains run on that many rows, one token each (a batched decode
+step): 2 to 16 rows run the rows kernel (``kernels._rows_kernel``, each weight tile read once
+for all rows) against cuBLAS's GEMMs.
 
 Prints one line per chain: ms per step, GB/s of weights, fraction of the copy bandwidth,
 and the largest difference of the PDL chain's output from the plain chain's (PDL changes
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="llama-2-7b", choices=sorted(PRESETS))
     p.add_argument("--layers", type=int, help="default: the preset's")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rows", type=int, default=1, help="rows per step (1 to 16 run the Triton kernels)")
     p.add_argument("--chains", default="cublas,triton,pdl")
     p.add_argument("--per-shape", action="store_true",
                    help="also each linear alone (its 32 layers' weights back to back): cuBLAS and the Triton GEMV")
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     copy = copy_bandwidth(device)["gb_per_s"]
     w = _weights(cfg, args.layers or cfg["num_hidden_layers"], device, dtype)
     nbytes = sum(t.numel() * t.element_size() for lw in w["layers"] for t in lw.values()) + 2 * w["out"].numel()
-    x = torch.randn(1, w["d"], device=device, dtype=dtype)
+    x = torch.randn(args.rows, w["d"], device=device, dtype=dtype)
     rows, outs = [], {}
     chains = [c for c in args.chains.split(",") if c]
     if "pdl" in chains and not kernels.pdl_supported(device):
@@ -196,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         shape_rows = per_shape(w, x, args.reps, copy) if args.per_shape else []
         sweep_rows = sweep(w, args.reps, copy) if args.sweep else []
     doc = {"schema": "graphfix.bench_gemv/1", "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-           "model": args.model, "weight_bytes": nbytes, "copy_gb_per_s": copy, "rows": rows}
+           "model": args.model, "rows_per_step": args.rows, "weight_bytes": nbytes, "copy_gb_per_s": copy, "rows": rows}
     if "pdl" in outs and "triton" in outs:
         doc["pdl_max_abs_diff"] = (outs["pdl"].float() - outs["triton"].float()).abs().max().item()
-    print(f"{doc['device']}, {args.model}, {nbytes / 1e9:.2f} GB of weights, copy bandwidth {copy:.0f} GB/s")
+    print(f"{doc['device']}, {args.model}, {args.rows} row(s), {nbytes / 1e9:.2f} GB of weights, copy bandwidth {copy:.0f} GB/s")
     print(f"{'chain':<8} {'ms/step':>8} {'GB/s':>7} {'of copy':>8}")
     for r in rows:
         print(f"{r['chain']:<8} {r['ms_per_step']:>8.3f} {r['gb_per_s']:>7.0f} {r['fraction_of_copy_bw']:>8.3f}")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from graphfix.engine import Generator, from_hf, from_meta
-from graphfix.engine.attention_kernel import BLOCK_S, decode_attention_reference, split_plan
+from graphfix.engine.attention_kernel import BLOCK_S, MAX_CHUNK, decode_attention_reference, split_plan
 from graphfix.errors import InputError
 from tests.test_runtime import PROMPTS, hf_greedy, tiny_hf
 
@@ -61,11 +61,14 @@ def test_decode_kernels_need_the_fused_layout():
     assert dec.use_decode_kernels(False).decode_kernels is False
 
 
-@pytest.mark.parametrize("heads,kv_len", [(32, 256), (32, 2048), (256, 64), (1, 40), (8, 4096)])
+@pytest.mark.parametrize("heads,kv_len", [(32, 256), (32, 2048), (256, 64), (1, 40), (8, 4096), (256, 4096),
+                                         (512, 1000)])
 def test_split_plan_covers_the_cache_in_aligned_chunks(heads, kv_len):
+    """``heads``: rows x heads (256 is Llama-2-7B at batch 8)."""
     splits, chunk = split_plan(heads, kv_len)
-    assert chunk % BLOCK_S == 0 and splits * chunk >= kv_len > (splits - 1) * chunk
-    assert heads * splits <= max(heads, 256 + heads)  # about TARGET_PROGRAMS blocks, never fewer than the heads
+    assert chunk % BLOCK_S == 0 and splits * chunk >= kv_len > (splits - 1) * chunk and chunk <= MAX_CHUNK
+    # about TARGET_PROGRAMS blocks, never fewer than the heads, more only to keep chunks within MAX_CHUNK
+    assert heads * splits <= max(heads * -(-kv_len // MAX_CHUNK), 256 + heads)
 
 
 def test_attention_reference_masks_by_position_and_window():
@@ -80,10 +83,14 @@ def test_attention_reference_masks_by_position_and_window():
             assert torch.allclose(out[b, h], weights @ values, atol=1e-6)
 
 
-def test_triton_kernels_in_the_interpreter_match_the_references():
+@pytest.mark.parametrize("dtype,bound", [("float32", 1e-4), ("bfloat16", 1.6e-2)])
+def test_triton_kernels_in_the_interpreter_match_the_references(dtype, bound):
+    """Every kernel in Triton's interpreter against its eager reference (computed in float32), for 1 to 16 rows at
+    different positions: the one-row GEMV and the rows kernel with every prologue and epilogue, attention with
+    grouped heads, windows and splits, RoPE and the cache write."""
     import triton  # noqa: F401 - a test dependency (pyproject's [test] extra): its absence is a failure, not a skip
 
-    proc = subprocess.run([sys.executable, "-m", "graphfix.bench.kernel_check", "--interpret"],
+    proc = subprocess.run([sys.executable, "-m", "graphfix.bench.kernel_check", "--interpret", "--dtype", dtype],
                           check=False, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
@@ -92,7 +99,14 @@ def test_triton_kernels_in_the_interpreter_match_the_references():
     assert any(r.get("window") for r in rows) and any(r.get("splits", 1) > 2 for r in rows)
     assert {r.get("interleaved") for r in rows if r["kernel"] == "rope_cache"} == {False, True}
     assert [r["in_place"] for r in rows if r["kernel"] == "rope_cache_compiled"] == [True]  # no copy of a cache
-    assert all(r["ok"] and r["rel_error"] < 1e-4 for r in rows)
+    gemv_rows = {r["rows"] for r in rows if r["kernel"] == "fused_gemv"}
+    flags = {tuple(r["flags"]) for r in rows if r["kernel"] == "fused_gemv" and r["rows"] == 16}
+    assert gemv_rows == {1, 2, 3, 8, 16} and {"norm", "bias"} <= {f for fs in flags for f in fs}
+    assert {"silu", "residual"} <= {f for fs in flags for f in fs}
+    for kernel in ("decode_attention", "rope_cache"):  # batches of 2, 3, 8 and 16 rows, no two at one position
+        batches = [r["shape"][0] for r in rows if r["kernel"] == kernel]
+        assert {2, 3, 8, 16} <= set(batches), (kernel, batches)
+    assert all(r["ok"] and r["rel_error"] < bound for r in rows), [r for r in rows if not r["rel_error"] < bound]
 
 
 def test_pdl_is_a_no_op_where_the_device_lacks_it():

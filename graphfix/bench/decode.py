@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
                 res.skip("graphfix gemv", f"relative error {err:.2e} against F.linear")
                 return None
             return dec
-        from graphfix.engine import kernel_check
+        from graphfix.bench import kernel_check
 
         rows = res.doc["kernel_check"] = kernel_check.run(device.type, str(dec.output.weight.dtype)[len("torch."):])
         bad = [r for r in rows if not r["ok"]]
@@ -465,8 +465,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         parts = _warmup(gen, args, batch, device)
         res.doc.setdefault("warmup", {})[f"batch{batch}"] = parts
-        # GemvLinear and the decode kernels serve one row only: at batch > 1 every variant is the fused (cuBLAS) one
-        res.add_run(bench_graphfix(dec, gen, "fused", batch, args, device, vocab, parts["total_s"], copy_gbps,
+        # the decode kernels serve 1 to kernels.MAX_ROWS rows, GemvLinear one: above, every variant is the fused one
+        label = first_variant if dec.kernels_serve(batch, 1) else "fused"
+        res.add_run(bench_graphfix(dec, gen, label, batch, args, device, vocab, parts["total_s"], copy_gbps,
                                    profile=False))
     for system in ("hf-static", "hf-eager"):
         if system not in systems:

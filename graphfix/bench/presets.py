@@ -78,3 +78,44 @@ def random_hf_model(name: str, device: str | torch.device, dtype: torch.dtype, s
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+TINY_HF = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 256}
+"""The config every tiny model starts from: hidden 64, 2 layers, 4 heads (2 KV heads), vocab 128."""
+
+
+def tiny_hf(kind: str = "llama", seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A ``kind`` causal LM (``llama``, ``mistral`` or ``qwen2``) of ``TINY_HF`` size with ``overrides`` in its
+    config, its weights drawn by Hugging Face after ``torch.manual_seed(seed)``, on the CPU, in eval mode."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if kind not in classes:
+        raise InputError(f"unknown tiny model {kind!r}", hint=f"one of {', '.join(classes)}")
+    config_cls, model_cls = classes[kind]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**TINY_HF, **overrides})).eval()
+
+
+@torch.no_grad()
+def tiny_hf_model(kind: str, device: str | torch.device, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  **overrides: Any) -> torch.nn.Module:
+    """``tiny_hf`` with large random weights, on ``device`` in ``dtype``.
+
+    Weights are normal(0, 0.5) and norm weights and biases uniform(0.5, 1.5): the logits are far apart, so greedy
+    tokens do not flip on rounding differences between two implementations of the same arithmetic (the
+    GPU self-checks and the kernel checks compare the decode kernels with the standard path this way).
+    """
+    model = tiny_hf(kind, seed, **overrides)
+    for p in model.parameters():
+        p.normal_(0, 0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model.to(device=device, dtype=dtype)

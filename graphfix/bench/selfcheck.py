@@ -1,13 +1,21 @@
 """A short GPU self-check of the engine: parity with HF greedy, CUDA-graph decode, sampling, variants.
 
-    python -m graphfix.bench.selfcheck --json out.json [--budget 200] [--layers 4]
+    python -m graphfix.bench.selfcheck --json out.json [--budget 200] [--layers 4] [--scaling-layers 32]
+        [--parts correctness,kernels,scaling,variants]
 
 1. correctness (float32, TF32 off, tiny Llama and Qwen2 configs): the engine compiled
    with Inductor and CUDA graphs gives HF ``generate(do_sample=False)``'s tokens for a
    batch of 2 prompts of different lengths (each row against HF on that row alone) and
    for batch 1; no recompile after ``warmup`` (``set_stance("fail_on_recompile")``); the
    same seed gives the same sampled tokens; top-k 1 equals greedy; EOS stops one row;
-2. variants on Llama-2-7B shapes with ``--layers`` layers (bf16): fused and unfused
+2. the decode kernels: ``kernel_check`` (every kernel, 1 to 16 rows, plain and PDL, and the
+   decoder's kernel path on 2 to 16 rows) in bf16, then ``kernel_parity.decode_kernels_parity``
+   at batch 1 and 8 (compiled kernel path = eager kernel path, both settings alternating under
+   ``fail_on_recompile``);
+3. ``kernel_parity.batch_scaling``: per-sequence tokens/s at batch 1 and 8 on Llama-2-7B shapes
+   with ``--scaling-layers`` layers for ``--scaling-variants`` (default ``pdl,kernels``), and the
+   ratio batch 8 / batch 1 (the target is at least 0.85);
+4. variants on Llama-2-7B shapes with ``--layers`` layers (bf16): fused and unfused
    weights, Inductor options; ms/token, matmul-only time and a kernel breakdown, to pick
    what the full benchmark runs.
 
@@ -26,27 +34,10 @@ from typing import Any
 
 import torch
 
+from graphfix.bench.kernel_parity import batch_scaling, decode_kernels_parity, parity_ok, tiny_model
 from graphfix.bench.timing import Budget, _atomic_write, copy_bandwidth, kernel_breakdown, matmul_only_ms
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4, 100, 22, 9, 8, 1, 17, 44]]
-
-
-def _tiny_hf(kind: str, device: torch.device) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    common = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 256}
-    torch.manual_seed(0)
-    if kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    return model.to(device).eval()
 
 
 def _hf_greedy(model, prompt: list[int], new: int, device: torch.device) -> list[int]:
@@ -62,7 +53,7 @@ def correctness(device: torch.device, kind: str) -> dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     new = 12
-    model = _tiny_hf(kind, device)
+    model = tiny_model(kind, device)
     refs = [_hf_greedy(model, p, new, device) for p in PROMPTS]
     dec = from_hf(model, max_batch_size=2, max_seq_len=128)
     out: dict[str, Any] = {"model": kind}
@@ -95,49 +86,6 @@ def correctness(device: torch.device, kind: str) -> dict[str, Any]:
         "cuda_graphs": gen.cuda_graphs,
     })
     return out
-
-
-def decode_kernels_parity(device: torch.device, kind: str) -> dict[str, Any]:
-    """The decode kernels (fp16, where they apply) against the standard path.
-
-    One step's logits on the same cache; then greedy tokens of three engines against the
-    eager standard path: the kernels run eagerly (the kernels' own effect), and the
-    standard path and the kernels compiled (Inductor, CUDA graphs, no recompile after
-    warmup: the compiler's effect). Random tiny fp16 models have close logits, so a
-    late divergence in rounding is expected; an early one is a bug.
-    """
-    from graphfix.engine import Generator, from_hf
-
-    new = 24
-    model = _tiny_hf(kind, device).half()
-    dec = from_hf(model, max_batch_size=2, max_seq_len=128, share=True)
-    tokens, pos = torch.tensor([[7]], device=device), torch.tensor([[9]], device=device)
-
-    def greedy(gen: Any) -> list[list[int]]:
-        return [gen.generate([p], new).tokens[0] for p in PROMPTS]
-
-    with torch.no_grad():
-        dec.step(torch.tensor([list(range(10))], device=device), torch.arange(10, device=device)[None])
-        plain_logits = dec.step(tokens, pos).float()
-        kernel_logits = dec.use_decode_kernels().step(tokens, pos).float()  # same cache, same position
-        refs = greedy(Generator(dec.use_decode_kernels(False), compile=False))
-        eager_kernels = greedy(Generator(dec.use_decode_kernels(), compile=False))
-    compiled_plain = Generator(dec.use_decode_kernels(False))
-    compiled_plain.warmup(batch_sizes=(1,))
-    compiled_kernels = Generator(dec.use_decode_kernels())
-    compiled_kernels.warmup(batch_sizes=(1,))
-    with torch.compiler.set_stance("fail_on_recompile"):
-        got = {"eager_kernels": eager_kernels, "compiled_standard": greedy(compiled_plain),
-               "compiled_kernels": greedy(compiled_kernels)}
-    err = ((kernel_logits - plain_logits).norm() / plain_logits.norm()).item()
-
-    def first_difference(rows: list[list[int]]) -> int | None:
-        firsts = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), None) for g, r in zip(rows, refs)]
-        found = [f for f in firsts if f is not None]
-        return min(found) if found else None
-
-    return {"model": kind, "dtype": "float16", "logits_rel_error": err, "tokens_per_prompt": new,
-            "first_difference_from_eager_standard": {k: first_difference(v) for k, v in got.items()}}
 
 
 def variants(device: torch.device, layers: int, budget: Budget, new: int = 128,
@@ -199,6 +147,25 @@ def _checked(label: str, check: Any) -> dict[str, Any]:
     return res
 
 
+def _kernel_checks(device: torch.device, doc: dict[str, Any]) -> bool:
+    """``kernel_check`` (kernels and the decoder's kernel path) and the engine's parity at batch 1 and 8."""
+    from graphfix.bench import kernel_check
+
+    rows = kernel_check.run("cuda", "bfloat16", parts=("kernels", "decoder"))
+    doc["kernel_check"] = rows
+    ok = all(r["ok"] for r in rows)
+    print(f"[selfcheck] kernel_check bf16: worst {max(r['rel_error'] for r in rows):.2e}, "
+          f"{sum(r['ok'] for r in rows)}/{len(rows)} within tolerance", flush=True)
+    for row in rows:
+        if not row["ok"] or row["kernel"] == "decoder":
+            print(f"[selfcheck] kernel_check {json.dumps(row)}", flush=True)
+    for kind in ("llama", "qwen2"):
+        res = _checked(f"decode kernels {kind}", lambda kind=kind: decode_kernels_parity(device, kind))
+        ok &= parity_ok(res)
+        doc[f"decode_kernels_{kind}"] = res
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", dest="json_path")
@@ -206,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--device", default="cuda")
     p.add_argument("--variants", help="comma list: fused, gemv, kernels, unfused, fused+cdt, fused+max_autotune")
+    p.add_argument("--parts", default="correctness,kernels,scaling,variants",
+                   help="comma list of the sections to run: correctness, kernels, scaling, variants")
+    p.add_argument("--scaling-layers", type=int, default=32, help="layers of the batch-scaling model (7B: 32)")
+    p.add_argument("--scaling-variants", default="pdl,kernels",
+                   help="comma list for the batch 1 vs 8 measurement (pdl, kernels, attention, fused); empty: none")
     args = p.parse_args(argv)
     budget = Budget(args.budget)
     device = torch.device(args.device)
@@ -227,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["copy_bandwidth"] = copy_bandwidth(device)
         print(f"[selfcheck] copy {doc['copy_bandwidth']['gb_per_s']:.0f} GB/s", flush=True)
     ok = True
-    for kind in ("llama", "qwen2"):
+    parts = set(args.parts.split(","))
+    for kind in ("llama", "qwen2") if "correctness" in parts else ():
         if kind == "qwen2" and not budget.fits(120):
             doc[f"correctness_{kind}"] = {"skipped": "budget"}
             continue
@@ -237,22 +210,21 @@ def main(argv: list[str] | None = None) -> int:
             "top_k1_equals_greedy")) and res["eos_row0_len"] == res["eos_row0_expected_len"]
         doc[f"correctness_{kind}"] = res
         flush()
-    if device.type == "cuda":
-        from graphfix.engine import kernel_check
-
-        rows = kernel_check.run("cuda", "bfloat16")
-        doc["kernel_check"] = rows
-        ok &= all(r["ok"] for r in rows)
-        print(f"[selfcheck] kernel_check bf16: worst {max(r['rel_error'] for r in rows):.2e}, "
-              f"{sum(r['ok'] for r in rows)}/{len(rows)} within tolerance", flush=True)
-        for kind in ("llama", "qwen2"):
-            res = _checked(f"decode kernels {kind}", lambda kind=kind: decode_kernels_parity(device, kind))
-            ok &= "error" not in res and res["logits_rel_error"] < 5e-3
-            doc[f"decode_kernels_{kind}"] = res
+    if device.type == "cuda" and "kernels" in parts:
+        ok &= _kernel_checks(device, doc)
         flush()
     doc["correct"] = ok
     if device.type == "cuda":
-        doc["variants"] = variants(device, args.layers, budget, only=args.variants.split(",") if args.variants else None)
+        scaling = tuple(v for v in args.scaling_variants.split(",") if v)
+        if scaling and "scaling" in parts:
+            doc["batch_scaling"] = _checked("batch scaling", lambda: {"rows": batch_scaling(
+                device, args.scaling_layers, scaling, budget=budget)})
+            for row in doc["batch_scaling"].get("rows", []):
+                print(f"[selfcheck] batch scaling {json.dumps(row)}", flush=True)
+            flush()
+        if "variants" in parts:
+            doc["variants"] = variants(device, args.layers, budget,
+                                       only=args.variants.split(",") if args.variants else None)
     flush()
     print(f"[selfcheck] done, correct={ok}, {budget.left():.0f} s of budget left", flush=True)
     return 0 if ok else 1

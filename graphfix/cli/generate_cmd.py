@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--triton-gemv", action="store_true", help="batch-1 decode linears through graphfix's Triton GEMV")
     p.add_argument("--decode-kernels", action="store_true",
-                   help="batch-1 decode through graphfix's Triton kernels (norm/SiLU/residual folded into the GEMVs, "
+                   help="decode of 1 to 16 rows through graphfix's Triton kernels (norm/SiLU/residual folded into the GEMVs, "
                         "split-KV attention); their eager references off CUDA")
     p.add_argument("--unfused", action="store_true", help="keep q/k/v and gate/up as separate linears")
     p.add_argument("--max-seq-len", type=int, default=None, help="cache length (default: longest prompt + new tokens)")

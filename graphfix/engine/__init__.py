@@ -12,7 +12,8 @@ See docs/runtime.md.
 
 from graphfix.engine.compile_cache import CompileCache
 from graphfix.engine.generator import GenerationResult, Generator, StreamChunk
-from graphfix.engine.llama import DecoderConfig, LlamaDecoder, from_hf, from_meta
+from graphfix.engine.llama import DecoderConfig, LlamaDecoder
+from graphfix.engine.loading import from_hf, from_meta
 from graphfix.engine.meta import MetaStepModel
 from graphfix.engine.protocol import StepModel
 from graphfix.engine.sampling import SamplingParams

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graphfix.engine.kernels import FUSED_DTYPES, HAS_TRITON
+from graphfix.engine.kernels import HAS_TRITON, INTERPRET, kernels_serve
 
 if HAS_TRITON:
     import triton
@@ -34,10 +34,17 @@ TARGET_PROGRAMS = 256
 """Splits are chosen so that heads x splits is about this many blocks (two waves on an H100's 132 SMs)."""
 
 
+MAX_CHUNK = 512
+"""Slots one program streams at most. Batched steps fill ``TARGET_PROGRAMS`` with rows x heads alone (256 on
+Llama-2-7B at batch 8), which would leave a long cache to one program per row and head; this keeps several
+per row there (unmeasured reasoning: one 4-warp program per SM has few loads in flight)."""
+
+
 def split_plan(rows_x_heads: int, kv_len: int) -> tuple[int, int]:
-    """``(splits, chunk)``: ``chunk`` slots per split (a multiple of ``BLOCK_S``) covering ``kv_len`` slots."""
+    """``(splits, chunk)``: ``chunk`` slots per split (a multiple of ``BLOCK_S``, at most ``MAX_CHUNK``) covering
+    ``kv_len`` slots."""
     tiles = -(-kv_len // BLOCK_S)
-    splits = max(1, min(tiles, -(-TARGET_PROGRAMS // max(1, rows_x_heads))))
+    splits = max(1, min(tiles, -(-TARGET_PROGRAMS // max(1, rows_x_heads))), -(-tiles // (MAX_CHUNK // BLOCK_S)))
     chunk = -(-tiles // splits) * BLOCK_S
     return -(-kv_len // chunk), chunk
 
@@ -164,8 +171,9 @@ if HAS_TRITON:
     def decode_attention_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
                              scale: float) -> torch.Tensor:
         """``decode_attention`` with both kernels launched with programmatic dependent launch (an opaque op,
-        as ``kernels.fused_gemv_pdl``: Inductor's launcher has no PDL attribute)."""
-        return _launch(q, k, v, pos, window, scale, pdl=True)
+        as ``kernels.fused_gemv_pdl``: Inductor's launcher has no PDL attribute). Under the interpreter
+        it stands in for ``decode_attention`` without PDL (see ``kernels.fused_linear``)."""
+        return _launch(q, k, v, pos, window, scale, pdl=not INTERPRET)
 
     @decode_attention_pdl.register_fake
     def _decode_attention_pdl_fake(q, k, v, pos, window, scale):
@@ -173,9 +181,10 @@ if HAS_TRITON:
 
 
 def triton_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """CUDA, bf16/fp16, a power-of-two head size with unit stride (``tl.arange`` needs one)."""
+    """Where ``kernels.kernels_serve`` (CUDA bf16/fp16), a power-of-two head size with unit stride
+    (``tl.arange`` needs one). Any number of rows, each at its own position."""
     head_dim = q.shape[-1]
-    return (HAS_TRITON and q.is_cuda and q.dtype in FUSED_DTYPES and k.dtype == q.dtype
+    return (kernels_serve(q) and k.dtype == q.dtype
             and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
 
 
@@ -187,6 +196,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     """
     if triton_attention_applies(q, k):
         s = scale if scale is not None else q.shape[-1] ** -0.5
-        op = torch.ops.graphfix.decode_attention_pdl if pdl else torch.ops.graphfix.decode_attention
+        op = torch.ops.graphfix.decode_attention_pdl if pdl or INTERPRET else torch.ops.graphfix.decode_attention
         return op(q, k, v, pos, window or 0, s)
     return decode_attention_reference(q, k, v, pos, window, scale)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from graphfix.engine.protocol import StepModel, per_row_positions, supports_kv_len, supports_logits_index
+from graphfix.engine.protocol import StepModel, compile_key, per_row_positions, supports_kv_len, supports_logits_index
 from graphfix.engine.sampling import MODES, SamplingParams, sample
 from graphfix.errors import InputError
 from graphfix.rewrite.codeobj import own_code
@@ -206,6 +206,10 @@ class Generator:
     cache length (e.g. ``(256, 1024, 4096)``; the cache length is always the last): a step
     attends to the smallest bucket that holds every row's position, so a long cache costs
     short sequences nothing; ``None`` attends to the whole cache (one decode graph).
+
+    Compiled callables are kept per model ``compile_key`` (``protocol.compile_key``): a
+    ``LlamaDecoder`` switched with ``use_decode_kernels`` uses the graphs of its current setting,
+    so each setting warmed up once serves again without a recompile.
     """
 
     def __init__(self, model: StepModel, *, compile: bool = True, backend: str = "inductor",
@@ -273,8 +277,19 @@ class Generator:
 
         return sum(max(0, len(_debug_get_cache_entry_list(code)) - 1) for code in self._codes)
 
+    def _key(self, key: tuple) -> tuple:
+        """``key`` with the model's ``compile_key`` for the kinds that trace the model (not ``first``).
+
+        Dynamo guards a traced step on the model attributes it read (e.g. ``decode_kernels``): a
+        callable compiled under one setting fails its guards under another and recompiles. Keying
+        the callables (each its own code object, ``own_code``) by the setting gives every setting
+        its own graphs, so both can be warmed up and then used alternately with no recompile.
+        """
+        return key if key[0] == "first" else (*key, compile_key(self.model))
+
     def _fn(self, key: tuple) -> Callable:
-        fn = self._fns.get(key)
+        full = self._key(key)
+        fn = self._fns.get(full)
         if fn is None:
             kind = key[0]
             if kind == "prefill":
@@ -288,7 +303,7 @@ class Generator:
                 record = len(key) > 4 and key[4] == "record"
                 fn = self._compiled(_make_decode(self.model, key[2], self.model.max_seq_len - 1, key[3], record),
                                     self.cuda_graphs)
-            self._fns[key] = fn
+            self._fns[full] = fn
         return fn
 
     def _kv_len(self, needed: int) -> int | None:
@@ -510,7 +525,7 @@ class Generator:
                 below = [b for b in self.kv_buckets if b < kv]
                 start = below[-1] if below else 1  # decode positions start..start+2 land in this bucket
                 for mode in modes:
-                    if ("decode", batch, mode, kv) not in self._fns:
+                    if self._key(("decode", batch, mode, kv)) not in self._fns:
                         run(batch, start, mode, f"kv{kv}")
         self.reset()
         return timings

@@ -1,4 +1,4 @@
-"""Triton GEMV kernels for batch-1 decode: ``graphfix::gemv`` and ``graphfix::fused_gemv``.
+"""Triton GEMV kernels for decode steps of 1 to 16 rows: ``graphfix::gemv`` and ``graphfix::fused_gemv``.
 
 A decode step at batch 1 is a chain of matrix-vector products that stream every
 weight once: their speed is the achieved read bandwidth. On an H100 (torch 2.11,
@@ -7,6 +7,13 @@ card's 2.98 TB/s copy bandwidth (docs/benchmarks.md). The GEMV here is the answe
 to that: each program owns ``BLOCK_N`` output rows and walks ``K`` in ``BLOCK_K``
 tiles of 16-byte loads (weights marked evict-first, so they do not push the
 activations out of L2), accumulating in float32; tile sizes are autotuned per shape.
+
+``fused_gemv`` of 2 to ``MAX_ROWS`` rows (a batched decode step, one token per row) runs
+a skinny GEMM instead (``_rows_kernel``): each program still owns ``BLOCK_N`` output
+features and streams their weights once, and multiplies each weight tile with the
+tile of every row at once (``tl.dot`` with the rows padded to 16, fp32 accumulation),
+so a step of 8 rows reads the weights once, as a step of one does. The same
+prologues and epilogues apply per row.
 
 ``fused_gemv`` folds the small element-wise kernels around a linear into the GEMV,
 because at batch 1 each of them costs a launch and a round trip through memory
@@ -23,8 +30,9 @@ because at batch 1 each of them costs a launch and a round trip through memory
   GEMV input is ``silu(gate) * up``, each rounded to the dtype as eager does;
 - epilogue ``bias`` and ``residual``: ``(x @ w.T + bias).to(dtype) + residual``.
 
-``fused_linear`` is what the decoder calls: the Triton op for one row on CUDA in
-bf16/fp16, and ``fused_linear_reference`` (the same arithmetic in eager ops)
+``fused_linear`` is what the decoder calls: the Triton op for 1 to ``MAX_ROWS`` rows on
+CUDA in bf16/fp16 (and on CPU tensors under Triton's interpreter, for the tests), and
+``fused_linear_reference`` (the same arithmetic in eager ops)
 everywhere else, so the model's code path is the same on CPU and GPU and the CPU
 tests exercise it. ``gemv`` and ``fused_gemv`` are registered with
 ``torch.library.triton_op``, so ``torch.compile`` (fullgraph, CUDA graphs) keeps them as
@@ -53,11 +61,19 @@ HAS_TRITON = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 """Triton's interpreter (CPU tests): it cannot time configurations, so one fixed small tile is used."""
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
+MAX_ROWS = 16
+"""The most rows ``fused_gemv`` serves: the rows kernel pads them to one 16-row ``tl.dot`` operand. Above it a
+step is a GEMM, where cuBLAS wins."""
+ROW_BLOCK = 16
 
 CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages); the first three won the H200 sweep for N = 4096 (o, down)
     (4, 1024, 4, 3), (2, 1024, 4, 4), (8, 512, 8, 4),
     (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 128, 4, 4),
     (32, 256, 8, 3), (64, 128, 8, 3),
+]
+ROWS_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the rows kernel: BLOCK_N >= 16 (tl.dot's minimum)
+    (16, 256, 4, 4), (16, 512, 4, 3), (16, 1024, 8, 3), (32, 128, 4, 4), (32, 256, 4, 4), (32, 512, 8, 3),
+    (64, 128, 4, 4), (64, 256, 8, 3),
 ]
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -146,9 +162,114 @@ if HAS_TRITON:
         key=["N", "K", "NORM", "SILU", "BIAS", "RESIDUAL"],
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemv_kernel))
 
+    @triton.jit
+    def _rows_tile(acc, sq, w, x_ptr, nw_ptr, k, rk, rm, mask_m, K, stride_xm, dtype: tl.constexpr,
+                   NORM: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                   F32_DOT: tl.constexpr):
+        """One ``BLOCK_K`` step for every row: the prologue on the rows' slice (``(BLOCK_K, rows)``), then
+        ``acc += w @ x``. The dot's operands are in the weights' dtype (the prologue's result rounded to it),
+        accumulated in float32."""
+        if EVEN_K:
+            mask_k = rk < BLOCK_K
+        else:
+            mask_k = k + rk < K
+        mask = mask_k[:, None] & mask_m[None, :]
+        x_ptrs = x_ptr + rm[None, :] * stride_xm + (k + rk)[:, None]
+        if SILU:  # each row is [gate | up]: silu(gate) * up, each rounded to the dtype like eager
+            g = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_ptrs + K, mask=mask, other=0.0).to(tl.float32)
+            a = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+            xv = (a * u).to(dtype).to(tl.float32)
+        else:
+            xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            sq += tl.sum(xv * xv, axis=0)
+            xv = xv * tl.load(nw_ptr + k + rk, mask=mask_k, other=0.0).to(tl.float32)[:, None]
+        if F32_DOT:  # the same products in float32 (exact for bf16/fp16 operands), no TF32 rounding
+            acc = tl.dot(w.to(tl.float32), xv.to(w.dtype).to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xv.to(w.dtype), acc)
+        return acc, sq
+
+    @triton.jit
+    def _rows_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, b_ptr, res_ptr, M, N, K, stride_xm, stride_wn, eps,
+                     NORM: tl.constexpr, SILU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     F32_DOT: tl.constexpr, PDL: tl.constexpr):
+        """``_gemv_kernel`` for ``M`` rows (``M <= BLOCK_M``): each weight tile is read once for all of them.
+
+        The accumulator is ``(BLOCK_N, BLOCK_M)``: the weight tile is the dot's first operand, the rows'
+        slice (transposed by its load) the second, padded with zero rows up to ``BLOCK_M``.
+        """
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        rm = tl.arange(0, BLOCK_M)
+        mask_n = rn < N
+        mask_m = rm < M
+        dtype = out_ptr.dtype.element_ty
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # NORM: each row's sum of squares, gathered in the main loop
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        w = _weight_tile(w_ptrs, mask_n, 0, rk, K, EVEN_K)  # before the wait, as in _gemv_kernel (PDL)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc, sq = _rows_tile(acc, sq, w, x_ptr, nw_ptr, 0, rk, rm, mask_m, K, stride_xm, dtype, NORM, SILU,
+                             EVEN_K, BLOCK_K, F32_DOT)
+        for k in range(BLOCK_K, K, BLOCK_K):
+            w_ptrs += BLOCK_K
+            w = _weight_tile(w_ptrs, mask_n, k, rk, K, EVEN_K)
+            acc, sq = _rows_tile(acc, sq, w, x_ptr, nw_ptr, k, rk, rm, mask_m, K, stride_xm, dtype, NORM, SILU,
+                                 EVEN_K, BLOCK_K, F32_DOT)
+        if NORM:  # per row: w . (nw * x) * rstd
+            acc = acc * (1.0 / tl.sqrt(sq / K + eps))[None, :]
+        if BIAS:
+            acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        offsets = rm[None, :] * N + rn[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+        if RESIDUAL:
+            acc = acc.to(dtype).to(tl.float32) + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, acc.to(dtype), mask=mask)
+
+    rows_kernel_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                 for n, k, w, s in ROWS_CONFIGS],
+        key=["N", "K", "NORM", "SILU", "BIAS", "RESIDUAL"],  # not M: the weights' stream decides the tile
+    )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_rows_kernel))
+
+    def _launch_rows(x: torch.Tensor, w: torch.Tensor, nw: torch.Tensor | None, b: torch.Tensor | None, flags: dict,
+                     eps: float, residual: torch.Tensor | None, pdl: bool) -> torch.Tensor:
+        """``M`` rows (2 to ``MAX_ROWS``): ``x`` is ``(M, K)`` or ``(M, 2K)`` (SiLU), returns ``(M, N)``."""
+        m = x.shape[0]
+        n, k = w.shape
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        res = residual.reshape(m, n).contiguous() if residual is not None else out
+        nw, b = (out if t is None else t for t in (nw, b))
+        args = (x, w, out, nw, b, res, m, n, k, x.stride(0), w.stride(0), eps)
+        # float32 dots for fp32 weights, and in the interpreter, whose tl.dot multiplies bf16 as raw integer bits
+        fixed = {**flags, "BLOCK_M": ROW_BLOCK, "F32_DOT": INTERPRET or w.dtype == torch.float32}
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+        if INTERPRET:
+            tile = dict(INTERPRET_CONFIG, EVEN_K=k % INTERPRET_CONFIG["BLOCK_K"] == 0)
+            torch.library.wrap_triton(_rows_kernel)[grid(tile)](*args, **fixed, **tile, PDL=False)
+        elif pdl:
+            rows_kernel_tuned[grid](*args, **fixed, PDL=True, launch_pdl=True)
+        else:
+            torch.library.wrap_triton(rows_kernel_tuned)[grid](*args, **fixed, PDL=False)
+        return out
+
     def _launch(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
                 bias: torch.Tensor | None, residual: torch.Tensor | None, pdl: bool = False) -> torch.Tensor:
         n, k = w.shape
+        flags = {"NORM": norm_weight is not None, "SILU": silu, "BIAS": bias is not None,
+                 "RESIDUAL": residual is not None}
+        rows = x.shape[:-1].numel()
+        if rows > 1:
+            return _launch_rows(x.reshape(rows, -1).contiguous(), w, norm_weight, bias, flags, eps, residual, pdl)
         x = x.reshape(-1).contiguous()
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
         res = residual.reshape(-1).contiguous() if residual is not None else out
@@ -158,8 +279,6 @@ if HAS_TRITON:
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-        flags = {"NORM": norm_weight is not None, "SILU": silu, "BIAS": bias is not None,
-                 "RESIDUAL": residual is not None}
         if INTERPRET:
             tile = dict(INTERPRET_CONFIG, EVEN_K=k % INTERPRET_CONFIG["BLOCK_K"] == 0)
             torch.library.wrap_triton(_gemv_kernel)[grid(tile)](x, w, out, nw, b, res, n, k, w.stride(0), eps,
@@ -180,7 +299,7 @@ if HAS_TRITON:
     @torch.library.triton_op("graphfix::fused_gemv", mutates_args={})
     def fused_gemv(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
                    bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
-        """``fused_linear_reference`` for one row, as one kernel: returns ``(1, N)``."""
+        """``fused_linear_reference`` for 1 to ``MAX_ROWS`` rows of ``x`` (``(..., K)``), as one kernel: ``(rows, N)``."""
         return _launch(x, w, norm_weight, eps, silu, bias, residual)
 
     @torch.library.custom_op("graphfix::fused_gemv_pdl", mutates_args=())
@@ -198,7 +317,7 @@ if HAS_TRITON:
 
     @fused_gemv_pdl.register_fake
     def _fused_gemv_pdl_fake(x, w, norm_weight, eps, silu, bias, residual):
-        return x.new_empty((1, w.shape[0]))
+        return x.new_empty((x.shape[:-1].numel(), w.shape[0]))
 
 
 TILES_SCHEMA = 1
@@ -215,35 +334,61 @@ def tile_choices(device: torch.device | str = "cuda") -> dict | None:
     """
     if not HAS_TRITON or INTERPRET or not torch.cuda.is_available():
         return None
-    tiles = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-             for key, cfg in gemv_kernel_tuned.cache.items()]
+    tiles = [{"kernel": name, "key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps,
+              "num_stages": cfg.num_stages}
+             for name, tuner in _tuners().items() for key, cfg in tuner.cache.items()]
     return {"schema": TILES_SCHEMA, "triton": triton.__version__, "device": torch.cuda.get_device_name(device),
             "tiles": tiles}
 
 
+def _tuners() -> dict:
+    """The directly launched (PDL) kernels' autotuners by the name ``tile_choices`` files them under."""
+    return {"gemv": gemv_kernel_tuned, "rows": rows_kernel_tuned}
+
+
 def use_tile_choices(choices: dict, device: torch.device | str = "cuda") -> int:
-    """Give the autotuner ``tile_choices``'s tiles (same Triton and GPU only); returns how many it took."""
+    """Give the autotuners ``tile_choices``'s tiles (same Triton and GPU only); returns how many they took.
+
+    A tile without a ``kernel`` name (files written before the rows kernel) is the one-row GEMV's.
+    """
     if not HAS_TRITON or INTERPRET or not torch.cuda.is_available():
         return 0
     if (choices.get("schema"), choices.get("triton"), choices.get("device")) != (
             TILES_SCHEMA, triton.__version__, torch.cuda.get_device_name(device)):
         return 0
-    offered = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages): c for c in gemv_kernel_tuned.configs}
+    tuners = _tuners()
+    offered = {name: {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages): c for c in t.configs}
+               for name, t in tuners.items()}
     taken = 0
     for tile in choices.get("tiles", []):
-        config = offered.get((tile["kwargs"].get("BLOCK_N"), tile["kwargs"].get("BLOCK_K"), tile["num_warps"],
-                              tile["num_stages"]))
+        name = tile.get("kernel", "gemv")
+        config = offered.get(name, {}).get((tile["kwargs"].get("BLOCK_N"), tile["kwargs"].get("BLOCK_K"),
+                                            tile["num_warps"], tile["num_stages"]))
         if config is None:
-            continue  # a tile this version no longer offers: let the autotuner choose again
-        gemv_kernel_tuned.cache.setdefault(tuple(tile["key"]), config)
+            continue  # a tile (or kernel) this version no longer offers: let the autotuner choose again
+        tuners[name].cache.setdefault(tuple(tile["key"]), config)
         taken += 1
     return taken
 
 
-def triton_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the Triton GEMV serves this call: one row, CUDA, bf16/fp16, unit stride along K."""
-    return (HAS_TRITON and x.is_cuda and x.dtype == weight.dtype and weight.dtype in FUSED_DTYPES
-            and weight.stride(1) == 1 and x.shape[:-1].numel() == 1)
+def kernels_serve(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on ``t``'s device and dtype: CUDA tensors in bf16/fp16; under Triton's
+    interpreter (``TRITON_INTERPRET=1``: the CPU tests), CPU tensors in bf16/fp16/fp32, so that the decoder's
+    kernel path runs the kernels' own code on a machine without a GPU."""
+    if not HAS_TRITON:
+        return False
+    if t.is_cuda:
+        return t.dtype in FUSED_DTYPES
+    return INTERPRET and t.device.type == "cpu" and t.dtype in (*FUSED_DTYPES, torch.float32)
+
+
+def triton_gemv_applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 1) -> bool:
+    """Whether the Triton GEMV serves this call: 1 to ``max_rows`` rows where ``kernels_serve``, unit stride along K.
+
+    ``GemvLinear`` (the plain GEMV) serves one row; ``fused_linear`` up to ``MAX_ROWS``.
+    """
+    return (kernels_serve(x) and x.dtype == weight.dtype and weight.stride(1) == 1
+            and 1 <= x.shape[:-1].numel() <= max_rows)
 
 
 def pdl_supported(device: torch.device | str) -> bool:
@@ -256,13 +401,16 @@ def pdl_supported(device: torch.device | str) -> bool:
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
                  eps: float = 0.0, silu: bool = False, bias: torch.Tensor | None = None,
                  residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
-    """``linear(prologue(x)) + epilogue``: one Triton kernel where it applies, the eager reference elsewhere.
+    """``linear(prologue(x)) + epilogue``: one Triton kernel where it applies (1 to ``MAX_ROWS`` rows of ``x``,
+    ``triton_gemv_applies``), the eager reference elsewhere.
 
     ``pdl``: launch it with programmatic dependent launch (``graphfix::fused_gemv_pdl``); the
     caller decides once with ``pdl_supported``, so the traced graph holds no device query.
     """
-    if triton_gemv_applies(x, weight):
-        op = torch.ops.graphfix.fused_gemv_pdl if pdl else torch.ops.graphfix.fused_gemv
+    if triton_gemv_applies(x, weight, MAX_ROWS):
+        # under the interpreter, the opaque op: a traced triton_op runs its body on fake tensors, which the
+        # interpreter cannot launch on (its launch ignores pdl there)
+        op = torch.ops.graphfix.fused_gemv_pdl if pdl or INTERPRET else torch.ops.graphfix.fused_gemv
         out = op(x, weight, norm_weight, eps, silu, bias, residual)
         return out.view(*x.shape[:-1], weight.shape[0])
     return fused_linear_reference(x, weight, norm_weight=norm_weight, eps=eps, silu=silu, bias=bias,

@@ -40,7 +40,10 @@ class StepModel(Protocol):
       ``logits_index`` (``LongTensor[B]``) and returns ``logits[B, 1, V]`` of only that
       column per row (prefill then skips the LM head for the other columns);
     - ``supports_kv_len`` (default ``False``): ``step`` takes a keyword ``kv_len`` (a static
-      int): attend to the first ``kv_len`` cache slots only (decode length buckets).
+      int): attend to the first ``kv_len`` cache slots only (decode length buckets);
+    - ``compile_key`` (default ``None``): a hashable value naming what ``step`` traces besides
+      its tensors (e.g. ``LlamaDecoder``'s decode-kernel setting). The engine compiles a separate
+      set of callables per value, so a model switched between settings never recompiles.
     """
 
     max_batch_size: int
@@ -65,3 +68,8 @@ def supports_logits_index(model: object) -> bool:
 
 def supports_kv_len(model: object) -> bool:
     return bool(getattr(model, "supports_kv_len", False))
+
+
+def compile_key(model: object) -> object:
+    """The model's ``compile_key`` now (``None`` when it has none): the engine's compiled callables are keyed by it."""
+    return getattr(model, "compile_key", None)

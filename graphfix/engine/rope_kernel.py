@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from graphfix.engine.kernels import FUSED_DTYPES, HAS_TRITON
+from graphfix.engine.kernels import HAS_TRITON, kernels_serve
 from graphfix.rewrite.blocks.rope import apply_rotary_half, apply_rotary_interleaved
 
 if HAS_TRITON:
@@ -118,9 +118,10 @@ if HAS_TRITON:
 
 
 def triton_rope_applies(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """CUDA, bf16/fp16, one token per row, a power-of-two head size, unit stride along the head dim."""
+    """Where ``kernels.kernels_serve`` (CUDA bf16/fp16), one token per row (any number of rows, each at its own
+    position), a power-of-two head size, unit stride along the head dim."""
     head_dim = k_cache.shape[-1]
-    return (HAS_TRITON and qkv.is_cuda and qkv.dtype in FUSED_DTYPES and k_cache.dtype == qkv.dtype
+    return (kernels_serve(qkv) and k_cache.dtype == qkv.dtype
             and head_dim >= 2 and head_dim & (head_dim - 1) == 0 and qkv.dim() == 3 and qkv.shape[1] == 1
             and qkv.stride(-1) == 1 and k_cache.stride(-1) == 1)
 

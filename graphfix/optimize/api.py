@@ -121,7 +121,7 @@ def optimize(
     cuda_graphs: bool | None = None,
     pass_options: dict[str, Any] | None = None,
     name: str | None = None,
-    keep_if_slower: bool = True,
+    keep_if_slower: bool | None = None,
     progress: Progress | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place so that it compiles clean, compile it, and verify it.
@@ -138,6 +138,7 @@ def optimize(
     (default: on CUDA with inductor). ``pass_options``: ``PassContext.options``. ``keep_if_slower``: when the
     verification's timed run of the optimized model is slower than the original's (timed the same way, warm),
     the original is kept and the summary says so (never slower by default; runs too short to time are not judged).
+    Default: on with ``inductor`` (a backend for speed), off with ``eager``/``aot_eager`` (backends for checking).
     Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
@@ -165,6 +166,8 @@ def optimize(
     backend = backend or default_backend(run_device)
     if cuda_graphs is None:
         cuda_graphs = run_device.type == "cuda" and backend == "inductor"
+    if keep_if_slower is None:
+        keep_if_slower = backend == "inductor"
     seq_len = _max_seq_len(model, kind, max_seq_len)
     if prompt is None and user_driver is None:
         prompt = prompt_tokens(model, prefill_tokens, 1)
