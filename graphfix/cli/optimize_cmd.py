@@ -60,7 +60,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diagnose-steps", type=int, default=4, help="decode steps of the before/after diagnoses")
     p.add_argument("--no-diagnose", action="store_true", help="skip the before/after diagnoses")
     p.add_argument("--inductor-scan", action="store_true", help="also list Inductor's ATen fallbacks (slow)")
-    p.add_argument("--tolerance", type=float, default=None, help="parity tolerance (max |err| / logit scale)")
+    p.add_argument("--parity-reference", default="auto", choices=["auto", "float64", "float32", "none"],
+                   help="precision of the original's reference run that parity is measured against (auto: by size)")
+    p.add_argument("--parity-multiplier", type=float, default=None,
+                   help="parity passes when e_opt <= multiplier * e_orig + floor (default 2, 3 in bf16/fp16)")
+    p.add_argument("--parity-floor", type=float, default=None,
+                   help="the floor of that bound, relative RMS (default a tenth of the fixed tolerance)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="fixed parity tolerance (max |err| / logit scale), used only without a reference run")
     p.add_argument("--format", default="text", choices=["text", "json"])
     p.add_argument("--output", "-o", help="write the table or JSON to FILE instead of stdout")
 
@@ -92,7 +99,8 @@ def run_optimize(args: argparse.Namespace) -> int:
             loaded.model, driver=driver, prompt=prompt, passes=args.passes, max_seq_len=args.max_seq_len,
             max_batch_size=args.max_batch_size, device=args.device, backend=args.backend, verify=verify, prefill_tokens=args.prefill,
             decode_steps=args.decode_steps, diagnose_steps=args.diagnose_steps, diagnose=not args.no_diagnose,
-            inductor_scan=args.inductor_scan, tolerance=args.tolerance, name=loaded.name, progress=say,
+            inductor_scan=args.inductor_scan, tolerance=args.tolerance, parity_reference=args.parity_reference,
+            parity_multiplier=args.parity_multiplier, parity_floor=args.parity_floor, name=loaded.name, progress=say,
         )
     say(f"done in {result.seconds:.1f}s")
     write_output(result.to_json() if args.format == "json" else result.summary(), args.output)
