@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from graphfix.cli.preflight import DTYPE_HELP, DTYPES
@@ -45,12 +46,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the conversion described by ``args``; prints one summary line. Returns the exit code."""
+    """Run the conversion described by ``args``; prints one summary line. Returns the exit code.
+
+    Warnings (an ignored sidecar, a tokenizer that could not be exported) are
+    printed as one ``graphfix: warning:`` line each on stderr, not as Python's
+    two-line ``file:line: UserWarning`` form.
+    """
     start = time.perf_counter()
     src_format, _ = detect_format(args.src)
-    dst = convert(args.src, args.dst, to=args.to, shards=args.shards, dtype=args.dtype, overwrite=args.overwrite,
-                  progress=not getattr(args, "quiet", False), max_shard_size=args.max_shard_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _one_line_warning
+        dst = convert(args.src, args.dst, to=args.to, shards=args.shards, dtype=args.dtype, overwrite=args.overwrite,
+                      progress=not getattr(args, "quiet", False), max_shard_size=args.max_shard_size)
     size = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
     print(f"converted {src_format} -> {args.to}: {dst} ({human_bytes(size)} in {time.perf_counter() - start:.1f} s)")
     sys.stdout.flush()
     return 0
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    if issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+        return  # third-party deprecations are not the user's business here
+    text = " ".join(str(message).split())
+    print(f"graphfix: warning: {text}", file=sys.stderr)

@@ -228,9 +228,10 @@ def load_gguf(path: Path, *, dtype: torch.dtype, name: str | None = None) -> Loa
 
 def load_meta_checkpoint(path: Path, *, dtype: torch.dtype) -> LoadedModel:
     """Meta's reference ``Transformer`` (fairscale, world size 1) with the checkpoint's weights."""
-    from graphfix.diagnose.meta_loader import build_meta_transformer, read_meta_state_dict
+    from graphfix.diagnose.meta_loader import build_meta_transformer, read_meta_state_dict, validate_meta_checkpoint
     from graphfix.diagnose.validate import check_meta_checkpoint
 
+    validate_meta_checkpoint(path, dtype=dtype)  # headers and sizes, before anything is allocated
     params = read_json(path / "params.json")
     state = read_meta_state_dict(path)  # memory-mapped: the shapes are known, nothing is read yet
     shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
