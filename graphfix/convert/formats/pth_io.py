@@ -164,8 +164,11 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a plain tensor checkpoint ({_refused(str(exc))}), so it was not loaded; "
                          "graphfix reads only files of plain tensors: get the checkpoint from its original source") from None
     except Exception as exc:  # noqa: BLE001 - zip and format errors all mean a damaged file
-        text = str(exc).strip().splitlines()
-        msg = text[0] if text and "weights_only" not in text[0] else type(exc).__name__
+        from graphfix.diagnose.validate import first_sentence
+
+        msg = first_sentence(str(exc)) or type(exc).__name__
+        if "weights_only" in msg:
+            msg = type(exc).__name__
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({msg}); it is truncated or corrupt: "
                          "re-download it") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
