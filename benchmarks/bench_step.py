@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = None
         for name, option in OPTIONS.items():
             gemv, rope, attention = option or (False, False, False)
-            dec.use_decode_kernels(option is not None, pdl=gemv)
+            dec.use_decode_kernels(option is not None, pdl=gemv, max_rows=max(batches))
             if gemv and not dec.decode_pdl:
                 print(f"{name:14s} skipped: PDL needs an sm_90+ GPU")
                 continue
