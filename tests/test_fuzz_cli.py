@@ -92,6 +92,16 @@ def hf_config_text(z: Zoo, tmp: Path, text: str) -> Path:
     return dst
 
 
+def bare_config(tmp: Path, **changes) -> Path:
+    """A lone config.json (no weights: built on the meta device, where memory bounds nothing)."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 128, "max_position_embeddings": 64, **changes}
+    path = tmp / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 def meta_copy(z: Zoo, tmp: Path, params: object = None, **changes) -> Path:
     dst = tmp / "meta"
     dst.mkdir()
@@ -200,7 +210,9 @@ CASES = [
     Case("eps-string", lambda z, t: ["report", str(hf_copy(z, t, rms_norm_eps="tiny"))],
          "rms_norm_eps must be a positive number"),
     Case("hidden-1e9-with-weights", lambda z, t: ["report", str(hf_copy(z, t, hidden_size=10**9, head_dim=16))],
-         "does not match the weights"),
+         "more than any model has"),
+    Case("hidden-1e9-bare-config", lambda z, t: ["report", str(bare_config(t, hidden_size=10**9))],
+         "more than any model has"),
     Case("wrong-hidden", lambda z, t: ["report", str(hf_copy(z, t, hidden_size=128))],
          "does not match the weights"),
     Case("unsupported-arch", lambda z, t: ["report", str(hf_copy(z, t, model_type="bert"))], "not supported"),

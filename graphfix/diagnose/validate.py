@@ -136,6 +136,25 @@ def _divides(heads: int, heads_key: str, width: int, width_key: str, where: str)
                          hint=f"{width_key} must be a multiple of {heads_key}; fix the file")
 
 
+MAX_PARAMETERS = 10**13
+"""Ten times the largest published model: a config above it is a typo (a bare config builds on the meta device,
+where nothing bounds it by memory, and Dynamo would trace it for minutes)."""
+
+
+def _plausible_size(data: Mapping[str, Any], where: str) -> None:
+    """Refuse sizes no model has: the parameter count the config implies, above ``MAX_PARAMETERS``."""
+    hidden, layers = data.get("hidden_size"), data.get("num_hidden_layers")
+    if not isinstance(hidden, int) or not isinstance(layers, int):
+        return
+    inter = data.get("intermediate_size") if isinstance(data.get("intermediate_size"), int) else 4 * hidden
+    vocab = data.get("vocab_size") if isinstance(data.get("vocab_size"), int) else 0
+    params = 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter)
+    if params > MAX_PARAMETERS:
+        raise InputError(f"{where}: hidden_size {hidden} x num_hidden_layers {layers} describes a model of about "
+                         f"{params:.1e} parameters, more than any model has",
+                         hint="fix hidden_size / intermediate_size / num_hidden_layers in the file")
+
+
 def check_hf_config(data: Any, where: str) -> None:
     """Types and ranges of the fields of an HF ``config.json`` that shape a Llama-style model."""
     if not isinstance(data, dict):
@@ -153,6 +172,7 @@ def check_hf_config(data: Any, where: str) -> None:
         _divides(heads, "num_attention_heads", hidden, "hidden_size", where)
     if kv is not None and isinstance(heads, int):
         _divides(kv, "num_key_value_heads", heads, "num_attention_heads", where)
+    _plausible_size(data, where)
     for key in ("bos_token_id", "pad_token_id"):
         _whole(data, key, where, minimum=0)
     eos = data.get("eos_token_id")
