@@ -38,8 +38,10 @@ def truncated_draft(target: LlamaDecoder, n_layers: int, max_batch_size: int | N
     draft.layers = nn.ModuleList(list(target.layers[:n_layers]))
     draft.norm, draft.output = target.norm, target.output
     draft = _own_caches(draft)
-    # the target's decode-kernel setting (the draft's one-token steps are decode steps too)
-    draft.decode_kernels, draft.decode_pdl, draft.decode_rope = target.decode_kernels, target.decode_pdl, target.decode_rope
+    # the target's decode-kernel settings (every ``decode_*`` attribute: the draft's one-token steps are decode steps)
+    for name, value in vars(target).items():
+        if name.startswith("decode_"):
+            setattr(draft, name, value)
     return draft.eval().allocate(max_batch_size or target.max_batch_size, max_seq_len or target.max_seq_len)
 
 

@@ -14,79 +14,30 @@ as the transpose of the last two dims of a 4-D tensor, and a softmax over ``dim=
 scores (negative dims and einsum subscripts need no assumption); a tensor *added* to the scores is a float mask
 (a bool tensor added to scores adds 0 or 1, where SDPA would read it as keep or drop). Every attention we know
 writes them so.
+
+What a match finds is in ``graphfix.rewrite.attention_site`` (``Site``, ``NoMatch``, and the SDPA mask and scale
+made from the parts found); which dims are which (einsum subscripts, the transposed key) in
+``graphfix.rewrite.attention_layouts``. Both are re-exported here.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
-import math
 
 import torch
 
 from graphfix.rewrite import dataflow
 from graphfix.rewrite.attention_forms import Forms, Product, Step, method_call, negated, peek, permuted, written_name
+from graphfix.rewrite.attention_layouts import Permute, einsum_output, einsum_scores, untransposed
+from graphfix.rewrite.attention_site import WHERE, MaskPart, NoMatch, Removal, Site, no_match, sdpa_mask, sdpa_scale
 from graphfix.rewrite.blocks import source_rewrite as sr
 from graphfix.rewrite.scope_facts import MAX_DEPTH, constant_value, int_constant
 
-WHERE = "_graphfix_where"
-"""The name a combined boolean-and-additive mask calls ``torch.where`` by (the rewrite binds it)."""
-
-
-class NoMatch(Exception):
-    """The construct is attention, but one part of it is not something SDPA expresses; the message says which."""
-
-    def __init__(self, line: int | None, what: str) -> None:
-        super().__init__(f"line {line}: {what}" if line else what)
-        self.line = line
-        self.what = what
-        self.softmax: ast.Call | None = None
-        """The softmax of the attention that did not match, when known (so it is reported once)."""
+__all__ = ["WHERE", "MaskPart", "Matcher", "NoMatch", "Removal", "Site"]
 
 
 class _QueryReadElsewhere(NoMatch):
     """The scaled query, folded into SDPA's scale, is read elsewhere too: match again with it as a plain operand."""
-
-
-@dataclasses.dataclass
-class MaskPart:
-    """One mask applied to the scores: additive, or boolean with True where a query may attend."""
-
-    expr: ast.expr
-    boolean: bool
-    condition: ast.expr | None = None
-    """Applied only when this holds (the mask was added under ``if <condition>:``)."""
-
-
-@dataclasses.dataclass
-class Site:
-    """A matched attention: where it is, the SDPA arguments, and what the rewrite removes."""
-
-    body: list[ast.stmt]
-    stmt: ast.stmt
-    """The statement of ``body`` that computes the output (the product is replaced there)."""
-    product: ast.expr
-    softmax: ast.Call
-    query: ast.expr
-    key: ast.expr
-    value: ast.expr
-    output_perm: tuple[int, ...] | None
-    """How the SDPA output's dims map to the original output's (``None``: the same layout)."""
-    attn_mask: ast.expr | None
-    scale: ast.expr
-    dropout_p: ast.expr | None
-    removed: list[Removal]
-    upcast: bool
-    """The original computed the softmax in float32 (and cast back)."""
-
-
-@dataclasses.dataclass
-class Removal:
-    """A statement the rewrite deletes from ``block``; when it empties the body of ``outer`` (an ``if``), that goes."""
-
-    block: list[ast.stmt]
-    stmt: ast.stmt
-    outer: ast.If | None = None
 
 
 class Matcher:
@@ -146,7 +97,7 @@ class _Walk:
         self.folded_query: str | None = None
 
     def fail(self, node: ast.AST, what: str) -> NoMatch:
-        return NoMatch(getattr(node, "lineno", None), what)
+        return no_match(node, what)
 
     def follow(self, name: ast.Name, at: int) -> Step:
         """The step that wrote intermediate ``name``; it joins the statements the rewrite removes."""
@@ -179,39 +130,15 @@ class _Walk:
         if product.kind == "bmm":
             self.rank = 3
         if product.kind == "einsum":
-            value_in, output_perm = self._einsum_output(node, product.spec, position, value)
+            self.rank, v_perm, output_perm = einsum_output(node, product.spec, position)
+            value_in = permuted(value, v_perm)
         softmax, dropout_p = self._probabilities(probs, self.index)
         query, key = self._scores(softmax)
         self._check_reads()
         self._check_moves()
         return Site(self.body, self.body[self.index], node, softmax[0], query, key, value_in, output_perm,
-                    self._attn_mask(), self._scale_expr(), dropout_p, self.removed, self.upcast)
-
-    def _attn_mask(self) -> ast.expr | None:
-        """One SDPA mask for every mask the scores got: a sum of additive ones, an AND of boolean ones."""
-        parts = self.masks
-        if not parts:
-            return None
-        if len(parts) == 1:
-            part = parts[0]
-            if part.condition is None or (_tests_not_none(part.condition, part.expr) and not part.boolean):
-                return part.expr
-            return ast.IfExp(test=part.condition, body=part.expr, orelse=ast.Constant(None))
-        if any(p.condition is not None for p in parts):
-            raise NoMatch(parts[0].expr.lineno, "several masks, one of them under `if`: no single SDPA mask")
-        additive = _joined([p.expr for p in parts if not p.boolean], ast.Add())
-        keep = _joined([p.expr for p in parts if p.boolean], ast.BitAnd())
-        if keep is None or additive is None:
-            return keep or additive
-        where = ast.Name(id=WHERE, ctx=ast.Load())
-        return ast.Call(func=where, args=[keep, additive, ast.Constant(-math.inf)], keywords=[])
-
-    def _scale_expr(self) -> ast.expr:
-        """SDPA's ``scale``: the product of the factors over the product of the divisors (1.0 when none)."""
-        scale = _joined(self.scale_num, ast.Mult()) or ast.Constant(1.0)
-        for divisor in self.scale_den:
-            scale = ast.BinOp(left=scale, op=ast.Div(), right=divisor)
-        return scale
+                    sdpa_mask(self.masks), sdpa_scale(self.scale_num, self.scale_den), dropout_p, self.removed,
+                    self.upcast)
 
     def _check_reads(self) -> None:
         """The values the chain computes must be read only along it (weights returned or stored: no rewrite)."""
@@ -240,24 +167,6 @@ class _Walk:
             if reason:
                 raise NoMatch(getattr(expr, "lineno", None), f"{reason}, so it cannot move down to the attention "
                                                              f"output at line {self.body[self.index].lineno}")
-
-    def _einsum_output(self, node: ast.expr, spec: tuple[str, str, str], position: int,
-                       value: ast.expr) -> tuple[ast.expr, tuple[int, ...]]:
-        p_spec, v_spec, o_spec = (spec[0], spec[1], spec[2]) if position == 0 else (spec[1], spec[0], spec[2])
-        _check_letters(self, node, p_spec, v_spec, o_spec)
-        batch, q_letter, k_letter = p_spec[:-2], p_spec[-2], p_spec[-1]
-        extra = set(v_spec) & set(o_spec) - set(p_spec)
-        if len(extra) != 1:
-            raise self.fail(node, f"einsum `{','.join(spec[:2])}->{spec[2]}` has no single value dim")
-        e = extra.pop()
-        if set(v_spec) != set(batch) | {k_letter, e} or set(o_spec) != set(batch) | {q_letter, e} \
-                or len(o_spec) != len(p_spec):
-            raise self.fail(node, f"einsum `{','.join(spec[:2])}->{spec[2]}` is not probabilities times values "
-                                  f"over the last dim `{k_letter}`")
-        self.rank = len(p_spec)
-        v_perm = tuple(v_spec.index(c) for c in batch + k_letter + e)
-        canonical = batch + q_letter + e
-        return permuted(value, v_perm), tuple(canonical.index(c) for c in o_spec)
 
     # --- probabilities --------------------------------------------------------------------------
 
@@ -419,11 +328,12 @@ class _Walk:
 
     def _qk(self, product: Product, at: int) -> tuple[ast.expr, ast.expr]:
         if product.kind == "einsum":
-            query, key = self._einsum_scores(product)
+            query, key, self.rank = einsum_scores(product, self.rank)
         else:
             if product.kind == "bmm":
                 self.rank = 3
-            query, key = product.left, self._untransposed(product.right)
+            query = product.left
+            key, self.rank = untransposed(self.fn, product.right, self.rank)
         query = self._query(query, at)
         for operand, role in ((query, "q"), (key, "k")):
             self._check_not_cast(operand, role, at)
@@ -447,62 +357,9 @@ class _Walk:
             raise self.fail(operand, f"{role} is cast (`{ast.unparse(written)}`) for the product: SDPA takes q, k, v "
                                      "in one dtype")
 
-    def _einsum_scores(self, product: Product) -> tuple[ast.expr, ast.expr]:
-        a_spec, b_spec, s_spec = product.spec
-        _check_letters(self, product.left, a_spec, b_spec, s_spec)
-        q_letter, k_letter = s_spec[-2], s_spec[-1]
-        if q_letter in a_spec and k_letter in b_spec:
-            (q, q_spec), (k, k_spec) = (product.left, a_spec), (product.right, b_spec)
-        elif q_letter in b_spec and k_letter in a_spec:
-            (q, q_spec), (k, k_spec) = (product.right, b_spec), (product.left, a_spec)
-        else:
-            raise self.fail(product.left, f"einsum `{a_spec},{b_spec}->{s_spec}` does not end in query, key dims")
-        batch = s_spec[:-2]
-        head = set(q_spec) & set(k_spec) - set(s_spec)
-        if len(head) != 1:
-            raise self.fail(product.left, f"einsum `{a_spec},{b_spec}->{s_spec}` does not contract one head dim")
-        d = head.pop()
-        if set(q_spec) != set(batch) | {q_letter, d} or set(k_spec) != set(batch) | {k_letter, d} \
-                or k_letter in q_spec or q_letter in k_spec:
-            raise self.fail(product.left, f"einsum `{a_spec},{b_spec}->{s_spec}` is not q·kᵀ over batch dims "
-                                          f"`{batch}`")
-        if self.rank is not None and self.rank != len(s_spec):
-            raise self.fail(product.left, "the scores and the output have different ranks")
-        self.rank = len(s_spec)
-        q_perm = tuple(q_spec.index(c) for c in batch + q_letter + d)
-        k_perm = tuple(k_spec.index(c) for c in batch + k_letter + d)
-        return _Permute(q, q_perm), permuted(k, k_perm)
-
-    def _untransposed(self, kt: ast.expr) -> ast.expr:
-        """``k`` from ``k.transpose(-2, -1)``, ``.mT``, ``.permute(0, 1, 3, 2)``; else ``kt.transpose(-2, -1)``
-        (exact for any operand)."""
-        if isinstance(kt, ast.Attribute) and kt.attr == "mT":
-            return kt.value
-        call = method_call(kt, "transpose", "swapaxes", "swapdims", "permute")
-        receiver, dims = None, None
-        if call is not None and not call.keywords:
-            receiver, dims = call.func.value, [int_constant(a) for a in call.args]
-        elif isinstance(kt, ast.Call) and sr.resolve(self.fn, kt.func) is torch.transpose and len(kt.args) == 3:
-            receiver, dims = kt.args[0], [int_constant(a) for a in kt.args[1:]]
-        if receiver is not None and None not in dims:
-            if call is not None and call.func.attr == "permute":
-                rank = len(dims)
-                if dims == list(range(rank - 2)) + [rank - 1, rank - 2] and self.rank in (None, rank):
-                    self.rank = rank
-                    return receiver
-            elif len(dims) == 2 and sorted(dims) == [-2, -1]:
-                return receiver
-            elif len(dims) == 2 and min(dims) >= 0 and abs(dims[0] - dims[1]) == 1:
-                rank = max(dims) + 1
-                if self.rank in (None, rank):
-                    self.rank = rank
-                    return receiver
-        return ast.Call(func=ast.Attribute(value=kt, attr="transpose", ctx=ast.Load()),
-                        args=[ast.Constant(-2), ast.Constant(-1)], keywords=[])
-
     def _query(self, query: ast.expr, at: int) -> ast.expr:
         """Fold a scale applied to q (``(q * s) @ kᵀ``, or ``q = q * s`` just before) into SDPA's scale."""
-        permute = query if isinstance(query, _Permute) else None
+        permute = query if isinstance(query, Permute) else None
         inner = permute.expr if permute else query
         folded = self._query_scale(inner, at)
         if folded is None and isinstance(inner, ast.Name) and self.fold_named_query:
@@ -530,33 +387,3 @@ class _Walk:
             return q
         self._factor(factor, isinstance(expr.op, ast.Div), at, expr)
         return q
-
-
-@dataclasses.dataclass
-class _Permute:
-    """A query operand that still needs a permutation (einsum scores), kept apart so a scale on it can fold."""
-
-    expr: ast.expr
-    perm: tuple[int, ...]
-
-
-def _joined(exprs: list[ast.expr], op: ast.operator) -> ast.expr | None:
-    if not exprs:
-        return None
-    joined = exprs[0]
-    for expr in exprs[1:]:
-        joined = ast.BinOp(left=joined, op=op, right=expr)
-    return joined
-
-
-def _tests_not_none(test: ast.expr, expr: ast.expr) -> bool:
-    """Whether ``test`` is ``expr is not None`` for the name ``expr`` (then ``expr if test else None`` is ``expr``)."""
-    return (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.IsNot)
-            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value is None
-            and isinstance(test.left, ast.Name) and isinstance(expr, ast.Name) and test.left.id == expr.id)
-
-
-def _check_letters(walk: _Walk, node: ast.AST, *specs: str) -> None:
-    for spec in specs:
-        if not spec.isalpha() or len(set(spec)) != len(spec):
-            raise walk.fail(node, f"einsum operand `{spec}` uses `...`, a repeated letter or a non-letter")
