@@ -123,6 +123,10 @@ def load_hf_dir(path: Path, *, dtype: torch.dtype) -> LoadedModel:
 
     config = read_json(path / "config.json")
     _check_architecture(config.get("model_type"), path / "config.json")
+    from graphfix.quant.checkpoint import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(path):  # graphfix convert --quantize: packed weights, loaded as they are
+        return LoadedModel(load_quantized(path, dtype=dtype), path.name, "hf (quantized)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as exc:  # transformers raises many types for bad checkpoints
