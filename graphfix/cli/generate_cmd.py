@@ -52,6 +52,9 @@ def add_parser(subparsers: Any) -> None:
                    help="decode of 1 to 16 rows through graphfix's Triton kernels (norm/SiLU/residual folded into the GEMVs, "
                         "split-KV attention); their eager references off CUDA")
     p.add_argument("--unfused", action="store_true", help="keep q/k/v and gate/up as separate linears")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="weight-only int8, int4 or int4:G (G = 32, 64, 128) (docs/quantization.md); a checkpoint "
+                        "written by 'graphfix convert --quantize' is already quantized")
     p.add_argument("--max-seq-len", type=int, default=None, help="cache length (default: longest prompt + new tokens)")
     p.add_argument("--cache-dir", default=None, help="persistent compile cache (warm starts)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (batch 1)")
@@ -143,7 +146,7 @@ def run_generate(args: argparse.Namespace) -> int:
         key = {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model, "dtype": str(dtype),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "backend": backend, "cuda_graphs": not args.no_cuda_graphs, "unfused": args.unfused,
-               "triton_gemv": args.triton_gemv, "decode_kernels": args.decode_kernels}
+               "triton_gemv": args.triton_gemv, "decode_kernels": args.decode_kernels, "quantize": args.quantize}
         CompileCache(args.cache_dir, key=key).activate()
     tokenizer = _tokenizer(args.model) if args.prompt else None
     rows = _prompts(args, tokenizer)
@@ -152,6 +155,10 @@ def run_generate(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     seq = args.max_seq_len or max(len(r) for r in rows) + args.max_new_tokens
     step_model = build_step_model(model, len(rows), seq, fuse=not args.unfused)
+    if args.quantize:
+        from graphfix.quant import quantize
+
+        _say(args, quantize(step_model, args.quantize).summary())
     if args.triton_gemv:
         use_triton_gemv(step_model)
     if args.decode_kernels:

@@ -123,6 +123,7 @@ def optimize(
     name: str | None = None,
     keep_if_slower: bool | None = None,
     progress: Progress | None = None,
+    quantize: str | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place so that it compiles clean, compile it, and verify it.
 
@@ -139,7 +140,9 @@ def optimize(
     verification's timed run of the optimized model is slower than the original's (timed the same way, warm),
     the original is kept and the summary says so (never slower by default; runs too short to time are not judged).
     Default: on with ``inductor`` (a backend for speed), off with ``eager``/``aot_eager`` (backends for checking).
-    Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
+    ``quantize``: ``"int8"``, ``"int4"`` or ``"int4:64"``: weight-only quantization of the linears (``graphfix.quantize``)
+    after the reference run; verified against the unquantized original with a tolerance derived from the measured
+    quantization error (``optimize.quantized``). Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
@@ -149,6 +152,10 @@ def optimize(
     if decode_steps < 1 or prefill_tokens < 2:
         raise InputError("decode_steps must be at least 1 and prefill_tokens at least 2")
     names = _explicit_passes(passes)  # validate names before any work
+    if quantize:
+        from graphfix.quant.scheme import parse_scheme
+
+        parse_scheme(quantize)  # a bad scheme name fails before the reference run
     kind = _kind_of(model)
     user_driver = None if driver is None else driver_from(driver, model, prefill_tokens=prefill_tokens,
                                                           decode_steps=decode_steps)
@@ -201,6 +208,14 @@ def optimize(
     state = OptimizedState(model=model, kind=kind, reference=reference, dtype=run_dtype, max_seq_len=seq_len,
                            backend=backend if compile else None, driver=loop)
     try:
+        if quantize:
+            from graphfix.optimize.quantized import quantize_for_optimize
+
+            state.quantization = quantize_for_optimize(model, quantize, runner, reference, prompt, loop_steps,
+                                                       run_dtype)
+            notes.append(f"weights quantized to {state.quantization.scheme} ({state.quantization.modules} linears); "
+                         f"{state.quantization.basis()}")
+            say(notes[-1])
         ctx = PassContext(max_seq_len=seq_len, max_batch_size=max_batch_size, dtype=dtype, device=device,
                           options=dict(pass_options or {}))
         results = _apply(model, names, ctx, say)

@@ -32,6 +32,7 @@ from torch import nn
 
 from graphfix.diagnose.dispatch_state import compile_failure_contained
 from graphfix.errors import GraphfixError, InputError
+from graphfix.optimize.quantized import adjust_parity
 
 SCHEMA = "graphfix.verify"
 SCHEMA_VERSION = 1
@@ -93,6 +94,8 @@ class ParityResult:
     """Float32: identical tokens are required. Lower precision: reported only."""
     returned_tokens_equal: bool = True
     """The tokens the loop returned (a user's loop: its own output) are identical."""
+    basis: str = ""
+    """Where the tolerance came from when it is not the dtype's (a quantized model: its quantization error)."""
 
     @property
     def relative_error(self) -> float:
@@ -109,7 +112,8 @@ class ParityResult:
     def describe(self) -> str:
         return (f"max |logit error| {self.max_abs_error:.3g} = {self.relative_error:.2e} of the logit scale "
                 f"{self.logit_scale:.3g} (tolerance {self.tolerance:.0e}); greedy tokens {self.greedy_match}/"
-                f"{self.greedy_steps} identical" + ("" if self.returned_tokens_equal else "; the loop returned other tokens"))
+                f"{self.greedy_steps} identical" + ("" if self.returned_tokens_equal else "; the loop returned other tokens")
+                + (f"; {self.basis}" if self.basis else ""))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -449,8 +453,9 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
                                "a recompile limit reached, or a path the compiled callables do not cover)")
     if output is not None:
         result.strict_decode_steps += max(0, steps - 1) if state.compiled else 0
-        tol = default_tolerance(state.dtype) if tolerance is None else tolerance
-        result.parity = compare(reference, output, tol, state.dtype)
+        quant = getattr(state, "quantization", None)  # optimize(quantize=...): the tolerance of its error
+        tol = tolerance if tolerance is not None else quant.tolerance if quant else default_tolerance(state.dtype)
+        result.parity = adjust_parity(compare(reference, output, tol, state.dtype), quant)
         if not result.parity.passed:
             result.failures.append(f"parity: {result.parity.describe()}")
         if measure_speed and not result.failures:
