@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
 
-from graphfix.bench.kernel_check import TOLERANCE, _rel
+from graphfix.bench.kernel_check import TOLERANCE, _rel, triton_ready
 
 SCHEMES = ("int8", "int8:32", "int4:32", "int4:64", "int4:128")
 CASES = [  # (N, K, prologue/epilogue): K = 320 leaves a partial last tile of the interpreter's 128
@@ -101,14 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, choices=sorted(TOLERANCE), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--decoder", action="store_true", help="also a tiny quantized decoder, kernel path vs standard")
     args = p.parse_args(argv)
-    from graphfix.engine.kernels import HAS_TRITON, INTERPRET
-
-    if args.interpret and not INTERPRET:  # Triton reads it when the kernels are decorated: start again with it set
-        argv = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, "-m", "graphfix.bench.quant_check", *argv],
-                  {**os.environ, "TRITON_INTERPRET": "1"})
-    if not HAS_TRITON:
-        print("quant_check: triton is not installed (pip install triton)", file=sys.stderr)
+    if not triton_ready("graphfix.bench.quant_check", args.interpret, argv):
         return 2
     import torch
 

@@ -105,8 +105,7 @@ if HAS_TRITON:
                SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_W: tl.constexpr):
         """One ``BLOCK_K`` step of the one-row kernel: ``acc`` is ``(BLOCK_N, ACC_W)``."""
         if BITS == 4:
-            HALF: tl.constexpr = BLOCK_K // 2
-            rb = tl.arange(0, HALF)
+            rb = tl.arange(0, BLOCK_K // 2)
             ke = k + 2 * rb
             mask_k = ke < K
             b = codes
@@ -250,18 +249,16 @@ if HAS_TRITON:
             if k > 0:
                 codes = _codes(q_ptr, rn, mask_n, k, K, stride_qn, BITS, BLOCK_K)
             if BITS == 4:
-                HALF: tl.constexpr = BLOCK_K // 2
-                NG: tl.constexpr = BLOCK_K // GROUP
-                rb = tl.arange(0, HALF)
+                rb = tl.arange(0, BLOCK_K // 2)
                 ke = k + 2 * rb
                 mask_k = ke < K
                 b = codes
-                s, z = _group_params(s_ptr, z_ptr, rn, mask_n, k, stride_sn, K, NG, GROUP, True)
+                s, z = _group_params(s_ptr, z_ptr, rn, mask_n, k, stride_sn, K, BLOCK_K // GROUP, GROUP, True)
                 xe, sqe = _rows_x(x_ptr, nw_ptr, ke, mask_k, rm, mask_m, K, stride_xm, dtype, NORM, SILU)
                 xo, sqo = _rows_x(x_ptr, nw_ptr, ke + 1, mask_k, rm, mask_m, K, stride_xm, dtype, NORM, SILU)
                 sq += sqe + sqo
-                lo = _dequant_half(b & 0xF, s, z, BLOCK_N, NG, GROUP, HALF).to(dtype)
-                hi = _dequant_half(b >> 4, s, z, BLOCK_N, NG, GROUP, HALF).to(dtype)
+                lo = _dequant_half(b & 0xF, s, z, BLOCK_N, BLOCK_K // GROUP, GROUP, BLOCK_K // 2).to(dtype)
+                hi = _dequant_half(b >> 4, s, z, BLOCK_N, BLOCK_K // GROUP, GROUP, BLOCK_K // 2).to(dtype)
                 acc = _dot(lo, xe, acc, F32_DOT)
                 acc = _dot(hi, xo, acc, F32_DOT)
             else:
@@ -273,9 +270,9 @@ if HAS_TRITON:
                 if GROUP == 0:  # codes are exact in the dtype; the row's scale comes after the loop
                     w = q.to(tl.float32).to(dtype)
                 else:
-                    NG8: tl.constexpr = BLOCK_K // GROUP
-                    s, z = _group_params(s_ptr, z_ptr, rn, mask_n, k, stride_sn, K, NG8, GROUP, False)
-                    se = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG8, GROUP)), (BLOCK_N, BLOCK_K))
+                    s, z = _group_params(s_ptr, z_ptr, rn, mask_n, k, stride_sn, K, BLOCK_K // GROUP, GROUP, False)
+                    se = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP)),
+                                    (BLOCK_N, BLOCK_K))
                     w = (q.to(tl.float32) * se).to(dtype)
                 acc = _dot(w, xv, acc, F32_DOT)
         offs = rm[None, :] * N + rn[:, None]
