@@ -61,6 +61,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-diagnose", action="store_true", help="skip the before/after diagnoses")
     p.add_argument("--inductor-scan", action="store_true", help="also list Inductor's ATen fallbacks (slow)")
     p.add_argument("--tolerance", type=float, default=None, help="parity tolerance (max |err| / logit scale)")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="weight-only int8, int4 or int4:G, verified against the unquantized model (docs/quantization.md)")
     p.add_argument("--format", default="text", choices=["text", "json"])
     p.add_argument("--output", "-o", help="write the table or JSON to FILE instead of stdout")
 
@@ -93,6 +95,7 @@ def run_optimize(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size, device=args.device, backend=args.backend, verify=verify, prefill_tokens=args.prefill,
             decode_steps=args.decode_steps, diagnose_steps=args.diagnose_steps, diagnose=not args.no_diagnose,
             inductor_scan=args.inductor_scan, tolerance=args.tolerance, name=loaded.name, progress=say,
+            quantize=getattr(args, "quantize", None),
         )
     say(f"done in {result.seconds:.1f}s")
     write_output(result.to_json() if args.format == "json" else result.summary(), args.output)
