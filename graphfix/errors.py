@@ -30,3 +30,15 @@ class UnsupportedModelError(GraphfixError):
 
 class ModelRunError(GraphfixError):
     """The model failed when run in eager mode, before any compilation."""
+
+
+class OutputError(InputError, OSError):
+    """An output could not be written (full disk, read-only folder, no permission).
+
+    Also an ``OSError`` (with ``errno`` set when known), so callers that
+    caught the operating system's error before keep working.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.errno = errno

@@ -73,29 +73,34 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(path: Path, model, *, qtype_for=lambda name, arr: "F32", arch: str = "llama",
-               raw_blocks: dict[str, bytes] | None = None) -> dict[str, np.ndarray]:
+               raw_blocks: dict[str, bytes] | None = None, metadata: dict | None = None) -> dict[str, np.ndarray]:
     """Write ``model`` as llama.cpp would: GGUF names, Q/K permuted to Meta's layout, chosen types.
 
     ``qtype_for(gguf_name, array)`` picks each tensor's GGML type. Types the
     gguf package cannot quantize (K-quants) get random block bytes; the
     returned dict holds each tensor's raw stored bytes/array so tests can
-    compute what a reader must produce.
+    compute what a reader must produce. ``metadata`` overrides ``llama.*``
+    keys (``None`` drops one; a str, float or int is written with that GGUF type).
     """
     import gguf
     from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFValueType as V
 
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_vocab_size(cfg.vocab_size)
+    kv = {f"{arch}.block_count": cfg.num_hidden_layers, f"{arch}.context_length": cfg.max_position_embeddings,
+          f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.feed_forward_length": cfg.intermediate_size,
+          f"{arch}.attention.head_count": cfg.num_attention_heads,
+          f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
+          f"{arch}.rope.freq_base": float(cfg.rope_parameters["rope_theta"]),
+          f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+          f"{arch}.rope.dimension_count": cfg.hidden_size // cfg.num_attention_heads,
+          f"{arch}.vocab_size": cfg.vocab_size}
+    kv.update(metadata or {})
+    for key, value in kv.items():
+        if value is not None:
+            kind = V.STRING if isinstance(value, str) else V.FLOAT32 if isinstance(value, float) else V.UINT32
+            w.add_key_value(key, value, kind)
     stored: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     for hf, t in model.state_dict().items():
@@ -137,6 +142,6 @@ def _sane_scales(blocks: np.ndarray, kind: str) -> None:
     """Overwrite the float16 super-block scales of random K-quant blocks with small finite values."""
     f16 = np.array([0.01], dtype=np.float16).view(np.uint8)
     # position of the fp16 d (and dmin) fields in each block, from ggml's block layouts
-    offsets = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[kind]
+    offsets = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}.get(kind, [])
     for off in offsets:
         blocks[:, off:off + 2] = f16

@@ -48,7 +48,7 @@ def test_batched_decode_kernels_equal_the_standard_path(kind, overrides, batch):
     with torch.no_grad():
         plain = Generator(dec, compile=False).generate(prompts, NEW).tokens
         before = dec.step(tokens, pos)
-        rows = _count_fused_steps(dec.use_decode_kernels())
+        rows = _count_fused_steps(dec.use_decode_kernels(max_rows=MAX_ROWS))
         fused = Generator(dec, compile=False).generate(prompts, NEW).tokens
         after = dec.step(tokens, pos)  # the cache holds the same sequences: the standard run wrote them too
     assert fused == plain and plain[0] == hf_greedy(model, prompts[0], NEW)
@@ -60,6 +60,8 @@ def test_kernels_serve_one_token_rows_up_to_max_rows():
     dec = from_hf(tiny_hf("llama"), max_batch_size=MAX_ROWS + 1, max_seq_len=32, share=True)
     assert not dec.kernels_serve(2, 1)  # switched off
     dec.use_decode_kernels()
+    assert dec.kernels_serve(1, 1) and not dec.kernels_serve(2, 1)  # by default batch 1 only (the H200 measurement)
+    dec.use_decode_kernels(max_rows=MAX_ROWS)
     assert dec.kernels_serve(1, 1) and dec.kernels_serve(MAX_ROWS, 1)
     assert not dec.kernels_serve(MAX_ROWS + 1, 1) and not dec.kernels_serve(2, 2)
     rows = _count_fused_steps(dec)
@@ -91,13 +93,13 @@ def test_decode_kernel_settings_alternate_without_recompiling():
 
     gen = Generator(dec, backend=backend)
     for enabled in (False, True):
-        dec.use_decode_kernels(enabled)
+        dec.use_decode_kernels(enabled, max_rows=3)
         gen.warmup(batch_sizes=(1, 3), prompt_lengths=[4])
-    assert {key[-1] for key in gen._fns if key[0] == "decode"} == {(False, False, False), ("all", False, True)}
+    assert {key[-1] for key in gen._fns if key[0] == "decode"} == {(False, False, False, 0), ("all", False, True, 3)}
     assert set(traced["all"]) - set(traced[False])  # the kernel setting's decode graphs: the kernel path, traced
     with torch.compiler.set_stance("fail_on_recompile"):
         for enabled in (True, False, True, False):
-            dec.use_decode_kernels(enabled)
+            dec.use_decode_kernels(enabled, max_rows=3)
             assert gen.generate(prompts, NEW).tokens == refs
             assert gen.generate(prompts[1:2], NEW).tokens == refs[1:2]
     assert gen.recompiles() == 0  # one graph per code object: no setting ever evicted or guarded another's

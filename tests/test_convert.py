@@ -109,6 +109,7 @@ def test_hf_meta_hf_round_trip_is_bit_exact(tmp_path, heads, kv_heads, tied):
     for k in a:
         assert a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]), k
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg == json.loads((tmp_path / "hf" / "config.json").read_text())  # through Meta's sidecar, every field
     assert cfg["tie_word_embeddings"] is tied
     assert cfg["num_key_value_heads"] == kv_heads and cfg["intermediate_size"] == 160
     meta = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True, mmap=True)
@@ -251,7 +252,7 @@ def test_missing_and_corrupt_meta_shards(tmp_path):
     with pytest.raises(InputError, match=f"{last}: not a readable PyTorch checkpoint"):
         convert(tmp_path / "m", tmp_path / "out", to="hf", progress=False)
     last.unlink()  # the last rank missing leaves no gap in the numbering: caught from the shapes
-    with pytest.raises(InputError, match="shard files are missing"):
+    with pytest.raises(InputError, match=r"split 2 ways .*consolidated.01.pth and later are missing"):
         convert(tmp_path / "m", tmp_path / "out", to="hf", progress=False)
     (tmp_path / "m" / "consolidated.00.pth").rename(tmp_path / "m" / "consolidated.01.pth")
     with pytest.raises(InputError, match=f"{tmp_path / 'm' / 'consolidated.00.pth'}: shard missing"):

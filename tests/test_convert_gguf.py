@@ -119,11 +119,11 @@ def test_truncated_gguf(tmp_path, keep):
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    """SmolLM2-135M Q4_1 converted once to HF and to Meta (float32)."""
+    """SmolLM2-135M Q4_1 converted once to HF, and that to Meta (float32): GGUF -> HF -> Meta."""
     src = smollm2_gguf()
     base = tmp_path_factory.mktemp("smol")
     convert(src, base / "hf", to="hf", dtype="float32", progress=False)
-    convert(src, base / "meta", to="meta", dtype="float32", progress=False)
+    convert(base / "hf", base / "meta", to="meta", progress=False)
     return src, base
 
 
@@ -181,11 +181,34 @@ def test_smollm2_three_implementations_agree(smol, meta_model):
     assert "Paris" in tok.decode(hf_tokens)
 
 
+#: what a user's generate() depends on besides the weights: all must come back byte for byte
+_USER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
 @pytest.mark.slow
-def test_smollm2_meta_back_to_hf_restores_tied_embeddings(smol, tmp_path):
+def test_smollm2_round_trip_keeps_what_generate_depends_on(smol, tmp_path):
+    """GGUF -> HF -> Meta -> HF: same weights, config, generation config, tokenizer, and the same greedy answer."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
     _, base = smol
     out = convert(base / "meta", tmp_path / "hf", to="hf", progress=False)
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     a, b = load_file(base / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (out / "tokenizer.json").is_file()  # carried along both hops
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # tied embeddings restored
+    for name in _USER_FILES:
+        assert (out / name).read_bytes() == (base / "hf" / name).read_bytes(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 8192 and cfg["tie_word_embeddings"] is True
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 2)  # from the GGUF
+    assert cfg["rope_parameters"]["rope_theta"] == 100000.0
+
+    answers = []
+    for folder in (base / "hf", out):
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        with torch.no_grad():
+            ids = model.generate(**prompt, do_sample=False, max_new_tokens=48)[0, prompt["input_ids"].shape[1]:]
+        answers.append((ids.tolist(), tok.decode(ids, skip_special_tokens=True)))
+        assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") and len(ids) < 48  # stopped at the end of turn
+    assert answers[0] == answers[1] and "Paris" in answers[0][1]

@@ -57,7 +57,7 @@ def test_optimize_verify_json_exits_1_when_verification_fails(capsys):
     captured = capsys.readouterr()
     assert code == 1
     data = json.loads(captured.out)
-    assert data["schema"] == "graphfix.optimize" and data["schema_version"] == 1
+    assert data["schema"] == "graphfix.optimize" and data["schema_version"] == 2
     assert data["verified"] is False and data["kind"] == "generic"
     assert any(f.startswith("parity") for f in data["verification"]["failures"])
     assert data["compiled"] is False and "returned as it was" in data["notes"][-1]

@@ -197,7 +197,7 @@ def test_summary_table_is_aligned():
     assert {len(r) for r in rows[:6]} == {len(rows[0])}  # right-aligned columns end together
     assert "sliding window 6" in " ".join(result.notes)
     data = result.to_dict()
-    assert data["schema"] == "graphfix.optimize" and data["schema_version"] == 1 and data["verified"] is True
+    assert data["schema"] == "graphfix.optimize" and data["schema_version"] == 2 and data["verified"] is True
     assert data["verification"]["graphs"] == ENGINE_GRAPHS
 
 

@@ -133,3 +133,27 @@ def test_unknown_code_that_cannot_compile_is_refused_and_left_as_it_was():
         assert dict(model.__dict__).keys() == before.keys() and "graphfix_optimized" not in model.__dict__
         assert all(model.__dict__[k] is v for k, v in before.items() if not isinstance(v, (dict, list, set)))
     assert torch.equal(model(tokens, 0), expected)  # the model still works, as it did
+
+
+def test_meta_forward_runs_on_the_engine(meta):
+    """The core behind Meta's forward is the engine's decoder, sharing the model's weights (no copy)."""
+    front = meta.model.graphfix_optimized.front
+    assert front.decoder is not None and any(n.startswith("Meta forward runs on graphfix's engine") for n in meta.notes)
+    fused = front.decoder.layers[0].attention.wqkv.weight
+    wq = meta.model.layers[0].attention.wq.weight
+    assert wq.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()  # a view of the fused weight
+
+
+def test_meta_decode_graphs_per_attended_length_give_the_original_tokens():
+    """A cache of 256 positions: decode below 64 reads 64 slots (its own graph), later steps the whole cache."""
+    prompts = [[5, 17, 99, 3, 42], [7, 8, 9]]
+    expected = meta_generate_greedy(build_meta_transformer(0, max_seq_len=256).forward, prompts, max_seq_len=256,
+                                    max_gen_len=80)
+    prompt = torch.tensor([prompts[0][:3], prompts[1]])
+    result = optimize(build_meta_transformer(0, max_seq_len=256), prompt=prompt, backend="aot_eager",
+                      diagnose=False, decode_steps=70)
+    assert result.verified, result.summary()
+    assert result.model.graphfix_optimized.front.buckets == (64,)
+    out = meta_generate_greedy(result.model.forward, prompts, max_seq_len=256, max_gen_len=80)
+    assert torch.equal(out, expected)
+    assert result.model.graphfix_optimized.graphs() == {"prefill": 1, "decode": 1, "decode@64": 1}

@@ -46,7 +46,7 @@ def test_decode_kernels_path_gives_hf_greedy_tokens_and_the_same_logits(kind, ov
 def test_decode_kernels_compile_fullgraph_without_recompiles():
     model = tiny_hf("llama")
     refs = [hf_greedy(model, p, NEW) for p in PROMPTS]
-    dec = from_hf(model, max_batch_size=2, max_seq_len=64, share=True).use_decode_kernels()
+    dec = from_hf(model, max_batch_size=2, max_seq_len=64, share=True).use_decode_kernels(max_rows=2)
     gen = Generator(dec, backend="aot_eager", kv_buckets=(16, 32))
     gen.warmup(batch_sizes=(1, 2))
     with torch.compiler.set_stance("fail_on_recompile"):

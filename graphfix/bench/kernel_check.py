@@ -232,7 +232,7 @@ def decoder_errors(device: str, dtype: Any, cases: list | None = None,
     for kind, overrides, rows in cases or (INTERPRETER_DECODER_CASES if device == "cpu" else DECODER_CASES):
         model = tiny_hf_model(kind, device, dtype, **overrides)
         plain = from_hf(model, max_batch_size=rows, max_seq_len=32, share=True)
-        fused = from_hf(model, max_batch_size=rows, max_seq_len=32, share=True).use_decode_kernels()
+        fused = from_hf(model, max_batch_size=rows, max_seq_len=32, share=True).use_decode_kernels(max_rows=rows)
         if dtype == torch.float32:
             exact = plain
         else:  # the same weights, rounded to the dtype, computed in float32 (a model of its own: share=True)

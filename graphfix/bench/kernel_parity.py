@@ -20,6 +20,7 @@ import torch
 
 from graphfix.bench.kernel_check import _op_counter, _rel
 from graphfix.bench.presets import tiny_hf_model
+from graphfix.engine.kernels import MAX_ROWS
 
 LLAMA3_ROPE = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
@@ -69,7 +70,7 @@ def decode_kernels_parity(device: torch.device, kind: str, batches: tuple[int, .
             plain_logits = dec.step(tokens, pos).float()  # the cache holds each row's sequence (written just above)
             counter = _op_counter()
             with counter:
-                kernel_logits = dec.use_decode_kernels().step(tokens, pos).float()
+                kernel_logits = dec.use_decode_kernels(max_rows=MAX_ROWS).step(tokens, pos).float()
             out["pdl"] = dec.decode_pdl
             eager[batch] = {"standard": refs,
                             "kernels": Generator(dec, compile=False).generate(prompts, new).tokens}
@@ -78,13 +79,13 @@ def decode_kernels_parity(device: torch.device, kind: str, batches: tuple[int, .
     gen = Generator(dec, backend=backend)
     started = time.perf_counter()
     for enabled in (False, True):
-        dec.use_decode_kernels(enabled)
+        dec.use_decode_kernels(enabled, max_rows=MAX_ROWS)
         gen.warmup(batch_sizes=batches, prompt_lengths=[5])
     out["warmup_s"] = time.perf_counter() - started
     compiled: dict[int, dict[str, list[list[int]]]] = {batch: {} for batch in batches}
     with torch.compiler.set_stance("fail_on_recompile"):
         for enabled in (False, True):  # back to the first setting warmed up, then the second: no recompile
-            dec.use_decode_kernels(enabled)
+            dec.use_decode_kernels(enabled, max_rows=MAX_ROWS)
             for batch in batches:
                 compiled[batch]["kernels" if enabled else "standard"] = gen.generate(ROW_PROMPTS[:batch], new).tokens
     for batch in batches:

@@ -14,16 +14,15 @@ The main CLI registers both subcommands through ``add_parser``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from graphfix.cli.preflight import DTYPE_HELP, DTYPES
 from graphfix.errors import InputError
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,7 +30,9 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("generate", help="generate text with graphfix's compiled engine",
                               description="Load a model, move its weights into graphfix's static-cache decoder, "
                                           "compile prefill and decode, and generate.")
-    p.add_argument("model", metavar="MODEL", help="HF folder, .gguf file, Meta checkpoint folder or 'smollm2'")
+    p.add_argument("model", metavar="MODEL",
+                   help="HF folder, .gguf file, Meta checkpoint folder (a tokenizer.json in it is used), 'smollm2' "
+                        "or package.module:function")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="a prompt as comma-separated token ids (repeat for a batch; no tokenizer needed)")
@@ -41,11 +42,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help=f"{DTYPE_HELP}; default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", dest="compile", action="store_true", default=True, help="compile (default)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="run eagerly")
-    p.add_argument("--backend", default=None,
-                   help="torch.compile backend (default: inductor on cuda, aot_eager on cpu)")
+    p.add_argument("--backend", default=None, choices=["eager", "aot_eager", "inductor"],
+                   help="torch.compile backend; default as optimize's: inductor on CUDA, and on CPU with a C++ "
+                        "compiler (fused generated code: the fastest decode, after a longer first compile), else "
+                        "aot_eager")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--triton-gemv", action="store_true", help="batch-1 decode linears through graphfix's Triton GEMV")
     p.add_argument("--decode-kernels", action="store_true",
@@ -63,8 +67,10 @@ def add_parser(subparsers: Any) -> None:
 
     from graphfix.bench.decode import build_parser
 
-    b = subparsers.add_parser("bench", help="decode benchmark: copy bandwidth, HF eager/static, graphfix",
-                              description="Benchmark decode speed (same as benchmarks/bench_decode.py).")
+    b = subparsers.add_parser("bench", help="decode benchmark on CUDA: copy bandwidth, HF eager/static, graphfix",
+                              description="Benchmark decode speed (same as benchmarks/bench_decode.py). It needs a "
+                                          "CUDA GPU for meaningful numbers (--device cpu runs a small functional "
+                                          "check, as the tests do).")
     build_parser(b)
     b.set_defaults(func=run_bench)
 
@@ -75,15 +81,12 @@ def run_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(text, file=sys.stderr, flush=True)
-
-
 def _tokenizer(spec: str) -> Any:
-    """The model's tokenizer, or ``None`` when there is none to load."""
-    from pathlib import Path
+    """The model's tokenizer, or ``None`` when there is none to load.
 
+    A Hugging Face folder, a GGUF file (its embedded tokenizer), ``smollm2``, or a Meta folder
+    into which ``graphfix convert`` copied ``tokenizer.json`` (and ``tokenizer_config.json``).
+    """
     from transformers import AutoTokenizer
 
     from graphfix.diagnose import sources
@@ -95,27 +98,75 @@ def _tokenizer(spec: str) -> Any:
         path = Path(spec)
         if path.is_file() and path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-        if path.is_dir() and (path / "config.json").exists():
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if not path.is_dir():
+            return None
+        if (path / "config.json").exists() or (path / "tokenizer_config.json").exists():
+            with contextlib.suppress(Exception):  # a Meta folder has no config.json for AutoTokenizer: try the file
+                return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if (path / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     except Exception:  # noqa: BLE001 - a missing or broken tokenizer only means token-id prompts
         return None
     return None
 
 
-def _prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
+def _id_rows(args: argparse.Namespace) -> list[list[int]]:
+    """``--prompt-ids`` parsed and checked (whole numbers >= 0) before anything loads."""
     rows: list[list[int]] = []
     for item in args.prompt_ids:
         try:
-            rows.append([int(t) for t in item.replace(" ", "").split(",") if t])
-        except ValueError as exc:
-            raise InputError(f"--prompt-ids expects comma-separated integers, got {item!r}") from exc
+            row = [int(t) for t in item.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise InputError(f"--prompt-ids expects comma-separated integers, got {item!r}") from None
+        if not row:
+            raise InputError(f"--prompt-ids {item!r} holds no token id")
+        negative = [t for t in row if t < 0]
+        if negative:
+            raise InputError(f"--prompt-ids {item}: token id {negative[0]} is negative",
+                             hint="token ids are row numbers of the embedding: 0 and up")
+        rows.append(row)
+    return rows
+
+
+def _prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
+    rows = _id_rows(args)
     if args.prompt:
         if tokenizer is None:
-            raise InputError("no tokenizer found for this model", hint="give --prompt-ids instead of --prompt")
-        rows += [tokenizer(text)["input_ids"] for text in args.prompt]
+            raise InputError(f"no tokenizer found for {args.model}",
+                             hint="give --prompt-ids instead of --prompt, or put tokenizer.json beside the weights")
+        for text in args.prompt:
+            ids = list(tokenizer(text)["input_ids"])
+            if not ids:
+                raise InputError(f"--prompt {text!r} gives no tokens")
+            rows.append(ids)
     if not rows:
         raise InputError("nothing to generate from", hint="give --prompt TEXT or --prompt-ids 1,2,3")
     return rows
+
+
+def check_rows(rows: list[list[int]], max_new_tokens: int, max_seq_len: int | None, loaded: Any, spec: str) -> None:
+    """Token ids inside the vocabulary; prompt and new tokens inside the model's positions and the cache."""
+    vocab, positions = loaded.vocab_size, loaded.positions
+    where = loaded.where or spec
+    if vocab:
+        for row in rows:
+            bad = [t for t in row if t >= vocab]
+            if bad:
+                raise InputError(f"token id {bad[0]} is outside the vocabulary of {spec} ({vocab} tokens, ids 0 to "
+                                 f"{vocab - 1})", hint="use ids from the model's own tokenizer")
+    longest = max(len(r) for r in rows)
+    if positions and longest > positions:
+        raise InputError(f"the prompt has {longest} tokens, more than the {positions} positions {spec} was built "
+                         f"for ({where})", hint="shorten the prompt")
+    if positions and longest + max_new_tokens > positions:
+        raise InputError(f"a prompt of {longest} tokens + --max-new-tokens {max_new_tokens} runs past the "
+                         f"{positions} positions {spec} was built for ({where})",
+                         hint=f"use --max-new-tokens {positions - longest} or less")
+    if max_seq_len is not None and longest + max_new_tokens > max_seq_len:
+        raise InputError(f"a prompt of {longest} tokens + --max-new-tokens {max_new_tokens} does not fit in "
+                         f"--max-seq-len {max_seq_len}", hint="raise --max-seq-len or generate fewer tokens")
 
 
 def build_step_model(model: torch.nn.Module, batch: int, max_seq_len: int, fuse: bool) -> Any:
@@ -128,72 +179,151 @@ def build_step_model(model: torch.nn.Module, batch: int, max_seq_len: int, fuse:
     return from_hf(model, max_batch_size=batch, max_seq_len=max_seq_len, fuse=fuse)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from graphfix.diagnose import sources
-    from graphfix.engine import CompileCache, Generator, SamplingParams
-    from graphfix.engine.kernels import use_triton_gemv
+def eos_ids(tokenizer: Any, model: torch.nn.Module, spec: str) -> list[int]:
+    """Every end-of-sequence id the tokenizer, the model's configs or the folder's generation_config.json name."""
+    found: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        found.append(getattr(config, "eos_token_id", None))
+    gen = Path(spec) / "generation_config.json"
+    if gen.is_file():
+        try:
+            found.append(json.loads(gen.read_text()).get("eos_token_id"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    ids: list[int] = []
+    for item in found:
+        for value in item if isinstance(item, (list, tuple)) else [item]:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0 and value not in ids:
+                ids.append(value)
+    return ids
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+class TextStream:
+    """Prints row 0's new text as tokens arrive: special tokens skipped, nothing after its first EOS, and only
+    whole characters (a byte-level token can end inside one)."""
+
+    def __init__(self, tokenizer: Any, eos: list[int], out: Any) -> None:
+        self.tokenizer, self.eos, self.out = tokenizer, set(eos), out
+        self.seen: list[int] = []
+        self.printed = ""
+        self.shown = 0
+        self.done = False
+
+    def __call__(self, chunk: Any) -> None:
+        if self.done:
+            return
+        for token in chunk.tokens[0].tolist():
+            self.seen.append(token)
+            if token in self.eos:
+                self.done = True
+                break
+        if self.tokenizer is None:
+            text = "".join(f"{t} " for t in self.seen[self.shown:])
+            self.shown = len(self.seen)
+        else:
+            full = self.tokenizer.decode(self.seen, skip_special_tokens=True)
+            if full.endswith("\ufffd") and not self.done:
+                return  # half a character: wait for the rest
+            text = full[len(self.printed):] if full.startswith(self.printed) else ""
+            self.printed = full
+        if text:
+            print(text, end="", file=self.out, flush=True)
+
+
+def check_generate_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str, Any]:
+    """Every argument checked before the model loads: ``(device, dtype, backend, sampling)``."""
+    from graphfix.cli import preflight
+    from graphfix.engine import SamplingParams
+    from graphfix.optimize.api import default_backend
+
+    device = preflight.check_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
-    if args.max_new_tokens < 1:
-        raise InputError("--max-new-tokens must be at least 1")
+    backend = args.backend or default_backend(device)
+    preflight.whole(args.max_new_tokens, "--max-new-tokens", minimum=1, maximum=2**20)
+    preflight.whole(args.max_seq_len, "--max-seq-len", minimum=2, maximum=2**24)
+    preflight.whole(args.top_k, "--top-k", minimum=1)
+    preflight.number(args.temperature, "--temperature")
     try:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as exc:
-        raise InputError(str(exc)) from exc
+        raise InputError(str(exc)) from None
+    preflight.weights_required(args.model, "graphfix generate")
+    preflight.check_cache_dir(args.cache_dir)
+    _id_rows(args)
+    return device, dtype, backend, sampling
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from graphfix.cli.progress import Progress
+    from graphfix.cli.streams import output_only_on_stdout, third_party_quiet
+
+    device, dtype, backend, sampling = check_generate_args(args)
+    if args.quantize:  # a bad scheme fails before the load
+        from graphfix.quant.scheme import parse_scheme
+
+        parse_scheme(args.quantize)
+    with Progress(args.quiet) as say, third_party_quiet(args.quiet), output_only_on_stdout() as out:
+        return _generate(args, device, dtype, backend, sampling, say, out)
+
+
+def _generate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backend: str, sampling: Any,
+              say: Any, out: Any) -> int:
+    from graphfix.diagnose import sources
+    from graphfix.diagnose.validate import check_kv_cache
+    from graphfix.engine import CompileCache, Generator
+    from graphfix.engine.kernels import use_triton_gemv
+
+    tokenizer = _tokenizer(args.model) if args.prompt else None
+    rows = _prompts(args, tokenizer)
     if args.cache_dir:  # one folder per model and options: Dynamo's precompiled graphs are reused by the next process
         key = {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model, "dtype": str(dtype),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "backend": backend, "cuda_graphs": not args.no_cuda_graphs, "unfused": args.unfused,
                "triton_gemv": args.triton_gemv, "decode_kernels": args.decode_kernels, "quantize": args.quantize}
         CompileCache(args.cache_dir, key=key).activate()
-    tokenizer = _tokenizer(args.model) if args.prompt else None
-    rows = _prompts(args, tokenizer)
-    _say(args, f"loading {args.model}")
+    say(f"loading {args.model}")
     loaded = sources.load(args.model, dtype=dtype)
-    model = loaded.model.to(device)
+    if any(p.device.type == "meta" for p in loaded.model.parameters()):
+        raise InputError(f"graphfix generate needs weights, and {args.model} built a model without them",
+                         hint="give the folder or file with the weights")
+    check_rows(rows, args.max_new_tokens, args.max_seq_len, loaded, args.model)
     seq = args.max_seq_len or max(len(r) for r in rows) + args.max_new_tokens
+    check_kv_cache(loaded.model, len(rows), seq, dtype, args.model)
+    model = loaded.model.to(device)
+    say(f"moving the weights into graphfix's decoder (cache of {seq} positions)")
     step_model = build_step_model(model, len(rows), seq, fuse=not args.unfused)
     if args.quantize:
         from graphfix.quant import quantize
 
-        _say(args, quantize(step_model, args.quantize).summary())
+        say(quantize(step_model, args.quantize).summary())
     if args.triton_gemv:
         use_triton_gemv(step_model)
     if args.decode_kernels:
         step_model.use_decode_kernels()
     gen = Generator(step_model, compile=args.compile, backend=backend, cuda_graphs=not args.no_cuda_graphs)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos_ids(tokenizer, model, args.model)
     if args.compile:
-        _say(args, f"compiling ({backend}{', CUDA graphs' if gen.cuda_graphs else ''})")
+        say(f"compiling prefill and decode ({backend}{', CUDA graphs' if gen.cuda_graphs else ''}) and warming up")
         gen.warmup(batch_sizes=(len(rows),), modes=(sampling.mode,), prompt_lengths=[max(len(r) for r in rows)])
         if args.cache_dir:
             CompileCache(args.cache_dir).save()
-    stream = None
-    if args.stream and len(rows) == 1 and not args.json:
-        seen: list[int] = []
-
-        def stream(chunk):  # print the new text of row 0 as it arrives
-            before = tokenizer.decode(seen) if tokenizer else ""
-            seen.extend(chunk.tokens[0].tolist())
-            text = tokenizer.decode(seen) if tokenizer else " ".join(map(str, chunk.tokens[0].tolist())) + " "
-            print(text[len(before):] if tokenizer else text, end="", flush=True)
-
-    result = gen.generate(rows, args.max_new_tokens, sampling=sampling, eos_token_id=eos, stream=stream,
+    stream = TextStream(tokenizer, eos, out) if args.stream and len(rows) == 1 and not args.json else None
+    say(f"generating {args.max_new_tokens} tokens for {len(rows)} prompt(s)")
+    say.paused = stream is not None  # streamed text shows progress; a heartbeat line would land inside it
+    result = gen.generate(rows, args.max_new_tokens, sampling=sampling, eos_token_id=eos or None, stream=stream,
                           stream_interval=1 if stream else None)
     if stream is not None:
-        print()
-    texts = [tokenizer.decode(t) if tokenizer else None for t in result.tokens]
+        print(file=out, flush=True)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) if tokenizer else None for t in result.tokens]
     if args.json:
         print(json.dumps({"tokens": result.tokens, "text": texts, "finished": result.finished,
-                          "ttft_s": result.ttft_s, "tokens_per_s": result.tokens_per_s}))
+                          "ttft_s": result.ttft_s, "tokens_per_s": result.tokens_per_s}), file=out, flush=True)
     elif stream is None:
         for i, (toks, text) in enumerate(zip(result.tokens, texts)):
             prefix = f"[{i}] " if len(rows) > 1 else ""
-            print(prefix + (text if text is not None else " ".join(map(str, toks))))
-    _say(args, f"{result.steps} tokens per row, first token {1000 * result.ttft_s:.1f} ms, "
-               f"{result.tokens_per_s:.1f} tokens/s per row")
+            print(prefix + (text if text is not None else " ".join(map(str, toks))), file=out, flush=True)
+    lengths = sorted({len(t) for t in result.tokens})
+    count = str(lengths[0]) if len(lengths) == 1 else f"{lengths[0]} to {lengths[-1]}"
+    say(f"{count} token{'s' if lengths[-1] != 1 else ''} per row, first token {1000 * result.ttft_s:.1f} ms, "
+        f"{result.tokens_per_s:.1f} tokens/s per row")
     return 0

@@ -10,14 +10,13 @@ one to use in CI. Exit codes: 0 done (and verified, when asked), 1 verification 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import warnings
 from typing import Any
 
+from graphfix.cli.preflight import DTYPE_HELP, DTYPES
 from graphfix.errors import InputError
 
-DTYPES = ("float32", "bfloat16", "float16")
 EXIT_OK, EXIT_NOT_VERIFIED = 0, 1
 
 
@@ -50,8 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_driver_argument(p)
     p.add_argument("--passes", default="auto", help="'auto' (from the diagnosis), 'none', or names, comma separated")
     p.add_argument("--backend", default=None, choices=["eager", "aot_eager", "inductor"],
-                   help="compile backend (default: inductor on CUDA, and on CPU with a C++ compiler; else aot_eager)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="load the weights in this dtype")
+                   help="compile backend (default: inductor on CUDA, and on CPU with a C++ compiler, because it "
+                        "fuses the decode step into fast generated code; else aot_eager). generate uses the same")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help=f"load the weights in this dtype: {DTYPE_HELP} (default float32)")
     p.add_argument("--device", default=None, help="move the model here first (e.g. cuda)")
     p.add_argument("--max-seq-len", type=int, default=None, help="positions the static cache holds (HF)")
     p.add_argument("--max-batch-size", type=int, default=1)
@@ -60,45 +61,79 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diagnose-steps", type=int, default=4, help="decode steps of the before/after diagnoses")
     p.add_argument("--no-diagnose", action="store_true", help="skip the before/after diagnoses")
     p.add_argument("--inductor-scan", action="store_true", help="also list Inductor's ATen fallbacks (slow)")
-    p.add_argument("--tolerance", type=float, default=None, help="parity tolerance (max |err| / logit scale)")
+    p.add_argument("--parity-reference", default="auto", choices=["auto", "float64", "float32", "none"],
+                   help="precision of the original's reference run that parity is measured against (auto: by size)")
+    p.add_argument("--parity-multiplier", type=float, default=None,
+                   help="parity passes when e_opt <= multiplier * e_orig + floor (default 2, 3 in bf16/fp16)")
+    p.add_argument("--parity-floor", type=float, default=None,
+                   help="the floor of that bound, relative RMS (default a tenth of the fixed tolerance)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="fixed parity tolerance (max |err| / logit scale), used only without a reference run")
     p.add_argument("--quantize", default=None, metavar="SCHEME",
                    help="weight-only int8, int4 or int4:G, verified against the unquantized model (docs/quantization.md)")
     p.add_argument("--format", default="text", choices=["text", "json"])
     p.add_argument("--output", "-o", help="write the table or JSON to FILE instead of stdout")
 
 
+def check_optimize_args(args: argparse.Namespace) -> None:
+    """Every argument checked before the model loads (one line each, nothing written)."""
+    from graphfix.cli import preflight
+
+    preflight.whole(args.prefill, "--prefill", minimum=2, maximum=preflight.MAX_PREFILL)
+    preflight.whole(args.decode_steps, "--decode-steps", minimum=1, maximum=preflight.MAX_DECODE_STEPS)
+    preflight.whole(args.diagnose_steps, "--diagnose-steps", minimum=1, maximum=preflight.MAX_DECODE_STEPS)
+    preflight.whole(args.max_batch_size, "--max-batch-size", minimum=1, maximum=4096)
+    preflight.whole(args.max_seq_len, "--max-seq-len", minimum=1, maximum=2**24)
+    if args.max_seq_len is not None and args.prefill + args.decode_steps > args.max_seq_len:
+        raise InputError(f"--prefill {args.prefill} + --decode-steps {args.decode_steps} do not fit in "
+                         f"--max-seq-len {args.max_seq_len}", hint="raise --max-seq-len or use fewer steps")
+    preflight.number(args.tolerance, "--tolerance", strict=True)
+    preflight.number(args.parity_multiplier, "--parity-multiplier", strict=True)
+    preflight.number(args.parity_floor, "--parity-floor")
+    preflight.check_device(args.device)
+    preflight.check_output(args.output, "--output")
+    preflight.weights_required(args.model, f"graphfix {'verify' if args.always_verify else 'optimize'}")
+    from graphfix.optimize.api import _explicit_passes
+
+    _explicit_passes(args.passes)  # unknown pass names, before the model loads
+
+
 def run_optimize(args: argparse.Namespace) -> int:
     import torch
 
-    from graphfix.cli.app import progress_printer, write_output
+    from graphfix.cli.app import write_output
+    from graphfix.cli.progress import Progress
+    from graphfix.cli.streams import output_only_on_stdout, third_party_quiet
     from graphfix.diagnose import sources
     from graphfix.optimize.api import optimize
 
-    say = progress_printer(args.quiet)
-    for name in ("prefill", "decode_steps", "max_batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    check_optimize_args(args)
     verify = args.always_verify or args.verify
-    driver = sources.load_driver(args.driver) if args.driver else None
-    say(f"loading {args.model}")
-    loaded = sources.load(args.model, dtype=getattr(torch, args.dtype))
-    driver = driver or loaded.driver
-    prompt = loaded.inputs if isinstance(loaded.inputs, torch.Tensor) else None
-    if loaded.inputs is not None and prompt is None:
-        raise InputError(f"{args.model} returned example calls; optimize needs a prompt tensor or a driver",
-                         hint="return (model, prompt_ids) or (model, loop_fn), or pass --driver pkg.mod:fn")
-    # The model's own prints must not corrupt the table or the JSON on stdout.
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = optimize(
-            loaded.model, driver=driver, prompt=prompt, passes=args.passes, max_seq_len=args.max_seq_len,
-            max_batch_size=args.max_batch_size, device=args.device, backend=args.backend, verify=verify, prefill_tokens=args.prefill,
-            decode_steps=args.decode_steps, diagnose_steps=args.diagnose_steps, diagnose=not args.no_diagnose,
-            inductor_scan=args.inductor_scan, tolerance=args.tolerance, name=loaded.name, progress=say,
-            quantize=getattr(args, "quantize", None),
-        )
-    say(f"done in {result.seconds:.1f}s")
-    write_output(result.to_json() if args.format == "json" else result.summary(), args.output)
+    with Progress(args.quiet) as say, third_party_quiet(args.quiet), output_only_on_stdout():
+        driver = sources.load_driver(args.driver) if args.driver else None
+        say(f"loading {args.model}")
+        loaded = sources.load(args.model, dtype=DTYPES[args.dtype])
+        driver = driver or loaded.driver
+        prompt = loaded.inputs if isinstance(loaded.inputs, torch.Tensor) else None
+        if loaded.inputs is not None and prompt is None:
+            raise InputError(f"{args.model} returned example calls; optimize needs a prompt tensor or a driver",
+                             hint="return (model, prompt_ids) or (model, loop_fn), or pass --driver pkg.mod:fn")
+        if loaded.positions and args.prefill + args.decode_steps > loaded.positions:
+            raise InputError(f"--prefill {args.prefill} + --decode-steps {args.decode_steps} is more than the "
+                             f"{loaded.positions} positions of {args.model}", hint="use fewer steps")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = optimize(
+                loaded.model, driver=driver, prompt=prompt, passes=args.passes, max_seq_len=args.max_seq_len,
+                max_batch_size=args.max_batch_size, device=args.device, backend=args.backend, verify=verify,
+                prefill_tokens=args.prefill, decode_steps=args.decode_steps, diagnose_steps=args.diagnose_steps,
+                diagnose=not args.no_diagnose, inductor_scan=args.inductor_scan, tolerance=args.tolerance,
+                parity_reference=args.parity_reference, parity_multiplier=args.parity_multiplier,
+                parity_floor=args.parity_floor, name=loaded.name, progress=say,
+                quantize=getattr(args, "quantize", None),
+            )
+        say(f"done in {result.seconds:.1f}s")
+        write_output(result.to_json() if args.format == "json" else result.summary(), args.output)
     if verify and not result.verified:
         print(f"graphfix: {loaded.name} is not verified", file=sys.stderr)
         return EXIT_NOT_VERIFIED

@@ -13,6 +13,8 @@ keeps peak memory at about one tensor regardless of model size.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +154,17 @@ class Checkpoint:
     closers: list[Callable[[], None]] = field(default_factory=list)
     #: number of model-parallel files the source had (Meta only), for information
     source_shards: int = 1
+    #: the file the spec was read from (config.json, params.json, the .gguf), for error messages
+    config_path: Path | None = None
+    #: canonical field name -> the name the source's config uses (``hidden_size`` -> ``dim``), for error messages
+    fields: dict[str, str] = field(default_factory=dict)
+    #: warnings found while opening, given by :func:`validate` once the checkpoint is known to be sound
+    #: (a warning followed by an error would be two lines for one problem)
+    notes: list[str] = field(default_factory=list)
+
+    def field_name(self, canonical: str) -> str:
+        """The source config's own name for ``canonical`` (``num_attention_heads`` is ``n_heads`` in params.json)."""
+        return self.fields.get(canonical, canonical)
 
     def close(self) -> None:
         """Release file handles and memory maps the reader holds."""
@@ -178,8 +191,9 @@ def validate(ckpt: Checkpoint) -> None:
     Doing this up front, from metadata alone, means a checkpoint that does not
     match its own config fails in a second, not after writing 100 GB.
     """
-    expected = ckpt.spec.expected_shapes()
     where = ckpt.path
+    _check_layer_count(ckpt)
+    expected = ckpt.spec.expected_shapes()
     unexpected = [n for n in ckpt.tensors if n not in expected]
     if unexpected:
         first = ckpt.tensors[unexpected[0]]
@@ -196,8 +210,9 @@ def validate(ckpt: Checkpoint) -> None:
     for name, shape in expected.items():
         entry = ckpt.tensors[name]
         if tuple(entry.shape) != shape:
+            config = ckpt.config_path.name if ckpt.config_path else "the config"
             raise InputError(
-                f"{entry.source or where}: tensor {name!r} has shape {list(entry.shape)} but the config "
+                f"{entry.source or where}: tensor {name!r} has shape {list(entry.shape)} but {config} "
                 f"implies {list(shape)}; the config and the weights do not belong together"
             )
         if entry.dtype not in FLOAT_DTYPES:
@@ -207,3 +222,20 @@ def validate(ckpt: Checkpoint) -> None:
             )
     # keep canonical order: writers emit tensors in the order expected_shapes gives
     ckpt.tensors = {name: ckpt.tensors[name] for name in expected}
+    while ckpt.notes:
+        warnings.warn(ckpt.notes.pop(0), stacklevel=2)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(ckpt: Checkpoint) -> None:
+    """The config's layer count must be the weights' (checked first: it sizes everything built after)."""
+    present = {int(m.group(1)) for m in map(_LAYER.match, ckpt.tensors) if m}
+    want = ckpt.spec.num_hidden_layers
+    have = max(present) + 1 if present else 0
+    if want != have:
+        config = ckpt.config_path or ckpt.path
+        layers = f"model.layers.0-{have - 1} in canonical names" if have else "no layer tensors"
+        raise InputError(f"{config}: {ckpt.field_name('num_hidden_layers')}={want} but the weights have {have} "
+                         f"layers ({layers}); the config does not belong to these weights or tensors are missing")

@@ -10,10 +10,13 @@ gguf_file=...)``) and saved in HF's files.
 
 from __future__ import annotations
 
-import shutil
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from graphfix.convert.spec import ModelSpec
+from graphfix.errors import InputError
 
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -30,8 +33,27 @@ def side_files(folder: Path) -> list[Path]:
 def copy_side_files(files: list[Path], out: Path) -> list[str]:
     """Copy ``files`` into ``out``; returns the names copied."""
     for f in files:
-        shutil.copyfile(f, out / f.name)
+        try:
+            data = f.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{f}: cannot read ({exc.strerror}); check its permissions or remove it") from None
+        (out / f.name).write_bytes(data)  # a failure here is the destination's: the caller reports it
     return [f.name for f in files]
+
+
+def write_generation_config(spec: ModelSpec, out: Path) -> Path | None:
+    """``generation_config.json`` with the special token ids, unless ``out`` has one already.
+
+    A GGUF keeps BOS/EOS/PAD in its metadata; transformers' ``generate()``
+    and graphfix's read them from ``generation_config.json`` (or derive it from
+    config.json), and without an EOS generation runs past the end of a turn.
+    """
+    path = out / "generation_config.json"
+    ids = {k: getattr(spec, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if path.exists() or all(v is None for v in ids.values()):
+        return None
+    path.write_text(json.dumps({k: v for k, v in ids.items() if v is not None}, indent=2) + "\n")
+    return path
 
 
 def gguf_tokenizer_exporter(path: Path) -> Callable[[Path], list[str]]:

@@ -138,27 +138,53 @@ def _find_file(rel: str) -> str | None:
 
 
 
+def past_decorators(location: Location) -> Location:
+    """A location on a decorator line (``@deprecate_kwarg(...)``: a decorated function's code starts there) moved
+    to the function's ``def`` line, with its source: the line a reader looks for."""
+    import linecache
+
+    line = linecache.getline(location.file, location.line).strip()
+    if not line.startswith("@"):
+        return location
+    for n in range(location.line + 1, location.line + 40):
+        text = linecache.getline(location.file, n)
+        if not text:
+            break
+        stripped = text.strip()
+        if stripped.startswith(("def ", "async def ")):
+            name = stripped.split("(", 1)[0].split()[-1]
+            return Location(location.file, n, name, stripped)
+    return location
+
+
 def add_recompiles(findings: OrderedDict, recompiles: list[cap_mod.RawRecompile], index: ModuleIndex,
-                    fixes: dict[Category, str], root: Location | None, prefill_tokens: int | None = None) -> None:
+                   fixes: dict[Category, str], root: Location | None, prefill_tokens: int | None = None) -> None:
     for event in recompiles:
+        function = event.function
         if root is not None and (cap_mod.is_internal(event.location.file) or _is_root_wrapper(event.location, index)):
             # Dynamo's or a library's decorator around the model's forward: blame the forward itself.
             event.location = root
+            function = root.function or function
         guard = event.guards[0] if event.guards else "(guard not reported)"
-        where = guard_location(guard) or event.location
+        found = guard_location(guard)
+        raw = found or event.location
+        where = past_decorators(raw)
+        # the guard's line, or the decorator line Dynamo named, stays in the stack: tools match torch's own logs
+        stack = [event.location] if found is not None else ([raw] if where is not raw else [])
         nested = root is not None and (event.location.file, event.location.line) != (root.file, root.line)
         category = classify_recompile(guard, event.phase, nested=nested, prefill_tokens=prefill_tokens)
         probe = Finding(Kind.RECOMPILE, category, "", guard=guard)
         key = (Kind.RECOMPILE, event.location.file, event.location.line, probe.guard_kind())
 
         def make(event: cap_mod.RawRecompile = event, guard: str = guard, where: Location = where,
-                 category: Category = category) -> Finding:
+                 category: Category = category, function: str = function,
+                 stack: list[Location] = stack) -> Finding:
             return Finding(
                 kind=Kind.RECOMPILE,
                 category=category,
-                message=f"{event.function} recompiled: {guard.split('#')[0].strip()}",
+                message=f"{function} recompiled: {guard.split('#')[0].strip()}",
                 location=where,
-                stack=[event.location] if where is not event.location else [],
+                stack=stack,
                 module_paths=index.resolve([event.location], event.location),
                 guard=guard,
                 fix_pass=fixes.get(category),

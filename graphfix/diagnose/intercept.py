@@ -48,7 +48,8 @@ class CallLog:
     phases: list[str] = dataclasses.field(default_factory=list)
     new_tokens: list[int | None] = dataclasses.field(default_factory=list)
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    """``(batch, vocab)`` float32 CPU logits of each call's last position (when ``record_logits``)."""
+    """``(batch, vocab)`` CPU logits of each call's last position (when ``record_logits``): float32, float64 ones
+    kept."""
     unrecorded: int = 0
     """Calls whose output held no logits graphfix could find."""
 
@@ -108,7 +109,13 @@ def find_logits(output: Any, vocab: int | None = None) -> torch.Tensor | None:
 def last_position(logits: torch.Tensor) -> torch.Tensor:
     """``(batch, vocab)`` logits of the last position of a ``(batch, seq, vocab)`` (or ``(batch, vocab)``) output."""
     last = logits[:, -1] if logits.dim() >= 3 else logits
-    return last.detach().float().cpu().clone()
+    return recorded(last).clone()
+
+
+def recorded(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as graphfix keeps them: on the CPU, float32, or float64 when they are (a high-precision reference's
+    rounding to float32 would be as large as the float32 error it measures)."""
+    return logits.detach().to("cpu", torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from graphfix.errors import InputError, ModelRunError, UnsupportedModelError
 
 SMOLLM2_ALIAS = "smollm2"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+META_MAX_SEQ_LEN = 512
+"""Positions Meta's reference model is built for when ``params.json`` does not say."""
 
 
 @dataclasses.dataclass
@@ -35,6 +38,25 @@ class LoadedModel:
     """A prompt tensor (token ids) or a list of example calls, when a ``module:function`` returned them."""
     driver: Any = None
     """The loop ``fn(model)`` a ``module:function`` returned, or the one ``--driver`` named."""
+    positions: int | None = None
+    """The positions the model declares (``max_position_embeddings``, params.json's ``max_seq_len``), if any."""
+    vocab_size: int | None = None
+    """Rows of the embedding: token ids must be below it."""
+    where: str = ""
+    """The file that declares ``positions`` and ``vocab_size``, for messages."""
+
+
+def model_limits(model: nn.Module) -> tuple[int | None, int | None]:
+    """``(positions, vocab_size)`` an HF-style model declares in its config, else the embedding's rows."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(emb, "weight", None)
+        vocab = int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+    ok = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0)
+    return (positions if ok(positions) else None), (vocab if ok(vocab) else None)
 
 
 def smollm2_gguf_path() -> Path:
@@ -61,6 +83,8 @@ def load(spec: str, *, meta_device: bool = False, dtype: torch.dtype = torch.flo
     if ":" in spec and not os.path.exists(spec) and not spec.startswith(("/", ".")):
         return load_callable(spec)
     path = Path(spec)
+    if not path.exists() and HUB_ID.fullmatch(spec):
+        path = hub_cache_folder(spec)
     if not path.exists():
         raise InputError(f"no such file or directory: {spec}", hint="give a model directory, config.json, .gguf file, "
                          "Meta checkpoint folder, 'smollm2' or package.module:function")
@@ -82,6 +106,21 @@ def load(spec: str, *, meta_device: bool = False, dtype: torch.dtype = torch.flo
     raise InputError(f"do not know how to load {spec}", hint="expected config.json, params.json or a .gguf file")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_cache_folder(repo_id: str) -> Path:
+    """The folder of a Hugging Face model id in the local cache; graphfix never downloads (offline-safe)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError), or no huggingface_hub
+        raise InputError(f"{repo_id} is neither a local path nor a Hugging Face model in the local cache",
+                         hint=f"download it first with huggingface-cli download {repo_id} --local-dir DIR, then "
+                              "give DIR; graphfix never downloads") from None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path) as fh:
@@ -91,7 +130,10 @@ def read_json(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     if not isinstance(data, dict):
-        raise InputError(f"{path} does not hold a JSON object")
+        from graphfix.diagnose.validate import _json_kind
+
+        raise InputError(f"{path}: expected a JSON object, got a JSON {_json_kind(data)}",
+                         hint="fix or regenerate the file")
     return data
 
 
@@ -103,72 +145,106 @@ def _check_architecture(model_type: str | None, where: Path) -> None:
         )
 
 
-def load_config(path: Path) -> LoadedModel:
-    """Build the architecture on the meta device: diagnosis without weights or memory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def hf_config(path: Path) -> Any:
+    """The checked transformers config of a ``config.json`` (every sizing field validated first)."""
+    from transformers import AutoConfig
+
+    from graphfix.diagnose.validate import check_hf_config
 
     data = read_json(path)
     _check_architecture(data.get("model_type"), path)
+    check_hf_config(data, str(path))
     try:
-        config = AutoConfig.for_model(**data)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise InputError(f"{path}: not a valid transformers config ({exc})") from exc
+        return AutoConfig.for_model(**data)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a config it cannot use
+        raise InputError(f"{path}: not a valid transformers config ({_one_line(exc)})",
+                         hint="fix or regenerate the file") from None
+
+
+def load_config(path: Path) -> LoadedModel:
+    """Build the architecture on the meta device: diagnosis without weights or memory."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return LoadedModel(model.eval(), _name_of(path.parent, config), "config.json (meta device)")
+    return _with_limits(LoadedModel(model.eval(), _name_of(path.parent, config), "config.json (meta device)"), path)
 
 
 def load_hf_dir(path: Path, *, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    config = read_json(path / "config.json")
-    _check_architecture(config.get("model_type"), path / "config.json")
+    from graphfix.diagnose.validate import check_hf_dir
     from graphfix.quant.checkpoint import is_quantized_checkpoint, load_quantized
 
+    config = hf_config(path / "config.json")
     if is_quantized_checkpoint(path):  # graphfix convert --quantize: packed weights, loaded as they are
-        return LoadedModel(load_quantized(path, dtype=dtype), path.name, "hf (quantized)")
+        return _with_limits(LoadedModel(load_quantized(path, dtype=dtype), path.name, "hf (quantized)"),
+                            path / "config.json")
+    check_hf_dir(path, config, dtype)  # shapes against the weights' headers, and memory, before anything loads
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     except Exception as exc:  # transformers raises many types for bad checkpoints
         raise InputError(f"cannot load Hugging Face checkpoint {path}: {_one_line(exc)}") from exc
-    return LoadedModel(model.eval(), path.name, "hf")
+    return _with_limits(LoadedModel(model.eval(), path.name, "hf"), path / "config.json")
 
 
-def gguf_architecture(path: Path) -> str:
-    """The ``general.architecture`` of a GGUF file, with a clear error for a bad file."""
+def gguf_reader(path: Path) -> Any:
+    """A ``GGUFReader`` on ``path`` (memory-mapped), with a clear error for a bad file."""
     try:
         from gguf import GGUFReader
 
-        reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
-    except KeyError as exc:
-        raise InputError(f"{path}: GGUF file has no general.architecture") from exc
+        return GGUFReader(str(path))
     except Exception as exc:
         raise InputError(f"{path}: not a readable GGUF file ({_one_line(exc)})", hint="re-download or re-export it") from exc
+
+
+def gguf_architecture(path: Path, reader: Any = None) -> str:
+    """The ``general.architecture`` of a GGUF file, with a clear error for a bad file."""
+    reader = reader if reader is not None else gguf_reader(path)
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise InputError(f"{path}: GGUF file has no general.architecture")
+    try:
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:
+        raise InputError(f"{path}: general.architecture is not a string ({_one_line(exc)})",
+                         hint="re-download or re-export it") from exc
 
 
 def load_gguf(path: Path, *, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    arch = gguf_architecture(path)
+    from graphfix.diagnose.validate import check_gguf
+
+    reader = gguf_reader(path)
+    arch = gguf_architecture(path, reader)
     _check_architecture(arch, path)
+    check_gguf(path, arch, reader, dtype)
+    del reader
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                                      local_files_only=True)
     except Exception as exc:
         raise InputError(f"cannot load GGUF {path}: {_one_line(exc)}") from exc
-    return LoadedModel(model.eval(), name or path.stem, "gguf")
+    return _with_limits(LoadedModel(model.eval(), name or path.stem, "gguf"), path)
 
 
 def load_meta_checkpoint(path: Path, *, dtype: torch.dtype) -> LoadedModel:
     """Meta's reference ``Transformer`` (fairscale, world size 1) with the checkpoint's weights."""
-    from graphfix.diagnose.meta_loader import build_meta_transformer, read_meta_state_dict
+    from graphfix.diagnose.meta_loader import build_meta_transformer, read_meta_state_dict, validate_meta_checkpoint
+    from graphfix.diagnose.validate import check_meta_checkpoint
 
+    validate_meta_checkpoint(path, dtype=dtype)  # headers and sizes, before anything is allocated
     params = read_json(path / "params.json")
-    state = read_meta_state_dict(path)
-    model = build_meta_transformer(params, state, dtype=dtype)
-    return LoadedModel(model.eval(), path.name, "meta")
+    state = read_meta_state_dict(path)  # memory-mapped: the shapes are known, nothing is read yet
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    checked = check_meta_checkpoint(path, params, shapes, dtype=dtype, max_seq_len=META_MAX_SEQ_LEN,
+                                    max_batch_size=1)
+    model = build_meta_transformer(params, state, dtype=dtype, max_seq_len=META_MAX_SEQ_LEN)
+    vocab = shapes.get("tok_embeddings.weight", (None,))[0]
+    return LoadedModel(model.eval(), path.name, "meta", positions=checked["max_seq_len"], vocab_size=vocab,
+                       where=str(path / "params.json"))
 
 
 def import_callable(spec: str, what: str = "function") -> Any:
@@ -217,7 +293,7 @@ def load_callable(spec: str) -> LoadedModel:
                              hint="the second item is a prompt tensor, a list of example calls, or a loop fn(model)")
     if not isinstance(result, nn.Module):
         raise InputError(f"{spec} returned {type(result).__name__}, not an nn.Module")
-    return LoadedModel(result.eval(), spec, "callable", inputs, driver)
+    return _with_limits(LoadedModel(result.eval(), spec, "callable", inputs, driver), spec)
 
 
 def load_driver(spec: str) -> Any:
@@ -225,6 +301,12 @@ def load_driver(spec: str) -> Any:
     from graphfix.diagnose.drivers import LoopDriver
 
     return LoopDriver(import_callable(spec, "driver"), description=f"loop:{spec}")
+
+
+def _with_limits(loaded: LoadedModel, where: str | Path) -> LoadedModel:
+    loaded.positions, loaded.vocab_size = model_limits(loaded.model)
+    loaded.where = str(where)
+    return loaded
 
 
 def _name_of(path: Path, config: Any) -> str:

@@ -312,6 +312,10 @@ def _fused(module: nn.Module, x: torch.Tensor, *, pdl: bool, **prologue: Any) ->
     return fused_linear(x, module.weight, bias=module.bias, pdl=pdl, **prologue)
 
 
+DEFAULT_KERNEL_ROWS = 1
+"""Rows a decode step may have to take the decode kernels by default (``use_decode_kernels(max_rows=...)``)."""
+
+
 class LlamaDecoder(nn.Module):
     """A Llama-family decoder implementing ``StepModel`` (see ``graphfix.engine.protocol``).
 
@@ -336,6 +340,7 @@ class LlamaDecoder(nn.Module):
         self.decode_kernels = False
         self.decode_pdl = False
         self.decode_rope = False
+        self.decode_kernel_rows = 0
 
     def allocate(self, max_batch_size: int, max_seq_len: int) -> LlamaDecoder:
         """Allocate the KV caches (``max_seq_len`` rounded up to ``CACHE_ALIGN``) and the RoPE tables."""
@@ -405,11 +410,11 @@ class LlamaDecoder(nn.Module):
         return self.output(self.norm(h))
 
     def kernels_serve(self, rows: int, tokens_per_row: int) -> bool:
-        """Whether a step of this shape runs the decode kernels: one token per row, 1 to ``kernels.MAX_ROWS`` rows.
+        """Whether a step of this shape runs the decode kernels: one token per row, up to ``decode_kernel_rows`` rows.
 
         Prefill (several tokens a row) and larger batches are GEMMs, where cuBLAS and Inductor win.
         """
-        return bool(self.decode_kernels) and tokens_per_row == 1 and rows <= MAX_ROWS
+        return bool(self.decode_kernels) and tokens_per_row == 1 and rows <= self.decode_kernel_rows
 
     @property
     def compile_key(self) -> tuple:
@@ -419,11 +424,17 @@ class LlamaDecoder(nn.Module):
         value, so switching ``use_decode_kernels`` back and forth selects graphs compiled for that
         setting instead of recompiling (or failing a guard under ``fail_on_recompile``).
         """
-        return (self.decode_kernels, self.decode_pdl, self.decode_rope)
+        return (self.decode_kernels, self.decode_pdl, self.decode_rope, self.decode_kernel_rows)
 
     def use_decode_kernels(self, enabled: bool = True, fuse_linears: bool = True,
-                           pdl: bool = True, rope_kernel: bool = True) -> LlamaDecoder:
-        """Run decode steps of 1 to 16 rows through ``Block.decode_fused`` (seven kernels a layer); needs ``fuse=True``.
+                           pdl: bool = True, rope_kernel: bool = True,
+                           max_rows: int = DEFAULT_KERNEL_ROWS) -> LlamaDecoder:
+        """Run decode steps of 1 to ``max_rows`` rows through ``Block.decode_fused`` (seven kernels a layer).
+
+        Needs ``fuse=True``. ``max_rows`` (1 to ``kernels.MAX_ROWS``, default ``DEFAULT_KERNEL_ROWS``):
+        the kernels serve 2 to 16 rows correctly (tests, ``kernel_check``), but on an H200 a batch-8
+        step through the rows kernel took 6.46 ms against Inductor's compiled GEMMs' ~4.5 ms
+        (docs/benchmarks.md, 2026-12-03), so by default only batch-1 steps take them.
 
         ``fuse_linears=False``: the split-KV attention kernel only. Prefill and larger
         batches (GEMMs, where cuBLAS wins) keep the standard path (``kernels_serve``). A ``Generator``
@@ -441,6 +452,9 @@ class LlamaDecoder(nn.Module):
         self.decode_kernels: str | bool = ("all" if fuse_linears else "attention") if enabled else False
         self.decode_pdl = bool(enabled and fuse_linears and pdl and pdl_supported(self.norm.weight.device))
         self.decode_rope = bool(enabled and fuse_linears and rope_kernel)
+        if not 1 <= max_rows <= MAX_ROWS:
+            raise InputError(f"max_rows={max_rows}: the decode kernels serve 1 to {MAX_ROWS} rows")
+        self.decode_kernel_rows = max_rows if enabled else 0  # off: one compile key whatever max_rows said
         return self
 
     forward = step

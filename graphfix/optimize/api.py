@@ -51,6 +51,8 @@ from graphfix.diagnose.findings import Finding, Kind
 from graphfix.diagnose.grouping import failure_stack
 from graphfix.diagnose.report import Report
 from graphfix.errors import GraphfixError, InputError, UnsupportedModelError
+from graphfix.optimize.reference import CHOICES as REFERENCE_CHOICES
+from graphfix.optimize.reference import record as record_high_precision
 from graphfix.optimize.result import OptimizeResult, diagnosed
 from graphfix.optimize.state import OptimizedState
 from graphfix.optimize.verification import (
@@ -118,6 +120,9 @@ def optimize(
     diagnose: bool = True,
     inductor_scan: bool = False,
     tolerance: float | None = None,
+    parity_reference: str = "auto",
+    parity_multiplier: float | None = None,
+    parity_floor: float | None = None,
     cuda_graphs: bool | None = None,
     pass_options: dict[str, Any] | None = None,
     name: str | None = None,
@@ -140,9 +145,14 @@ def optimize(
     verification's timed run of the optimized model is slower than the original's (timed the same way, warm),
     the original is kept and the summary says so (never slower by default; runs too short to time are not judged).
     Default: on with ``inductor`` (a backend for speed), off with ``eager``/``aot_eager`` (backends for checking).
-    ``quantize``: ``"int8"``, ``"int4"`` or ``"int4:64"``: weight-only quantization of the linears (``graphfix.quantize``)
-    after the reference run; verified against the unquantized original with a tolerance derived from the measured
-    quantization error (``optimize.quantized``). Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
+    Parity (docs/optimize.md): ``parity_reference`` (``auto``, ``float64``, ``float32``, ``none``) is the precision
+    of the original's reference run, ``parity_multiplier`` and ``parity_floor`` the bound
+    ``e_opt <= multiplier * e_orig + floor`` (defaults by dtype), ``tolerance`` the fixed rule used only when
+    there is no reference run.
+    ``quantize``: ``"int8"``, ``"int4"`` or ``"int4:64"``: weight-only quantization of the linears
+    (``graphfix.quantize``) after the reference run; verified against the unquantized original with a tolerance
+    derived from the measured quantization error (``optimize.quantized``).
+    Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
@@ -152,6 +162,8 @@ def optimize(
     if decode_steps < 1 or prefill_tokens < 2:
         raise InputError("decode_steps must be at least 1 and prefill_tokens at least 2")
     names = _explicit_passes(passes)  # validate names before any work
+    if parity_reference not in REFERENCE_CHOICES:
+        raise InputError(f"unknown parity_reference {parity_reference!r}", hint=f"one of {', '.join(REFERENCE_CHOICES)}")
     if quantize:
         from graphfix.quant.scheme import parse_scheme
 
@@ -196,6 +208,9 @@ def optimize(
         reference = runner.run(model, prompt, loop_steps)
         if keep_if_slower and reference.seconds >= MIN_TIMED_SECONDS:  # timed again, warm, for the speed check
             reference.seconds = runner.run(model, prompt, loop_steps).seconds
+    high = record_high_precision(model, runner, prompt, loop_steps, reference, run_dtype, parity_reference)
+    say(f"reference in high precision: {high.note}" + (f", {high.seconds:.1f}s" if high.seconds else "")
+        + ("" if high.trace is not None else "; parity falls back to the fixed tolerance"))
 
     diag_driver = user_driver if user_driver is not None else loop
     before = _diagnose(model, label, prompt, diagnose_steps, inductor_scan, diag_driver, say, diagnose, "original")
@@ -205,8 +220,10 @@ def optimize(
 
     _prime(runner, model, prompt)
     snapshot = ModelSnapshot.take(model)
+    options = {k: v for k, v in (("tolerance", tolerance), ("multiplier", parity_multiplier),
+                                 ("floor", parity_floor)) if v is not None}
     state = OptimizedState(model=model, kind=kind, reference=reference, dtype=run_dtype, max_seq_len=seq_len,
-                           backend=backend if compile else None, driver=loop)
+                           backend=backend if compile else None, driver=loop, high=high, parity_options=options)
     try:
         if quantize:
             from graphfix.optimize.quantized import quantize_for_optimize
@@ -235,7 +252,7 @@ def optimize(
 
     verification, verified = None, False
     if verify:
-        verification = run_verification(state, tolerance=tolerance, progress=say)
+        verification = run_verification(state, progress=say)
         verified = verification.ok and (state.compiled or not compile)
         slower = _slower_than_original(verification, reference, keep_if_slower) if verified and compile else None
         if slower:
@@ -435,7 +452,8 @@ def _compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tenso
     started = time.perf_counter()
     try:
         # the engine compiles a decode graph per attended cache length: warm it over the whole verified length
-        steps = state.reference.steps - 1 if isinstance(runner, EngineRunner) else WARM_UP_DECODE_CALLS
+        on_engine = isinstance(runner, EngineRunner) or getattr(state.front, "decoder", None) is not None
+        steps = state.reference.steps - 1 if on_engine else WARM_UP_DECODE_CALLS
         with side_effects.reorder_logging(state.model), compile_failure_contained(), quiet():
             for _ in range(WARM_UP_RUNS):
                 runner.run(state.model, prompt, steps)
@@ -469,7 +487,7 @@ def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, no
     elif meta_llama.has_tensor_core(model):
         from graphfix.optimize import meta_front
 
-        state.front = meta_front.install(model, backend, cuda_graphs)
+        state.front = meta_front.install(model, backend, cuda_graphs, notes=notes)
         state.disable = lambda: meta_front.uninstall(model)
     else:
         from graphfix.rewrite.blocks.phase_router import install_router

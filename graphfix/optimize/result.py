@@ -9,11 +9,13 @@ from typing import Any
 from torch import nn
 
 from graphfix.diagnose.report import Report
-from graphfix.optimize.verification import ParityResult, VerifyResult
+from graphfix.optimize.parity import ParityResult
+from graphfix.optimize.verification import VerifyResult
 from graphfix.rewrite.pass_manager import PassResult
 
 SCHEMA = "graphfix.optimize"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``parity`` measured against a high-precision run of the original (``graphfix.optimize.parity``)."""
 
 
 @dataclasses.dataclass
@@ -59,9 +61,7 @@ class OptimizeResult:
             ("inductor fallbacks", cell(self.before, "inductor_fallbacks") if scan else "-",
              cell(self.after, "inductor_fallbacks") if scan else "-"),
         ]
-        p = self.parity
-        rows.append(("parity (max rel err)", "-", f"{p.relative_error:.1e} (tol {p.tolerance:.0e})" if p else "-"))
-        rows.append(("greedy tokens", "-", f"{p.greedy_match}/{p.greedy_steps} identical" if p else "-"))
+        rows.extend(parity_rows(self.parity))
         tps_b = v.reference_tokens_per_second if v else None
         tps_a = v.tokens_per_second if v else None
         rows.append(("tokens/s", f"{tps_b:.1f}" if tps_b else "-", f"{tps_a:.1f}" if tps_a else "-"))
@@ -92,6 +92,8 @@ class OptimizeResult:
         for p in self.passes:
             lines.append(f"  pass {p.name}: {p.rewritten} rewritten, {len(p.skipped)} skipped"
                          + (f" ({p.notes[0]})" if p.notes and not p.rewritten else ""))
+        if self.parity is not None:
+            lines.append(f"  parity: {parity_method(self.parity)}")
         lines.append("  verified: " + ("yes" if self.verified else "NO" if v else "not run"))
         if v and not v.ok:
             lines.extend(f"    - {f}" for f in v.failures)
@@ -127,3 +129,26 @@ class OptimizeResult:
 def diagnosed(report: Report) -> bool:
     """Whether ``report`` comes from a diagnosis (``diagnose=False`` leaves an empty one)."""
     return report.stats.calls > 0
+
+
+def parity_rows(p: ParityResult | None) -> list[tuple[str, str, str]]:
+    """The parity rows of the before/after table: *before* is the original's own error in its dtype (``e_orig``),
+    *after* the optimized model's (``e_opt``) against the bound; the greedy tokens and the step checked to."""
+    if p is None:
+        return [("parity (max rel err)", "-", "-"), ("greedy tokens", "-", "-")]
+    if p.method != "reference":
+        return [("parity (max rel err)", "-", f"{p.relative_error:.1e} (tol {p.tolerance:.0e})"),
+                ("greedy tokens", "-", f"{p.greedy_match}/{p.greedy_steps} identical")]
+    sign = "<=" if p.logits_ok else ">"
+    e_opt = f"{p.e_opt:.1e}" if p.e_opt is not None and p.e_opt < float("inf") else "inf"
+    return [(f"parity vs {p.reference_dtype} (rel RMS)", f"{p.e_orig:.1e}", f"{e_opt} ({sign} {p.bound:.1e})"),
+            ("greedy tokens", "-", f"{p.greedy_match}/{p.greedy_steps} identical ({p.tokens_checked_to} checked)")]
+
+
+def parity_method(p: ParityResult) -> str:
+    """One line: how parity was decided."""
+    if p.method != "reference":
+        return f"fixed tolerance {p.tolerance:.0e} of the logit scale against the original ({p.note})"
+    return (f"e_opt <= {p.multiplier:g} x e_orig + {p.floor:g}, e_orig the original's own error in {p.dtype} "
+            f"against {p.note or 'a ' + str(p.reference_dtype) + ' run'}; logits compared over {p.compared_steps} "
+            f"steps, greedy tokens checked to step {p.tokens_checked_to} ({p.stop_reason})")

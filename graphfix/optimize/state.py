@@ -20,6 +20,7 @@ class OptimizedState:
     kind: str
     """``hf``, ``meta`` or ``generic`` (any other codebase)."""
     reference: Trace
+    """The original's run in its own dtype."""
     dtype: torch.dtype
     max_seq_len: int
     backend: str | None = None
@@ -33,6 +34,11 @@ class OptimizedState:
     """``optimize(quantize=...)``: a ``quantized.QuantizationInfo`` (scheme, measured error, parity tolerance)."""
     warm_recompiles: int = 0
     """Recompiles counted once warm-up ended: only later ones are recompiles after warm-up."""
+    high: Any = None
+    """The high-precision run of the original (``graphfix.optimize.reference.HighPrecision``) parity measures
+    against; ``None``: none was recorded (the fixed tolerance decides)."""
+    parity_options: dict[str, float] = dataclasses.field(default_factory=dict)
+    """``tolerance``, ``multiplier``, ``floor`` that ``optimize`` was given (``verify`` uses them by default)."""
 
     @property
     def compiled(self) -> bool:

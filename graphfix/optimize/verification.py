@@ -10,11 +10,10 @@ the optimized model the same way and checks:
 2. decode steps 2..N run under ``torch.compiler.set_stance("fail_on_recompile")`` and a
    second run (the same prompt, timed) and a prompt of another length run entirely under
    it: any recompile is reported with its guard;
-3. parity: the greedy tokens are identical, and the logits of every step up to the first
-   differing token are within ``tolerance`` of the reference, measured as the largest
-   absolute difference divided by the largest absolute reference logit. Float32 must
-   match exactly in tokens and to 1e-4 in logits; in bfloat16/float16 the error and the
-   greedy match are reported and only the logit tolerance (looser) decides.
+3. parity (``graphfix.optimize.parity``): the logits' error against a high-precision run of the
+   original, at most a small multiple of the original's own error in its dtype plus a floor, and
+   the greedy tokens identical up to the first step the reference's top-2 margin does not decide;
+   without a high-precision run, the old fixed tolerance (said in the result).
 """
 
 from __future__ import annotations
@@ -31,14 +30,13 @@ import torch
 from torch import nn
 
 from graphfix.diagnose.dispatch_state import compile_failure_contained
+from graphfix.diagnose.intercept import recorded
 from graphfix.errors import GraphfixError, InputError
-from graphfix.optimize.quantized import adjust_parity
+from graphfix.optimize.parity import ParityResult, compare
+from graphfix.optimize.quantized import adjust_parity, quantized_original
 
 SCHEMA = "graphfix.verify"
-SCHEMA_VERSION = 1
-
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-"""Default parity tolerance by model dtype: max |logit error| / max |reference logit|."""
+SCHEMA_VERSION = 2
 
 Progress = Callable[[str], None]
 
@@ -59,7 +57,7 @@ class Trace:
     """``(batch, steps + 1)``: the prefill's greedy token, then one per decode step; for a user's loop,
     the tokens it returned (or the argmax of each call when it returned none)."""
     logits: torch.Tensor
-    """``(calls, batch, vocab)`` float32 on CPU: the last position of each forward call."""
+    """``(calls, batch, vocab)`` on CPU, float32 (float64 for a float64 run): the last position of each call."""
     seconds: float
     prefill_tokens: int = 0
 
@@ -75,83 +73,6 @@ class Trace:
     @property
     def tokens_per_second(self) -> float:
         return self.logits.shape[0] * self.logits.shape[1] / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclasses.dataclass
-class ParityResult:
-    """The optimized model's logits and greedy tokens against the original's."""
-
-    max_abs_error: float
-    logit_scale: float
-    tolerance: float
-    greedy_match: int
-    """Leading greedy tokens identical to the reference's (all rows of the batch)."""
-    greedy_steps: int
-    compared_steps: int
-    """Steps whose logits were compared: all, or up to and including the first differing token."""
-    dtype: str
-    tokens_required: bool = True
-    """Float32: identical tokens are required. Lower precision: reported only."""
-    returned_tokens_equal: bool = True
-    """The tokens the loop returned (a user's loop: its own output) are identical."""
-    basis: str = ""
-    """Where the tolerance came from when it is not the dtype's (a quantized model: its quantization error)."""
-
-    @property
-    def relative_error(self) -> float:
-        return self.max_abs_error / self.logit_scale if self.logit_scale > 0 else self.max_abs_error
-
-    @property
-    def tokens_match(self) -> bool:
-        return self.greedy_match == self.greedy_steps and self.returned_tokens_equal
-
-    @property
-    def passed(self) -> bool:
-        return self.relative_error <= self.tolerance and (self.tokens_match or not self.tokens_required)
-
-    def describe(self) -> str:
-        return (f"max |logit error| {self.max_abs_error:.3g} = {self.relative_error:.2e} of the logit scale "
-                f"{self.logit_scale:.3g} (tolerance {self.tolerance:.0e}); greedy tokens {self.greedy_match}/"
-                f"{self.greedy_steps} identical" + ("" if self.returned_tokens_equal else "; the loop returned other tokens")
-                + (f"; {self.basis}" if self.basis else ""))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.update(relative_error=self.relative_error, tokens_match=self.tokens_match, passed=self.passed)
-        return data
-
-
-def compare(reference: Trace, output: Trace, tolerance: float, dtype: torch.dtype) -> ParityResult:
-    """Parity of ``output`` against ``reference`` (see the module docstring).
-
-    Calls are aligned by index; the greedy choice of each call (argmax of its last position)
-    is compared, and the logits up to and including the first call whose choice differs.
-    The tokens a user's loop returned must also be equal (in float32), whatever their layout.
-    """
-    steps = min(reference.steps, output.steps)
-    ref_choice, out_choice = reference.logits[:steps].argmax(-1), output.logits[:steps].argmax(-1)
-    same = (ref_choice == out_choice).all(dim=1).tolist()
-    match = next((i for i, ok in enumerate(same) if not ok), steps)
-    if reference.steps != output.steps:
-        match = min(match, steps)
-    returned_equal = reference.tokens.shape == output.tokens.shape and torch.equal(reference.tokens, output.tokens)
-    compared = min(match + 1, steps)
-    ref, out = reference.logits[:compared], output.logits[:compared]
-    return ParityResult(
-        max_abs_error=float((ref - out).abs().max()) if compared else 0.0,
-        logit_scale=float(ref.abs().max()) if compared else 0.0,
-        tolerance=tolerance,
-        greedy_match=match,
-        greedy_steps=reference.steps,
-        compared_steps=compared,
-        dtype=str(dtype).replace("torch.", ""),
-        tokens_required=dtype in (torch.float32, torch.float64),
-        returned_tokens_equal=returned_equal,
-    )
-
-
-def default_tolerance(dtype: torch.dtype) -> float:
-    return TOLERANCE.get(dtype, 3e-2)
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +120,7 @@ class HFRunner:
             out = model.generate(prompt, **kwargs)
             seconds = time.perf_counter() - started
         tokens = out.sequences[:, prompt.shape[1]:]
-        logits = torch.stack([x.detach().float().cpu() for x in out.logits])
+        logits = torch.stack([recorded(x) for x in out.logits])
         return Trace(prompt, tokens.cpu(), logits, seconds)
 
 
@@ -216,8 +137,8 @@ class StartPosRunner:
                 out = model.forward(prompt, 0)
             pos = prompt.shape[1]
             for step in range(steps + 1):
-                last = out[:, -1].float()
-                logits.append(last.detach().cpu().clone())
+                last = out[:, -1]
+                logits.append(recorded(last).clone())
                 token = last.argmax(-1, keepdim=True)
                 tokens.append(token.cpu())
                 if step == steps:
@@ -377,26 +298,32 @@ def classify_failure(exc: BaseException) -> tuple[str, str]:
 
 
 def verify(model_or_result: Any, *, decode_steps: int | None = None, tolerance: float | None = None,
+           parity_multiplier: float | None = None, parity_floor: float | None = None,
            measure_speed: bool = True, other_prompt_length: bool = True, strict: bool = False,
            progress: Progress | None = None) -> VerifyResult:
     """Verify a model returned by ``graphfix.optimize`` (or its ``OptimizeResult``).
 
     ``decode_steps`` defaults to the reference ``optimize`` recorded (and cannot exceed it:
-    the original model is gone). ``strict`` raises ``VerificationError`` on failure.
+    the original model is gone). ``parity_multiplier`` and ``parity_floor``: the parity bound
+    ``e_opt <= multiplier * e_orig + floor`` (defaults by dtype: ``graphfix.optimize.parity``, or what
+    ``optimize`` was given); ``tolerance``: the fixed rule's, used only without a high-precision
+    reference. ``strict`` raises ``VerificationError`` on failure.
     """
     model = getattr(model_or_result, "model", model_or_result)
     state = getattr(model, "__dict__", {}).get("graphfix_optimized") if isinstance(model, nn.Module) else None
     if state is None:
         raise InputError("this model was not optimized by graphfix, so there is no reference to verify against",
                          hint="call graphfix.optimize(model) (it verifies by default) and pass its result")
-    result = run_verification(state, decode_steps=decode_steps, tolerance=tolerance, measure_speed=measure_speed,
-                              other_prompt_length=other_prompt_length, progress=progress)
+    result = run_verification(state, decode_steps=decode_steps, tolerance=tolerance,
+                              parity_multiplier=parity_multiplier, parity_floor=parity_floor,
+                              measure_speed=measure_speed, other_prompt_length=other_prompt_length, progress=progress)
     if strict and not result.ok:
         raise VerificationError(result.describe())
     return result
 
 
 def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: float | None = None,
+                     parity_multiplier: float | None = None, parity_floor: float | None = None,
                      measure_speed: bool = True, other_prompt_length: bool = True,
                      progress: Progress | None = None, earlier: Sequence[BaseException] = ()) -> VerifyResult:
     """The checks of ``verify`` on an ``OptimizedState`` (see ``graphfix.optimize``)."""
@@ -410,12 +337,10 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
     run_steps: int | None = steps
     if isinstance(runner, LoopRunner) and steps == reference.steps - 1:
         run_steps = None  # the loop's own length: its returned tokens are compared as they are
-    elif isinstance(runner, LoopRunner):  # a shorter run stops the loop: compare each call's greedy choice
-        reference = dataclasses.replace(reference, tokens=reference.logits[: steps + 1].argmax(-1).T,
-                                        logits=reference.logits[: steps + 1])
-    else:
-        reference = dataclasses.replace(reference, tokens=reference.tokens[:, : steps + 1],
-                                        logits=reference.logits[: steps + 1])
+    high = getattr(state, "high", None)
+    reference = _shortened(reference, steps, run_steps, isinstance(runner, LoopRunner))
+    high_trace = _shortened(high.trace, steps, run_steps, isinstance(runner, LoopRunner)) \
+        if high is not None and high.trace is not None else None
     result = VerifyResult(ok=False, compiled=state.compiled, prefill_tokens=reference.prefill_tokens,
                           decode_steps=steps, reference_tokens_per_second=state.reference.tokens_per_second)
     started = time.perf_counter()
@@ -453,11 +378,17 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
                                "a recompile limit reached, or a path the compiled callables do not cover)")
     if output is not None:
         result.strict_decode_steps += max(0, steps - 1) if state.compiled else 0
-        quant = getattr(state, "quantization", None)  # optimize(quantize=...): the tolerance of its error
-        tol = tolerance if tolerance is not None else quant.tolerance if quant else default_tolerance(state.dtype)
-        result.parity = adjust_parity(compare(reference, output, tol, state.dtype), quant)
-        if not result.parity.passed:
-            result.failures.append(f"parity: {result.parity.describe()}")
+        options = {**getattr(state, "parity_options", {}),
+                   **{k: v for k, v in (("tolerance", tolerance), ("multiplier", parity_multiplier),
+                                        ("floor", parity_floor)) if v is not None}}
+        quant = getattr(state, "quantization", None)  # optimize(quantize=...): see optimize.quantized
+        original, options = quantized_original(quant, reference, high_trace, options,
+                                               lambda t: _shortened(t, steps, run_steps, isinstance(runner, LoopRunner)))
+        result.parity = adjust_parity(compare(original, output, state.dtype, high=high_trace,
+                                              reference_dtype=high.dtype if high is not None else None,
+                                              note=high.note if high is not None else "no high-precision run recorded",
+                                              **options), quant)
+        result.failures.extend(f"parity: {why}" for why in result.parity.reasons())
         if measure_speed and not result.failures:
             say("verify: the same run again, timed, everything under fail_on_recompile")
             again = attempt("run 2 (timed)", lambda: runner.run(model, reference.prompt, run_steps,
@@ -489,6 +420,15 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
     result.ok = not result.failures
     result.seconds = round(time.perf_counter() - started, 3)
     return result
+
+
+def _shortened(trace: Trace, steps: int, run_steps: int | None, loop: bool) -> Trace:
+    """``trace`` cut to a prefill and ``steps`` decode steps (a loop stopped early returns no tokens of its own:
+    each call's greedy choice stands for them)."""
+    if run_steps is None:
+        return trace
+    tokens = trace.logits[: steps + 1].argmax(-1).T if loop else trace.tokens[:, : steps + 1]
+    return dataclasses.replace(trace, tokens=tokens, logits=trace.logits[: steps + 1])
 
 
 def _other_prompt(state: Any) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -114,7 +114,9 @@ class _Locator:
 
 
 def _sentence(text: str) -> str:
-    return text if text.endswith((".", "!", "?", ":")) else text + "."
+    """``text`` as one sentence: a trailing colon or semicolon becomes a full stop, and one is added if missing."""
+    text = text.strip().rstrip(":;,").rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def _message(finding: Finding, model: str) -> str:
@@ -122,7 +124,7 @@ def _message(finding: Finding, model: str) -> str:
     where = f" in {finding.module_path}" if finding.module_path else ""
     parts.append(f"Model {model}: {finding.kind.value.replace('_', ' ')}, hit {finding.occurrences}x{where}.")
     if finding.guard:
-        parts.append(f"Guard: {first_line(finding.guard)}")
+        parts.append(_sentence(f"Guard: {first_line(finding.guard)}"))
     if finding.suggestion:
         parts.append(_sentence(one_line(finding.suggestion)))
     if finding.fix_pass:
@@ -135,8 +137,13 @@ def sarif_dict(
     *,
     root: str | os.PathLike[str] | None = None,
     fix_passes: Mapping[Category, list[str]] | None = None,
+    baseline_keys: Mapping[str, Collection[str] | None] | None = None,
 ) -> dict[str, Any]:
-    """The SARIF log as a dict; ``root`` is what relative paths are relative to (default: cwd)."""
+    """The SARIF log as a dict; ``root`` is what relative paths are relative to (default: cwd).
+
+    ``baseline_keys``: per model, the finding keys a baseline holds; each result then carries
+    ``baselineState`` ``unchanged`` (in the baseline) or ``new``.
+    """
     from graphfix import __version__
 
     reports = as_reports(report_or_reports)
@@ -147,8 +154,9 @@ def sarif_dict(
     locator = _Locator(root)
     results = []
     for report in reports:
+        known = None if baseline_keys is None else (baseline_keys.get(report.model) or ())
         for f in ordered(report.findings):
-            results.append({
+            result: dict[str, Any] = {
                 "ruleId": rule_id(f.category),
                 "ruleIndex": index[f.category],
                 "level": f.severity.value if isinstance(f.severity, Severity) else "warning",
@@ -168,7 +176,10 @@ def sarif_dict(
                     "phase": f.phase,
                     "mode": f.mode,
                 },
-            })
+            }
+            if known is not None:
+                result["baselineState"] = "unchanged" if f.key() in known else "new"
+            results.append(result)
     run: dict[str, Any] = {
         "tool": {"driver": {
             "name": "graphfix",
@@ -185,5 +196,6 @@ def sarif_dict(
     return {"$schema": SARIF_SCHEMA, "version": SARIF_VERSION, "runs": [run]}
 
 
-def render_sarif(report_or_reports: Reports, *, root: str | os.PathLike[str] | None = None) -> str:
-    return json.dumps(sarif_dict(report_or_reports, root=root), indent=2) + "\n"
+def render_sarif(report_or_reports: Reports, *, root: str | os.PathLike[str] | None = None,
+                 baseline_keys: Mapping[str, Collection[str] | None] | None = None) -> str:
+    return json.dumps(sarif_dict(report_or_reports, root=root, baseline_keys=baseline_keys), indent=2) + "\n"

@@ -111,10 +111,10 @@ def _render_one(report: Report, *, color: bool) -> list[str]:
     findings = ordered(report.findings)
     if not findings:
         out += ["", "No findings: the model compiles as one graph with no recompiles."]
-    elif any(f.hidden_behind for f in findings):
-        hidden = sum(1 for f in findings if f.hidden_behind)
-        out += ["", f"{hidden} of these appear only once the findings before them are fixed (hidden behind them)."]
     else:
+        hidden = sum(1 for f in findings if f.hidden_behind)
+        if hidden:  # said, and the findings still listed: each one's detail names what it hid behind
+            out += ["", f"{hidden} of these appear only once the findings before them are fixed (hidden behind them)."]
         colors = [_COLORS.get(f.severity) for f in findings] if color else []
         out += [""] + format_table(table_rows(findings), color_rows=colors)
         out += [""]

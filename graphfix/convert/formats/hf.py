@@ -9,13 +9,15 @@ each tensor into place.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 
+from graphfix.convert.checks import cfg_bool, cfg_float, cfg_int, check_heads, require_mapping, token_ids
 from graphfix.convert.formats.safetensors_io import SafetensorsWriter, StTensor, read_index, read_tensor
 from graphfix.convert.progress import Progress
 from graphfix.convert.spec import Checkpoint, ModelSpec, TensorEntry
@@ -34,44 +36,71 @@ def _read_json(path: Path) -> Any:
         raise InputError(f"{path}: not readable JSON ({str(exc).splitlines()[0]}); fix or re-download it") from None
 
 
-def spec_from_hf_config(cfg: dict[str, Any], where: Path) -> ModelSpec:
-    """The canonical spec for an HF Llama ``config.json`` (old ``rope_theta``/``rope_scaling`` or new ``rope_parameters``)."""
+def spec_from_hf_config(cfg: Any, where: Path) -> ModelSpec:
+    """The canonical spec for an HF Llama ``config.json`` (old ``rope_theta``/``rope_scaling`` or new ``rope_parameters``).
+
+    Every size is type- and range-checked here (one line naming ``where`` and
+    the key); whether the sizes fit the weights is checked from their headers.
+    """
+    cfg = require_mapping(cfg, where)
     model_type = cfg.get("model_type")
     if model_type != "llama":
         raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not supported; only Llama checkpoints convert")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             raise UnsupportedModelError(f"{where}: {key}={cfg[key]!r} is not plain Llama; such models do not convert")
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None:
+            require_mapping(cfg[key], f"{where}: {key}", "an object")
     rp = dict(cfg.get("rope_parameters") or {})
-    theta = float(rp.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = cfg_float({"rope_theta": rp.pop("rope_theta", cfg.get("rope_theta"))}, "rope_theta", where,
+                      default=10000.0)
     scaling = cfg.get("rope_scaling") or rp or None
     if scaling is not None:
         scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         scaling = None if kind == "default" else {"rope_type": kind, **{k: v for k, v in scaling.items()
                                                                         if k not in ("type", "rope_type")}}
-    try:
-        heads = int(cfg["num_attention_heads"])
-        return ModelSpec(
-            hidden_size=int(cfg["hidden_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            intermediate_size=int(cfg["intermediate_size"]),
-            vocab_size=int(cfg["vocab_size"]),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            head_dim=cfg.get("head_dim") or None,
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"),
-            pad_token_id=cfg.get("pad_token_id"),
-            hf_config=cfg,
-        )
-    except KeyError as exc:
-        raise InputError(f"{where}: required key {exc.args[0]!r} is missing; this is not a Llama config.json") from None
+    hidden = cfg_int(cfg, "hidden_size", where)
+    heads = cfg_int(cfg, "num_attention_heads", where)
+    kv_heads = cfg_int(cfg, "num_key_value_heads", where, default=heads)
+    head_dim = cfg_int(cfg, "head_dim", where, default=hidden // heads)
+    check_heads(where, HF_FIELDS, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    vocab = cfg_int(cfg, "vocab_size", where)
+    return ModelSpec(
+        hidden_size=hidden,
+        num_hidden_layers=cfg_int(cfg, "num_hidden_layers", where),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=cfg_int(cfg, "intermediate_size", where),
+        vocab_size=vocab,
+        rms_norm_eps=cfg_float(cfg, "rms_norm_eps", where, default=1e-6),
+        rope_theta=theta,
+        head_dim=head_dim,
+        rope_scaling=scaling,
+        tie_word_embeddings=cfg_bool(cfg, "tie_word_embeddings", where, default=False),
+        max_position_embeddings=cfg_int(cfg, "max_position_embeddings", where, default=2048),
+        bos_token_id=token_ids(cfg, "bos_token_id", where, vocab),
+        eos_token_id=token_ids(cfg, "eos_token_id", where, vocab, many=True),
+        pad_token_id=token_ids(cfg, "pad_token_id", where, vocab),
+        hf_config=dict(cfg),
+    )
+
+
+#: HF's field names are the canonical ones
+HF_FIELDS = {name: name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_key_value_heads", "intermediate_size", "vocab_size")}
+
+
+def _shard_name(fname: Any, index_path: Path) -> str:
+    """A ``weight_map`` file name, refused when it could point outside the checkpoint folder."""
+    if not isinstance(fname, str) or not fname:
+        raise InputError(f"{index_path}: weight_map holds {fname!r} where a file name belongs; fix or re-download it")
+    pure = PurePosixPath(fname.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or PureWindowsPath(fname).drive:
+        raise InputError(f"{index_path}: weight_map names {fname!r}, outside the checkpoint folder; shards must be "
+                         "files inside it, so this index was refused")
+    return fname
 
 
 def open_hf(folder: Path) -> Checkpoint:
@@ -83,6 +112,7 @@ def open_hf(folder: Path) -> Checkpoint:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{index_path}: has no weight_map; fix or re-download it")
+        weight_map = {str(k): _shard_name(v, index_path) for k, v in weight_map.items()}
         files = sorted(set(weight_map.values()))
     elif (folder / SINGLE).is_file():
         weight_map, files = None, [SINGLE]
@@ -111,7 +141,8 @@ def open_hf(folder: Path) -> Checkpoint:
         if name == "lm_head.weight" and spec.tie_word_embeddings:
             continue  # tied: the embedding is the output projection
         entries[name] = TensorEntry(name, t.shape, t.dtype, partial(_load, t), source=str(t.path))
-    return Checkpoint("hf", folder, spec, entries, side_files=side_files(folder))
+    return Checkpoint("hf", folder, spec, entries, side_files=side_files(folder), config_path=folder / "config.json",
+                      fields=HF_FIELDS)
 
 
 def _load(t: StTensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -129,17 +160,53 @@ def hf_config_dict(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
         return cfg
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
-        hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim, intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
-        rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
-        tie_word_embeddings=spec.tie_word_embeddings, max_position_embeddings=spec.max_position_embeddings,
-        bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id,
-        architectures=["LlamaForCausalLM"],
-    ).to_dict()
+    try:
+        with _transformers_quiet():
+            cfg = LlamaConfig(
+                hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
+                num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+                head_dim=spec.head_dim, intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
+                rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
+                tie_word_embeddings=spec.tie_word_embeddings, max_position_embeddings=spec.max_position_embeddings,
+                bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id,
+                architectures=["LlamaForCausalLM"],
+            ).to_dict()
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types
+        raise UnsupportedModelError(f"transformers refuses this model's config ({_last_line(exc)}); "
+                                    "it cannot be written as a Hugging Face checkpoint") from None
     cfg["dtype"] = dtype_name
     return cfg
+
+
+def check_hf_config(cfg: dict[str, Any], where: Path) -> None:
+    """Refuse, before writing, a config.json that transformers would refuse to load (its own validators judge)."""
+    from transformers import LlamaConfig
+
+    try:
+        with _transformers_quiet():
+            LlamaConfig.from_dict(dict(cfg))
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types
+        raise UnsupportedModelError(f"{where}: transformers would refuse the converted config ({_last_line(exc)}); "
+                                    "fix the source config") from None
+
+
+@contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """Silence transformers' logger while graphfix builds configs only to check them (errors still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The informative line of a (possibly multi-line) exception message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def plan_shards(sizes: Sequence[int], *, shards: int | None, max_shard_bytes: int) -> list[int]:
@@ -180,12 +247,16 @@ def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None, shards: 
     for i, path in enumerate(paths):
         members = [k for k, s in enumerate(assign) if s == i]
         writer = SafetensorsWriter(path, [(entries[k].name, entries[k].shape, dtypes[k]) for k in members])
-        for k in members:
-            t = entries[k].load(dtype)
-            writer.write(entries[k].name, t)
-            if progress:
-                progress.update(entries[k].name, sizes[k])
-            del t
+        try:
+            for k in members:
+                t = entries[k].load(dtype)
+                writer.write(entries[k].name, t)
+                if progress:
+                    progress.update(entries[k].name, sizes[k])
+                del t
+        except BaseException:
+            writer.abandon()  # no half-open file flushed later by the garbage collector
+            raise
         writer.close()
     if count > 1:
         index = {"metadata": {"total_size": sum(sizes)},

@@ -22,8 +22,16 @@ from typing import Any
 
 import torch
 
-from graphfix.convert.formats.meta_params import ffn_hidden_dim, params_to_spec, spec_to_params
-from graphfix.convert.formats.pth_io import PthWriter
+from graphfix.convert.checks import cfg_int
+from graphfix.convert.formats.meta_params import (
+    META_FIELDS,
+    check_params,
+    ffn_hidden_dim,
+    params_to_spec,
+    spec_to_params,
+)
+from graphfix.convert.formats.pth_io import PthWriter, load_tensor_file
+from graphfix.convert.formats.sidecar import apply_sidecar, write_sidecar
 from graphfix.convert.layout import (
     hf_to_meta_name,
     hf_to_meta_rope,
@@ -44,9 +52,12 @@ _IGNORED = ("rope.freqs",)
 def shard_files(folder: Path) -> list[Path]:
     """``consolidated.00.pth`` .. ``consolidated.NN.pth`` in rank order; a gap in the numbering is an error."""
     found: dict[int, Path] = {}
-    for p in folder.glob("consolidated.*.pth"):
+    for p in sorted(folder.glob("consolidated.*.pth")):
         mid = p.name[len("consolidated."):-len(".pth")]
         if mid.isdigit():
+            if int(mid) in found:
+                raise InputError(f"{p}: rank {int(mid)} is also in {found[int(mid)].name}; a rank file is "
+                                 "duplicated: keep one of them")
             found[int(mid)] = p
     if not found:
         raise InputError(f"{folder}: no consolidated.NN.pth files beside params.json; the Meta checkpoint is incomplete")
@@ -59,16 +70,15 @@ def shard_files(folder: Path) -> list[Path]:
 
 
 def read_params(folder: Path) -> dict[str, Any]:
-    """Parse params.json, naming the file in the error when it is unreadable."""
+    """Parse params.json and check every value's type and range, naming the file and the key when one is wrong."""
     path = folder / "params.json"
     try:
         params = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not readable JSON ({str(exc).splitlines()[0]}); fix or re-download it") from None
-    for key in ("dim", "n_layers", "n_heads"):
-        if not isinstance(params, dict) or key not in params:
-            raise InputError(f"{path}: required key {key!r} is missing; this is not a Meta Llama params.json")
-    if params.get("moe_args") or params.get("vision_chunk_size", -1) > 0 or params.get("vision_model"):
+    check_params(params, path)
+    if params.get("moe_args") or params.get("vision_model") or cfg_int(params, "vision_chunk_size", path, default=-1,
+                                                                        minimum=-(2**31)) > 0:
         raise UnsupportedModelError(f"{path}: vision and MoE Llama models are not supported; only text Llama converts")
     return params
 
@@ -88,19 +98,12 @@ class MetaShards:
         files = shard_files(folder)
         states = []
         for f in files:
-            try:
-                sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - zip, pickle and weights-only errors all mean a bad file
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InputError(f"{f}: not a readable PyTorch checkpoint ({msg}); it is truncated or corrupt: "
-                                 "re-download it") from None
-            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                raise InputError(f"{f}: not a state dict of tensors; this is not a Meta checkpoint shard")
-            states.append(sd)
+            states.append(load_tensor_file(f))
         names = [n for n in states[0] if n not in _IGNORED]
         for f, sd in zip(files[1:], states[1:]):
             if [n for n in sd if n not in _IGNORED] != names:
                 raise InputError(f"{f}: holds different tensors than {files[0].name}; the shards do not belong together")
+        _check_distinct_ranks(files, states)
         return cls(folder, params, files, states)
 
     @property
@@ -166,6 +169,25 @@ class MetaShards:
         return True
 
 
+def _check_distinct_ranks(files: list[Path], states: list[dict[str, torch.Tensor]]) -> None:
+    """Refuse a rank file that is a copy of another (same slice twice): merging it would build a wrong model.
+
+    Rank files of one checkpoint hold different rows of every split tensor,
+    so comparing the first rows of one of them is enough and costs a few KB.
+    """
+    if len(states) < 2:
+        return
+    probe = next((n for n in states[0] if meta_split_dim(n) == 0 and states[0][n].ndim == 2), None)
+    if probe is None:
+        return
+    heads = [sd[probe][:4] for sd in states]
+    for i in range(len(heads)):
+        for j in range(i):  # slices of different sizes are not copies (extra rows are reported from the shapes)
+            if states[i][probe].shape == states[j][probe].shape and torch.equal(heads[i], heads[j]):
+                raise InputError(f"{files[i]}: holds the same {probe!r} rows as {files[j].name}; a rank file was "
+                                 "copied over another: re-download the checkpoint")
+
+
 def _copy_releasing(dst: torch.Tensor, src: torch.Tensor, block_bytes: int = 64 * 2**20) -> None:
     """``dst.copy_(src)`` in row blocks, dropping each block of the memory-mapped ``src`` once copied."""
     if src.ndim == 0 or src.shape[0] == 0:
@@ -196,26 +218,26 @@ def open_meta(folder: Path) -> Checkpoint:
     shards = MetaShards.open(folder)
     params = shards.params
     names = shards.names
-    for need in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
+    for need in ("tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.feed_forward.w1.weight"):
         if need not in names:
             raise InputError(f"{shards.files[0]}: tensor {need!r} is missing; this is not a Llama checkpoint")
     n_heads = int(params["n_heads"])
     n_kv = int(params.get("n_kv_heads") or n_heads)
     dim = int(params["dim"])
-    # a missing last shard leaves the numbering gap-free: catch it from the shapes
-    q_rows = shards.shape("layers.0.attention.wq.weight")[0]
-    if q_rows != dim:
-        raise InputError(f"{folder}: the {len(shards.files)} consolidated.NN.pth file(s) hold {q_rows} of the "
-                         f"{dim} attention rows params.json implies; shard files are missing: re-download them")
+    _check_dim(shards, folder / "params.json", dim)
     ffn_rows = shards.shape("layers.0.feed_forward.w1.weight")[0]
-    want_ffn = ffn_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
+    want_ffn = ffn_hidden_dim(dim, cfg_int(params, "multiple_of", folder / "params.json", default=256),
+                              params.get("ffn_dim_multiplier"))
     if ffn_rows != want_ffn:
         raise InputError(f"{folder / 'params.json'}: implies an MLP width of {want_ffn} but the weights have "
                          f"{ffn_rows}; params.json does not belong to these weights")
     tied = False
     if "output.weight" in names:
         tied = shards.equal("output.weight", "tok_embeddings.weight")
-    spec = params_to_spec(params, vocab_rows=shards.shape("tok_embeddings.weight")[0], ffn_rows=ffn_rows, tied=tied)
+    spec = params_to_spec(params, vocab_rows=shards.shape("tok_embeddings.weight")[0], ffn_rows=ffn_rows, tied=tied,
+                          where=folder / "params.json")
+    notes: list[str] = []
+    spec = apply_sidecar(spec, folder, notes)
 
     tensors: dict[str, TensorEntry] = {}
     for name in names:
@@ -231,7 +253,32 @@ def open_meta(folder: Path) -> Checkpoint:
     from graphfix.convert.tokenizer import side_files
 
     return Checkpoint("meta", folder, spec, tensors, side_files=side_files(folder),
-                      closers=[shards.states.clear], source_shards=len(shards.files))
+                      closers=[shards.states.clear], source_shards=len(shards.files),
+                      config_path=folder / "params.json", fields=META_FIELDS, notes=notes)
+
+
+def _check_dim(shards: MetaShards, params_path: Path, dim: int) -> None:
+    """params.json's ``dim`` against the weights, telling a wrong ``dim`` from missing or extra rank files.
+
+    The norms are replicated in every rank file, so their width is the true
+    hidden size; the attention rows are split, so their total counts ranks.
+    """
+    norm = shards.states[0].get("norm.weight")
+    if norm is not None and norm.ndim == 1 and norm.shape[0] != dim:
+        raise InputError(f"{params_path}: dim={dim} but the weights have hidden size {norm.shape[0]} (norm.weight); "
+                         "params.json does not belong to these weights")
+    n = len(shards.files)
+    per_rank = shards.states[0]["layers.0.attention.wq.weight"].shape[0]
+    q_rows = shards.shape("layers.0.attention.wq.weight")[0]
+    if q_rows < dim and per_rank and dim % per_rank == 0:
+        want = dim // per_rank
+        raise InputError(f"{shards.folder}: holds {n} rank file(s) but the weights are split {want} ways "
+                         f"({per_rank} of {dim} attention rows each); consolidated.{n:02d}.pth and later are "
+                         "missing: re-download them")
+    if q_rows != dim:
+        raise InputError(f"{shards.folder}: the {n} rank file(s) hold {q_rows} attention rows where params.json "
+                         f"(dim={dim}) implies {dim}; the rank files are duplicated, mixed from different checkpoints "
+                         "or params.json is wrong")
 
 
 def _load_canonical(shards: MetaShards, name: str, heads: int | None, dtype: torch.dtype | None) -> torch.Tensor:
@@ -290,22 +337,38 @@ def write_meta(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None, shards
         for rp in rank_plans:
             rp.append((meta_name, tuple(shape), out_dtype(entry)))
     paths = [out / f"consolidated.{r:02d}.pth" for r in range(shards)]
-    writers = [PthWriter(p, rp) for p, rp in zip(paths, rank_plans)]
-    for meta_name, entry in plan:
-        heads = rope_heads(entry.name, spec.num_attention_heads, spec.num_key_value_heads)
-        if meta_name == "output.weight":
-            heads = None
-        t = entry.load(dtype)
-        if heads is not None:
-            t = hf_to_meta_rope(t, heads)
-        axis = meta_split_dim(meta_name) if shards > 1 else None
-        pieces = t.chunk(shards, dim=axis) if axis is not None else [t] * shards
-        for w, piece in zip(writers, pieces):
-            w.write(meta_name, piece)
-        if progress:
-            progress.update(meta_name, t.numel() * t.element_size())
-        del t, pieces
-    for w in writers:
-        w.close()
+    writers: list[PthWriter] = []
+    try:
+        for p, rp in zip(paths, rank_plans):
+            writers.append(PthWriter(p, rp))
+        for meta_name, entry in plan:
+            heads = rope_heads(entry.name, spec.num_attention_heads, spec.num_key_value_heads)
+            if meta_name == "output.weight":
+                heads = None
+            t = entry.load(dtype)
+            if heads is not None:
+                t = hf_to_meta_rope(t, heads)
+            axis = meta_split_dim(meta_name) if shards > 1 else None
+            pieces = t.chunk(shards, dim=axis) if axis is not None else [t] * shards
+            for w, piece in zip(writers, pieces):
+                w.write(meta_name, piece)
+            if progress:
+                progress.update(meta_name, t.numel() * t.element_size())
+            del t, pieces
+        for w in writers:
+            w.close()
+    except BaseException:
+        for w in writers:  # every rank file: an unfinalised torch writer aborts the process when collected
+            w.abandon()
+        raise
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    write_sidecar(spec, out, dtype=_main_dtype(plan, dtype))
     return paths
+
+
+def _main_dtype(plan: list[tuple[str, TensorEntry]], dtype: torch.dtype | None) -> torch.dtype:
+    by_dtype: dict[torch.dtype, int] = {}
+    for _, e in plan:
+        d = dtype or e.dtype
+        by_dtype[d] = by_dtype.get(d, 0) + e.nbytes // e.dtype.itemsize * d.itemsize
+    return max(by_dtype, key=lambda d: by_dtype[d])

@@ -10,10 +10,12 @@ ones Meta's own releases use.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from graphfix.convert.checks import cfg_bool, cfg_float, cfg_int, check_heads, require_mapping
 from graphfix.convert.spec import ModelSpec
-from graphfix.errors import UnsupportedModelError
+from graphfix.errors import InputError, UnsupportedModelError
 
 #: The only RoPE scaling Meta's reference code implements (``apply_scaling``:
 #: Llama 3.1's constants are hard-coded), enabled by ``use_scaled_rope``.
@@ -91,24 +93,60 @@ def spec_to_params(spec: ModelSpec) -> dict[str, Any]:
     return params
 
 
-def params_to_spec(params: dict[str, Any], *, vocab_rows: int, ffn_rows: int, tied: bool) -> ModelSpec:
+#: canonical (HF) field -> params.json key, for error messages
+META_FIELDS = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+               "num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size",
+               "intermediate_size": "dim/multiple_of/ffn_dim_multiplier", "rms_norm_eps": "norm_eps"}
+
+
+def check_params(params: Any, path: Path) -> None:
+    """Type- and range-check every params.json value graphfix or Meta's code uses (one line naming the key).
+
+    ``vocab_size`` may be -1 (Llama 1/2: taken from the tokenizer, here from
+    the weights). ``max_seq_len``/``max_batch_size`` are runtime settings some
+    files carry; their size against memory is checked where a model is built
+    (:func:`graphfix.diagnose.meta_loader.validate_meta_checkpoint`).
+    """
+    params = require_mapping(params, path)
+    dim = cfg_int(params, "dim", path)
+    heads = cfg_int(params, "n_heads", path)
+    cfg_int(params, "n_layers", path)
+    kv = cfg_int(params, "n_kv_heads", path, default=heads)
+    vocab = cfg_int(params, "vocab_size", path, default=-1, minimum=-1)
+    if vocab == 0:
+        raise InputError(f"{path}: vocab_size=0 must be positive (or -1: taken from the weights); fix the file")
+    cfg_int(params, "multiple_of", path, default=256)
+    cfg_float(params, "ffn_dim_multiplier", path, default=None)
+    cfg_float(params, "norm_eps", path, default=1e-5)
+    cfg_float(params, "rope_theta", path, default=10000.0)
+    cfg_bool(params, "use_scaled_rope", path, default=False)
+    for key in ("max_seq_len", "max_batch_size"):
+        cfg_int(params, key, path, default=None)
+    check_heads(path, META_FIELDS, hidden=dim, heads=heads, kv_heads=kv, head_dim=dim // heads)
+
+
+def params_to_spec(params: dict[str, Any], *, vocab_rows: int, ffn_rows: int, tied: bool,
+                   where: Path | str = "params.json") -> ModelSpec:
     """The spec a params.json describes; ``vocab_rows``/``ffn_rows`` come from the weights' shapes.
 
     A missing ``rope_theta`` means 10000 (Llama 1 and 2 did not store it), as in
-    transformers' own Meta conversion script.
+    transformers' own Meta conversion script. Meta's format has no field for
+    the context length, so it is guessed from the RoPE settings here; the
+    sidecar graphfix writes beside params.json (:mod:`.sidecar`) replaces the
+    guess with the real value when there is one.
     """
-    dim, n_heads = int(params["dim"]), int(params["n_heads"])
-    vocab = int(params.get("vocab_size", -1))
-    use_scaled = bool(params.get("use_scaled_rope", False))
-    theta = float(params.get("rope_theta", 10000.0))
+    dim, n_heads = cfg_int(params, "dim", where), cfg_int(params, "n_heads", where)
+    vocab = cfg_int(params, "vocab_size", where, default=-1, minimum=-1)
+    use_scaled = cfg_bool(params, "use_scaled_rope", where, default=False)
+    theta = cfg_float(params, "rope_theta", where, default=10000.0)
     return ModelSpec(
         hidden_size=dim,
-        num_hidden_layers=int(params["n_layers"]),
+        num_hidden_layers=cfg_int(params, "n_layers", where),
         num_attention_heads=n_heads,
-        num_key_value_heads=int(params.get("n_kv_heads") or n_heads),
+        num_key_value_heads=cfg_int(params, "n_kv_heads", where, default=n_heads),
         intermediate_size=ffn_rows,
         vocab_size=vocab if vocab > 0 else vocab_rows,
-        rms_norm_eps=float(params.get("norm_eps", 1e-5)),
+        rms_norm_eps=cfg_float(params, "norm_eps", where, default=1e-5),
         rope_theta=theta,
         rope_scaling=dict(META_LLAMA3_SCALING) if use_scaled else None,
         tie_word_embeddings=tied,

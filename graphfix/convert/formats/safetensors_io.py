@@ -17,6 +17,7 @@ the reference parser rejects is rejected here too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -153,9 +154,13 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.path = path
-        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close()
-        self._f.write(len(raw).to_bytes(8, "little"))
-        self._f.write(raw)
+        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close() or abandon()
+        try:
+            self._f.write(len(raw).to_bytes(8, "little"))
+            self._f.write(raw)
+        except BaseException:
+            self.abandon()
+            raise
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -164,11 +169,24 @@ class SafetensorsWriter:
         if name != want_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(f"{self.path}: got {name} {tuple(tensor.shape)} {tensor.dtype}, "
                                f"planned {want_name} {shape} {dtype}")
-        self._f.write(tensor_bytes(tensor))
+        try:
+            self._f.write(tensor_bytes(tensor))
+        except BaseException:
+            self.abandon()
+            raise
         self._next += 1
+
+    def abandon(self) -> None:
+        """Close the file after a failure without raising (a full disk fails the final flush too)."""
+        with contextlib.suppress(OSError):
+            self._f.close()
 
     def close(self) -> None:
         """Finish the file; every planned tensor must have been written."""
-        self._f.close()
+        try:
+            self._f.close()
+        except BaseException:
+            self.abandon()
+            raise
         if self._next != len(self._order):
             raise RuntimeError(f"{self.path}: {len(self._order) - self._next} planned tensors were never written")

@@ -181,7 +181,11 @@ def meta_forward(self: nn.Module, tokens: torch.Tensor, start_pos: int) -> torch
             self.freqs_cis = self.freqs_cis.to(tokens.device)
         input_pos = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
         core = getattr(self, "graphfix_core_fn", None)
-        return (self.graphfix_step if core is None else core)(tokens, input_pos)
+        if core is None:
+            return self.graphfix_step(tokens, input_pos)
+        if getattr(core, "takes_start_pos", False):  # the engine's core picks a decode graph by the int position
+            return core(tokens, input_pos, start_pos=start_pos)
+        return core(tokens, input_pos)
 
 
 def inference_mode_state(model: nn.Module) -> str:
