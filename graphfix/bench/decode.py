@@ -250,6 +250,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the kernel breakdown")
     p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
                    help="Inductor option for graphfix's graphs, e.g. coordinate_descent_tuning=1 (repeatable)")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="graphfix systems on weight-only int8 / int4 / int4:G weights (the HF baselines stay float)")
     p.add_argument("--backend", default="inductor")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -376,6 +378,10 @@ def run(args: argparse.Namespace) -> int:
     first_variant, other_variants = None, []
     if want_gf:
         dec = from_hf(model, max_batch_size=max(batches), max_seq_len=seq, fuse=True, share=True)
+        if args.quantize:  # the decoder's own linears (the HF model keeps its float weights for its baselines)
+            from graphfix.quant import quantize
+
+            res.doc["quantize"] = quantize(dec, args.quantize).summary()
         res.doc["weight_bytes_per_step"] = dec.weight_bytes()
         # the first variant that runs is the one TTFT, warm start and batch 8 use; one that fails hands over to the next
         for i, variant in enumerate(variants):

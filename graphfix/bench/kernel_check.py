@@ -290,6 +290,20 @@ def run(device: str, dtype_name: str, parts: tuple[str, ...] = ("kernels",)) -> 
     return rows
 
 
+def triton_ready(module: str, interpret: bool, argv: list[str] | None) -> bool:
+    """Start ``python -m module`` again under Triton's interpreter when ``interpret`` asks for it (Triton reads
+    ``TRITON_INTERPRET`` when the kernels are decorated, so it must be set before they are imported); ``False``
+    (said on stderr) when Triton is missing."""
+    from graphfix.engine.kernels import HAS_TRITON, INTERPRET
+
+    if interpret and not INTERPRET:
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], {**os.environ, "TRITON_INTERPRET": "1"})
+    if not HAS_TRITON:
+        print(f"{module}: triton is not installed (pip install triton)", file=sys.stderr)
+    return HAS_TRITON
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m graphfix.bench.kernel_check", description=__doc__.splitlines()[0])
     p.add_argument("--interpret", action="store_true", help="Triton's interpreter on CPU tensors")
@@ -297,15 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="kernels",
                    help="comma list of kernels (each kernel, 1 to 16 rows) and decoder (the decoder's kernel path)")
     args = p.parse_args(argv)
-    from graphfix.engine.kernels import HAS_TRITON, INTERPRET
-
-    if args.interpret and not INTERPRET:  # Triton reads it when the kernels are decorated: start again with it set
-        argv = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, "-m", "graphfix.bench.kernel_check", *argv],
-                  {**os.environ, "TRITON_INTERPRET": "1"})
-
-    if not HAS_TRITON:
-        print("kernel_check: triton is not installed (pip install triton)", file=sys.stderr)
+    if not triton_ready("graphfix.bench.kernel_check", args.interpret, argv):
         return 2
     device = "cpu" if args.interpret else "cuda"
     dtype = args.dtype or ("float32" if args.interpret else "bfloat16")

@@ -41,6 +41,10 @@ def _child_warm(args, t0: float) -> dict[str, Any]:
     info = CompileCache(args.cache_dir, key=cache_key(args, device), precompile=True).activate()
     model = _load_model(args, device)
     dec = from_hf(model, max_batch_size=max(_ints(args.batch_sizes)), max_seq_len=_max_seq(args), fuse=True)
+    if getattr(args, "quantize", None):
+        from graphfix.quant import quantize
+
+        quantize(dec, args.quantize)
     apply_variant(dec, args.variants)  # the parent measured this variant first: the cache holds its graphs
     gen = _generator(dec, args)
     _sync(device)
@@ -59,7 +63,7 @@ def cache_key(args, device: torch.device) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"model": args.model, "layers": args.layers, "dtype": args.dtype, "device": name, "backend": args.backend,
             "cuda_graphs": not args.no_cuda_graphs, "inductor_options": sorted(args.inductor_options.items()),
-            "max_seq": _max_seq(args), "batch_sizes": args.batch_sizes}
+            "max_seq": _max_seq(args), "batch_sizes": args.batch_sizes, "quantize": getattr(args, "quantize", None)}
 
 
 def _warm_start(args, cold_s: float, variant: str) -> dict[str, Any]:
@@ -73,6 +77,8 @@ def _warm_start(args, cold_s: float, variant: str) -> dict[str, Any]:
         cmd += ["--layers", str(args.layers)]
     if args.no_cuda_graphs:
         cmd.append("--no-cuda-graphs")
+    if getattr(args, "quantize", None):
+        cmd += ["--quantize", args.quantize]
     from graphfix.engine import CompileCache
 
     env = CompileCache(args.cache_dir).child_env({**os.environ, "PYTHONUNBUFFERED": "1"})

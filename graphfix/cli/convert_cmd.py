@@ -39,6 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="meta: model-parallel rank files to write (default 1); hf: number of safetensors files")
     p.add_argument("--max-shard-size", default="5GB",
                    help="hf: largest safetensors file when --shards is not given (default 5GB)")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="hf: write packed weight-only int8 / int4 / int4:G (G = 32, 64, 128) weights plus "
+                        "graphfix_quant.json; GGUF Q8_0/Q4_0/Q4_1 re-pack without dequantizing when the scheme matches "
+                        "(int8:32, int4:32)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: the LM head too")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     # SUPPRESS: do not override a --quiet the main parser may already have set
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress line")
@@ -58,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         warnings.showwarning = _one_line_warning
         dst = convert(args.src, args.dst, to=args.to, shards=args.shards, dtype=args.dtype, overwrite=args.overwrite,
-                      progress=not getattr(args, "quiet", False), max_shard_size=args.max_shard_size)
+                      progress=not getattr(args, "quiet", False), max_shard_size=args.max_shard_size,
+                      quantize=args.quantize, quantize_lm_head=args.quantize_lm_head)
     size = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
-    print(f"converted {src_format} -> {args.to}: {dst} ({human_bytes(size)} in {time.perf_counter() - start:.1f} s)")
+    what = f"{args.to}, {args.quantize}" if args.quantize else args.to
+    print(f"converted {src_format} -> {what}: {dst} ({human_bytes(size)} in {time.perf_counter() - start:.1f} s)")
     sys.stdout.flush()
     return 0
 

@@ -56,6 +56,9 @@ def add_parser(subparsers: Any) -> None:
                    help="decode of 1 to 16 rows through graphfix's Triton kernels (norm/SiLU/residual folded into the GEMVs, "
                         "split-KV attention); their eager references off CUDA")
     p.add_argument("--unfused", action="store_true", help="keep q/k/v and gate/up as separate linears")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="weight-only int8, int4 or int4:G (G = 32, 64, 128) (docs/quantization.md); a checkpoint "
+                        "written by 'graphfix convert --quantize' is already quantized")
     p.add_argument("--max-seq-len", type=int, default=None, help="cache length (default: longest prompt + new tokens)")
     p.add_argument("--cache-dir", default=None, help="persistent compile cache (warm starts)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (batch 1)")
@@ -297,6 +300,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from graphfix.cli.streams import output_only_on_stdout, third_party_quiet
 
     device, dtype, backend, sampling = check_generate_args(args)
+    if args.quantize:  # a bad scheme fails before the load
+        from graphfix.quant.scheme import parse_scheme
+
+        parse_scheme(args.quantize)
     with Progress(args.quiet) as say, third_party_quiet(args.quiet), output_only_on_stdout() as out:
         return _generate(args, device, dtype, backend, sampling, say, out)
 
@@ -315,7 +322,9 @@ def _generate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "backend": backend, "cuda_graphs": not args.no_cuda_graphs, "unfused": args.unfused,
                "triton_gemv": args.triton_gemv, "decode_kernels": args.decode_kernels}
-        if args.speculate:  # only then: older cache folders keep their key
+        if args.quantize:  # only then: older cache folders keep their key
+            key.update(quantize=args.quantize)
+        if args.speculate:
             key.update(speculate=args.speculate, draft=args.draft, draft_layers=args.draft_layers)
         CompileCache(args.cache_dir, key=key).activate()
     say(f"loading {args.model}")
@@ -329,6 +338,10 @@ def _generate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     model = loaded.model.to(device)
     say(f"moving the weights into graphfix's decoder (cache of {seq} positions)")
     step_model = build_step_model(model, len(rows), seq, fuse=not args.unfused)
+    if args.quantize:
+        from graphfix.quant import quantize
+
+        say(quantize(step_model, args.quantize).summary())
     if args.triton_gemv:
         use_triton_gemv(step_model)
     if args.decode_kernels:

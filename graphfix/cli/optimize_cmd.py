@@ -69,6 +69,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="the floor of that bound, relative RMS (default a tenth of the fixed tolerance)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="fixed parity tolerance (max |err| / logit scale), used only without a reference run")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="weight-only int8, int4 or int4:G, verified against the unquantized model (docs/quantization.md)")
     p.add_argument("--format", default="text", choices=["text", "json"])
     p.add_argument("--output", "-o", help="write the table or JSON to FILE instead of stdout")
 
@@ -128,6 +130,7 @@ def run_optimize(args: argparse.Namespace) -> int:
                 diagnose=not args.no_diagnose, inductor_scan=args.inductor_scan, tolerance=args.tolerance,
                 parity_reference=args.parity_reference, parity_multiplier=args.parity_multiplier,
                 parity_floor=args.parity_floor, name=loaded.name, progress=say,
+                quantize=getattr(args, "quantize", None),
             )
         say(f"done in {result.seconds:.1f}s")
         write_output(result.to_json() if args.format == "json" else result.summary(), args.output)

@@ -41,7 +41,8 @@ def parse_size(value: int | str) -> int:
 
 def convert(src: str | Path, dst: str | Path, to: str = "hf", *, shards: int | None = None,
             dtype: str | torch.dtype | None = None, overwrite: bool = False, progress: bool = True,
-            max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, quantize: str | None = None,
+            quantize_lm_head: bool = False) -> Path:
     """Convert the checkpoint at ``src`` (HF, Meta or GGUF) into format ``to`` at ``dst``; returns ``dst``.
 
     ``shards``: for ``meta``, the model-parallel rank count (default 1); for
@@ -51,6 +52,8 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, shards: int | N
     say when stale temp folders of interrupted runs are removed.
     The source is only read; ``dst`` appears complete or not at all, and an
     existing ``dst`` is left exactly as it was when anything fails.
+    ``quantize``: ``int8`` / ``int4`` / ``int4:64`` writes an ``hf`` folder of packed weights
+    (``graphfix.quant.checkpoint``; ``quantize_lm_head`` includes the LM head).
     """
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
@@ -59,6 +62,13 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, shards: int | N
     if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
         raise InputError(f"shards must be a positive integer, got {shards!r}")
     max_bytes = parse_size(max_shard_size)
+    scheme = None
+    if quantize:
+        from graphfix.quant.scheme import parse_scheme
+
+        scheme = parse_scheme(quantize)
+        if to != "hf":
+            raise InputError("--quantize writes a Hugging Face folder of packed weights; use --to hf")
     with open_checkpoint(src) as ckpt:
         validate(ckpt)
         check_target(ckpt, to, shards=shards or 1)
@@ -71,7 +81,11 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, shards: int | N
         bar = Progress(len(entries), total, enabled=progress, label=f"{ckpt.format}->{to} ")
         try:
             with atomic_dir(dst, overwrite=overwrite, needed_bytes=needed, verbose=progress) as tmp:
-                if to == "hf":
+                if scheme is not None:
+                    from graphfix.quant.checkpoint import write_quantized_hf
+
+                    write_quantized_hf(ckpt, tmp, scheme, dtype=out_dtype, lm_head=quantize_lm_head, progress=bar)
+                elif to == "hf":
                     write_hf(ckpt, tmp, dtype=out_dtype, shards=shards, max_shard_bytes=max_bytes, progress=bar)
                 else:
                     write_meta(ckpt, tmp, dtype=out_dtype, shards=shards or 1, progress=bar)

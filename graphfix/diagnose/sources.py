@@ -175,8 +175,12 @@ def load_hf_dir(path: Path, *, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     from graphfix.diagnose.validate import check_hf_dir
+    from graphfix.quant.checkpoint import is_quantized_checkpoint, load_quantized
 
     config = hf_config(path / "config.json")
+    if is_quantized_checkpoint(path):  # graphfix convert --quantize: packed weights, loaded as they are
+        return _with_limits(LoadedModel(load_quantized(path, dtype=dtype), path.name, "hf (quantized)"),
+                            path / "config.json")
     check_hf_dir(path, config, dtype)  # shapes against the weights' headers, and memory, before anything loads
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)

@@ -286,8 +286,7 @@ class Block(nn.Module):
             h = x + attn.wo(y.view(bsz, 1, -1))
             gate, up = ffn.w13(self.ffn_norm(h)).chunk(2, dim=-1)
             return h + ffn.w2(F.silu(gate) * up)
-        qkv = fused_linear(x, attn.wqkv.weight, norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps,
-                           bias=attn.wqkv.bias, pdl=pdl)
+        qkv = _fused(attn.wqkv, x, norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps, pdl=pdl)
         if tables is None:
             q, k, v = qkv.split(attn.split, dim=-1)
             q, keys, values = attn.rotate_and_cache(q, k, v, input_pos, cos, sin, kv_len)
@@ -300,9 +299,17 @@ class Block(nn.Module):
                 keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         y = decode_attention(q.view(bsz, attn.n_heads, attn.head_dim), keys, values, input_pos[:, 0], attn.window,
                              pdl=pdl)
-        h = fused_linear(y.view(bsz, 1, -1), attn.wo.weight, bias=attn.wo.bias, residual=x, pdl=pdl)
-        gate_up = fused_linear(h, ffn.w13.weight, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, pdl=pdl)
-        return fused_linear(gate_up, ffn.w2.weight, silu=True, residual=h, pdl=pdl)
+        h = _fused(attn.wo, y.view(bsz, 1, -1), residual=x, pdl=pdl)
+        gate_up = _fused(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, pdl=pdl)
+        return _fused(ffn.w2, gate_up, silu=True, residual=h, pdl=pdl)
+
+
+def _fused(module: nn.Module, x: torch.Tensor, *, pdl: bool, **prologue: Any) -> torch.Tensor:
+    """``fused_linear`` of a linear module: its own ``fused`` kernel where it has one (``graphfix.quant.QuantLinear``:
+    the dequantizing GEMV), else the bf16 GEMV over its weight and bias."""
+    if hasattr(module, "qweight"):
+        return module.fused(x, pdl=pdl, **prologue)
+    return fused_linear(x, module.weight, bias=module.bias, pdl=pdl, **prologue)
 
 
 DEFAULT_KERNEL_ROWS = 1
@@ -337,7 +344,7 @@ class LlamaDecoder(nn.Module):
 
     def allocate(self, max_batch_size: int, max_seq_len: int) -> LlamaDecoder:
         """Allocate the KV caches (``max_seq_len`` rounded up to ``CACHE_ALIGN``) and the RoPE tables."""
-        ref = self.tok_embeddings.weight
+        ref = self.norm.weight  # the model's dtype and device, whether or not the linears are quantized
         if ref.is_meta:
             raise InputError("allocate() needs the weights in place first (from_hf / from_meta)")
         device, dtype = ref.device, ref.dtype
@@ -399,8 +406,7 @@ class LlamaDecoder(nn.Module):
         if logits_index is not None:
             h = h.gather(1, logits_index.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
         if kernels and fuse_linears:
-            return fused_linear(h, self.output.weight, norm_weight=self.norm.weight, eps=self.norm.eps,
-                                pdl=self.decode_pdl)
+            return _fused(self.output, h, norm_weight=self.norm.weight, eps=self.norm.eps, pdl=self.decode_pdl)
         return self.output(self.norm(h))
 
     def kernels_serve(self, rows: int, tokens_per_row: int) -> bool:
@@ -444,7 +450,7 @@ class LlamaDecoder(nn.Module):
             raise InputError("the decode kernels need the fused q/k/v and gate/up layout",
                              hint="build the decoder with fuse=True")
         self.decode_kernels: str | bool = ("all" if fuse_linears else "attention") if enabled else False
-        self.decode_pdl = bool(enabled and fuse_linears and pdl and pdl_supported(self.output.weight.device))
+        self.decode_pdl = bool(enabled and fuse_linears and pdl and pdl_supported(self.norm.weight.device))
         self.decode_rope = bool(enabled and fuse_linears and rope_kernel)
         if not 1 <= max_rows <= MAX_ROWS:
             raise InputError(f"max_rows={max_rows}: the decode kernels serve 1 to {MAX_ROWS} rows")
@@ -456,9 +462,9 @@ class LlamaDecoder(nn.Module):
     def weight_bytes(self, read_per_token: bool = True) -> int:
         """Bytes of the parameters; ``read_per_token``: without the embedding table (a step reads B rows of it)."""
         total = sum(p.numel() * p.element_size() for p in self.parameters())
-        emb = self.tok_embeddings.weight
-        if read_per_token and emb is not self.output.weight:
-            total -= emb.numel() * emb.element_size()
+        if read_per_token:  # packed (quantized) linears count their codes and scales, as parameters
+            shared = {id(p) for p in self.output.parameters()}
+            total -= sum(p.numel() * p.element_size() for p in self.tok_embeddings.parameters() if id(p) not in shared)
         return total
 
     def kv_bytes(self, batch: int, kv_len: int | None = None) -> int:

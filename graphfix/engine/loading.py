@@ -13,6 +13,7 @@ from torch import nn
 
 from graphfix.engine.llama import Block, DecoderConfig, LlamaDecoder
 from graphfix.errors import UnsupportedModelError
+from graphfix.quant import moving as quant_moving
 
 
 def _take(module: nn.Module, name: str, share: bool) -> nn.Parameter | None:
@@ -61,17 +62,33 @@ def _move_linear(target: nn.Linear, source: nn.Module, share: bool) -> None:
     _put(target, _take(source, "weight", share), _take(source, "bias", share))
 
 
+def _fuse(owner: nn.Module, name: str, sources: list[nn.Module], share: bool) -> None:
+    """``owner.<name>`` gets the sources' rows: float weights concatenated, or quantized modules' packed rows."""
+    if all(quant_moving.is_quant(s) for s in sources):
+        setattr(owner, name, quant_moving.fuse(sources, share))
+    else:
+        _fuse_into(getattr(owner, name), sources, share)
+
+
+def _move(owner: nn.Module, name: str, source: nn.Module, share: bool) -> None:
+    if quant_moving.is_quant(source):  # graphfix.quantize ran on the source model: the module moves as it is
+        setattr(owner, name, quant_moving.take(source, share))
+    else:
+        _move_linear(getattr(owner, name), source, share)
+
+
 def _move_block(block: Block, q, k, v, o, gate, up, down, attn_norm, ffn_norm, share: bool) -> None:
     """Move one layer's projections (fused or not, as ``block`` was built) and norm weights into ``block``."""
-    if block.attention.fused:
-        _fuse_into(block.attention.wqkv, [q, k, v], share)
-        _fuse_into(block.feed_forward.w13, [gate, up], share)
+    attn, ffn = block.attention, block.feed_forward
+    if attn.fused:
+        _fuse(attn, "wqkv", [q, k, v], share)
+        _fuse(ffn, "w13", [gate, up], share)
     else:
-        for mine, theirs in ((block.attention.wq, q), (block.attention.wk, k), (block.attention.wv, v),
-                             (block.feed_forward.w1, gate), (block.feed_forward.w3, up)):
-            _move_linear(mine, theirs, share)
-    _move_linear(block.attention.wo, o, share)
-    _move_linear(block.feed_forward.w2, down, share)
+        for owner, mine, theirs in ((attn, "wq", q), (attn, "wk", k), (attn, "wv", v), (ffn, "w1", gate),
+                                    (ffn, "w3", up)):
+            _move(owner, mine, theirs, share)
+    _move(attn, "wo", o, share)
+    _move(ffn, "w2", down, share)
     block.attention_norm.weight = _take(attn_norm, "weight", share)
     block.ffn_norm.weight = _take(ffn_norm, "weight", share)
 
@@ -92,7 +109,7 @@ def from_hf(model: nn.Module, max_batch_size: int = 1, max_seq_len: int | None =
         raise UnsupportedModelError(f"{type(model).__name__}: expected model.model.layers and model.lm_head")
     attn0 = inner.layers[0].self_attn
     dec = LlamaDecoder(cfg, fuse=fuse, qkv_bias=attn0.q_proj.bias is not None, o_bias=attn0.o_proj.bias is not None)
-    tied = model.lm_head.weight is inner.embed_tokens.weight
+    tied = getattr(model.lm_head, "weight", None) is inner.embed_tokens.weight
     dec.tok_embeddings.weight = _take(inner.embed_tokens, "weight", share or tied)
     for block, hf in zip(dec.layers, inner.layers):
         a, m = hf.self_attn, hf.mlp
@@ -106,7 +123,7 @@ def from_hf(model: nn.Module, max_batch_size: int = 1, max_seq_len: int | None =
             inner.embed_tokens.weight = placeholder
             model.lm_head.weight = placeholder
     else:
-        dec.output.weight = _take(model.lm_head, "weight", share)
+        _move(dec, "output", model.lm_head, share)
     seq = max_seq_len or getattr(model.config, "max_position_embeddings", 2048)
     return dec.eval().allocate(max_batch_size, seq)
 
@@ -133,5 +150,5 @@ def from_meta(model: nn.Module, max_batch_size: int | None = None, max_seq_len: 
         a, f = meta.attention, meta.feed_forward
         _move_block(block, a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2, meta.attention_norm, meta.ffn_norm, share)
     dec.norm.weight = _take(model.norm, "weight", share)
-    dec.output.weight = _take(model.output, "weight", share)
+    _move(dec, "output", model.output, share)
     return dec.eval().allocate(max_batch_size or params.max_batch_size, max_seq_len or params.max_seq_len)

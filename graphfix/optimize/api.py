@@ -128,6 +128,7 @@ def optimize(
     name: str | None = None,
     keep_if_slower: bool | None = None,
     progress: Progress | None = None,
+    quantize: str | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place so that it compiles clean, compile it, and verify it.
 
@@ -148,6 +149,9 @@ def optimize(
     of the original's reference run, ``parity_multiplier`` and ``parity_floor`` the bound
     ``e_opt <= multiplier * e_orig + floor`` (defaults by dtype), ``tolerance`` the fixed rule used only when
     there is no reference run.
+    ``quantize``: ``"int8"``, ``"int4"`` or ``"int4:64"``: weight-only quantization of the linears
+    (``graphfix.quantize``) after the reference run; verified against the unquantized original with a tolerance
+    derived from the measured quantization error (``optimize.quantized``).
     Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
@@ -160,6 +164,10 @@ def optimize(
     names = _explicit_passes(passes)  # validate names before any work
     if parity_reference not in REFERENCE_CHOICES:
         raise InputError(f"unknown parity_reference {parity_reference!r}", hint=f"one of {', '.join(REFERENCE_CHOICES)}")
+    if quantize:
+        from graphfix.quant.scheme import parse_scheme
+
+        parse_scheme(quantize)  # a bad scheme name fails before the reference run
     kind = _kind_of(model)
     user_driver = None if driver is None else driver_from(driver, model, prefill_tokens=prefill_tokens,
                                                           decode_steps=decode_steps)
@@ -217,6 +225,14 @@ def optimize(
     state = OptimizedState(model=model, kind=kind, reference=reference, dtype=run_dtype, max_seq_len=seq_len,
                            backend=backend if compile else None, driver=loop, high=high, parity_options=options)
     try:
+        if quantize:
+            from graphfix.optimize.quantized import quantize_for_optimize
+
+            state.quantization = quantize_for_optimize(model, quantize, runner, reference, prompt, loop_steps,
+                                                       run_dtype)
+            notes.append(f"weights quantized to {state.quantization.scheme} ({state.quantization.modules} linears); "
+                         f"{state.quantization.basis()}")
+            say(notes[-1])
         ctx = PassContext(max_seq_len=seq_len, max_batch_size=max_batch_size, dtype=dtype, device=device,
                           options=dict(pass_options or {}))
         results = _apply(model, names, ctx, say)

@@ -89,7 +89,7 @@ def build(model: nn.Module, *, max_seq_len: int, max_batch_size: int, backend: s
         decoder = from_hf(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, share=True)
     except (GraphfixError, AttributeError, TypeError, ValueError) as exc:
         return None, f"the engine does not build this architecture ({str(exc).splitlines()[0]})"
-    if decoder.output.weight.device.type == "cuda":  # the benchmark's fastest variant (`pdl`): decode kernels, PDL
+    if decoder.norm.weight.device.type == "cuda":  # the benchmark's fastest variant (`pdl`): decode kernels, PDL
         from graphfix.engine.kernels import use_cublas
 
         use_cublas(decoder)

@@ -111,6 +111,8 @@ class ParityResult:
     """The first step whose greedy token differs from the reference's where its margin decides it."""
     note: str = ""
     """Why the method is what it is (no room for the copy, it could not run, ...)."""
+    basis: str = ""
+    """What the original's run was when it is not the original as given (a quantized model: ``optimize.quantized``)."""
 
     @property
     def relative_error(self) -> float:
@@ -165,6 +167,10 @@ class ParityResult:
         return why
 
     def describe(self) -> str:
+        text = self._describe()
+        return f"{text}; {self.basis}" if self.basis else text
+
+    def _describe(self) -> str:
         if self.method != "reference":
             return (f"max |logit error| {self.max_abs_error:.3g} = {self.relative_error:.2e} of the logit scale "
                     f"{self.logit_scale:.3g} (tolerance {self.tolerance:.0e}, fixed: {self.note or 'no reference'})"

@@ -30,6 +30,8 @@ class OptimizedState:
     front: Any = None
     """The installed front door: an ``HFRuntime``, a ``MetaCompiled`` or a ``PhasedForward``."""
     disable: Callable[[], None] | None = None
+    quantization: Any = None
+    """``optimize(quantize=...)``: a ``quantized.QuantizationInfo`` (scheme, measured error, parity tolerance)."""
     warm_recompiles: int = 0
     """Recompiles counted once warm-up ended: only later ones are recompiles after warm-up."""
     high: Any = None

@@ -33,6 +33,7 @@ from graphfix.diagnose.dispatch_state import compile_failure_contained
 from graphfix.diagnose.intercept import recorded
 from graphfix.errors import GraphfixError, InputError
 from graphfix.optimize.parity import ParityResult, compare
+from graphfix.optimize.quantized import adjust_parity, quantized_original
 
 SCHEMA = "graphfix.verify"
 SCHEMA_VERSION = 2
@@ -380,9 +381,13 @@ def run_verification(state: Any, *, decode_steps: int | None = None, tolerance: 
         options = {**getattr(state, "parity_options", {}),
                    **{k: v for k, v in (("tolerance", tolerance), ("multiplier", parity_multiplier),
                                         ("floor", parity_floor)) if v is not None}}
-        result.parity = compare(reference, output, state.dtype, high=high_trace,
-                                reference_dtype=high.dtype if high is not None else None,
-                                note=high.note if high is not None else "no high-precision run recorded", **options)
+        quant = getattr(state, "quantization", None)  # optimize(quantize=...): see optimize.quantized
+        original, options = quantized_original(quant, reference, high_trace, options,
+                                               lambda t: _shortened(t, steps, run_steps, isinstance(runner, LoopRunner)))
+        result.parity = adjust_parity(compare(original, output, state.dtype, high=high_trace,
+                                              reference_dtype=high.dtype if high is not None else None,
+                                              note=high.note if high is not None else "no high-precision run recorded",
+                                              **options), quant)
         result.failures.extend(f"parity: {why}" for why in result.parity.reasons())
         if measure_speed and not result.failures:
             say("verify: the same run again, timed, everything under fail_on_recompile")
