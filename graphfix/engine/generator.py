@@ -30,7 +30,6 @@ holds after it, see tests/test_runtime.py).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,163 +37,16 @@ from typing import Any
 import torch
 
 from graphfix.engine.protocol import StepModel, compile_key, per_row_positions, supports_kv_len, supports_logits_index
-from graphfix.engine.sampling import MODES, SamplingParams, sample
+from graphfix.engine.results import GenerationResult, StreamChunk
+from graphfix.engine.sampling import MODES, SamplingParams
 from graphfix.engine.speculative import speculators
+from graphfix.engine.step_graphs import _BatchState, _Clock, _device_of, _make_decode, _make_first, _make_prefill
 from graphfix.errors import InputError
 from graphfix.rewrite.codeobj import own_code
 
 DEFAULT_BUCKETS = (16, 64, 256, 512, 1024, 2048)
 PAD_MULTIPLE = 16
 WARMUP_NEW_TOKENS = 4  # 1 from prefill + 3 decode calls: CUDA-graph trees warm up, record, then replay
-
-
-@dataclasses.dataclass
-class StreamChunk:
-    """What a ``stream`` callback receives: tokens ``start .. start + k - 1`` of every row.
-
-    ``tokens`` is a CPU ``LongTensor[B, k]``; a finished row shows its EOS token once,
-    then the pad token. ``finished[b]`` says whether row ``b`` has produced an EOS so far.
-    """
-
-    tokens: torch.Tensor
-    start: int
-    finished: list[bool]
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    tokens: list[list[int]]
-    """New tokens per row, up to and including the first EOS."""
-    prompt_lengths: list[int]
-    finished: list[bool]
-    """Whether each row stopped at an EOS token."""
-    steps: int
-    """Tokens produced per row, the first (from prefill) included, before trimming at EOS."""
-    ttft_s: float
-    """Call to first token computed on the device (prefill and first sample)."""
-    decode_s: float
-    total_s: float
-    """Wall time of the call, host synchronized at the end."""
-    logits: torch.Tensor | None = None
-    """``(steps, B, V)`` float32 on CPU, when asked for (``record_logits``)."""
-    speculation: dict[str, Any] | None = None
-    """Speculative requests only: rounds (verify steps), tokens per verify step, acceptance (``engine.speculative``)."""
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Tokens per second per row (``steps / total_s``)."""
-        return self.steps / self.total_s if self.total_s > 0 else float("nan")
-
-    @property
-    def decode_ms_per_token(self) -> float:
-        return 1000.0 * self.decode_s / (self.steps - 1) if self.steps > 1 else float("nan")
-
-
-class _BatchState:
-    """Device tensors of one batch size, at fixed addresses (CUDA graphs mutate them in place)."""
-
-    def __init__(self, batch: int, capacity: int, device: torch.device, max_eos: int) -> None:
-        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        self.batch = batch
-        self.tokens, self.pos, self.done = zeros(batch, 1), zeros(batch, 1), zeros(batch, dtype=torch.bool)
-        self.out, self.step, self.lengths = zeros(batch, capacity), zeros(1), zeros(batch)
-        self.seeds, self.top_k = zeros(batch), zeros(batch)
-        self.temperature = torch.ones(batch, device=device)
-        self.top_p = torch.ones(batch, device=device)
-        self.eos = torch.full((max_eos,), -1, dtype=torch.long, device=device)
-        self.pad = zeros(1)
-        for t in self.all():
-            torch._dynamo.mark_static_address(t)
-
-    def all(self) -> tuple[torch.Tensor, ...]:
-        return (self.tokens, self.pos, self.done, self.out, self.step, self.lengths, self.seeds, self.top_k,
-                self.temperature, self.top_p, self.eos, self.pad)
-
-    def args(self) -> tuple[torch.Tensor, ...]:
-        """The decode graph's arguments, in its order."""
-        return (self.tokens, self.pos, self.done, self.out, self.step, self.seeds, self.temperature, self.top_k,
-                self.top_p, self.eos, self.pad)
-
-    def rewind(self) -> None:
-        for t in (self.pos, self.done, self.step):
-            t.zero_()
-
-
-def _is_eos(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    return (tokens.unsqueeze(-1) == eos).any(-1)
-
-
-def _make_prefill(model: StepModel, use_index: bool) -> Callable:
-    def prefill(tokens: torch.Tensor, input_pos: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-        if use_index:
-            logits = model.step(tokens, input_pos, logits_index=gather)
-        else:
-            full = model.step(tokens, input_pos)
-            logits = full.gather(1, gather.view(-1, 1, 1).expand(-1, 1, full.shape[-1]))
-        return logits[:, 0].float()
-
-    return prefill
-
-
-def _make_first(mode: str) -> Callable:
-    def first(logits, tokens, pos, done, out, step, lengths, seeds, temperature, top_k, top_p, eos):
-        step.zero_()
-        nxt = sample(logits, mode, seeds, step, temperature, top_k, top_p)
-        out.index_copy_(1, step, nxt.unsqueeze(1))
-        done.copy_(_is_eos(nxt, eos))
-        tokens.copy_(nxt.unsqueeze(1))
-        pos.copy_(lengths.unsqueeze(1))
-        step.fill_(1)
-
-    return first
-
-
-def _make_decode(model: StepModel, mode: str, last_slot: int, kv_len: int | None, record: bool = False) -> Callable:
-    """One decode step writing into the state; ``record``: it also returns the step's logits (verification)."""
-
-    def decode(tokens, pos, done, out, step, seeds, temperature, top_k, top_p, eos, pad):
-        if kv_len is None:
-            logits = model.step(tokens, pos)[:, -1].float()
-        else:
-            logits = model.step(tokens, pos, kv_len=kv_len)[:, -1].float()
-        nxt = sample(logits, mode, seeds, step, temperature, top_k, top_p)
-        nxt = torch.where(done, pad, nxt)
-        out.index_copy_(1, step, nxt.unsqueeze(1))
-        done.logical_or_(_is_eos(nxt, eos))
-        tokens.copy_(nxt.unsqueeze(1))
-        pos.copy_((pos + 1).clamp(max=last_slot))
-        step.add_(1)
-        return logits if record else None
-
-    return decode
-
-
-def _device_of(model: Any) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for t in model.parameters():
-            return t.device
-        for t in model.buffers():
-            return t.device
-    return torch.device(getattr(model, "device", "cpu"))
-
-
-class _Clock:
-    """Device-ordered timestamps: CUDA events on CUDA (no sync until read), the host clock elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, a: Any, b: Any) -> float:
-        return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
 
 
 class Generator:

@@ -48,6 +48,7 @@ from graphfix.engine.spec_rules import (
     race,
     target_probs,
 )
+from graphfix.engine.step_graphs import _is_eos
 from graphfix.errors import InputError
 
 KINDS = ("lookup", "draft")
@@ -108,10 +109,6 @@ class _SpecState:
     def args(self) -> tuple[torch.Tensor, ...]:
         return (self.seq, self.length, self.limit, self.done, self.rounds, self.stats, self.seeds, self.temperature,
                 self.top_k, self.top_p, self.eos)
-
-
-def _is_eos(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    return (tokens.unsqueeze(-1) == eos).any(-1)
 
 
 def _draft_proposals(draft: StepModel, seq: torch.Tensor, length: torch.Tensor, k: int, mode: str, seeds, rounds,
