@@ -110,6 +110,21 @@ def _graph_us(fn: Callable[[], Any], iters: int) -> float:
     return start.elapsed_time(end) * 1000.0 / (5 * iters)
 
 
+def _us(fn: Callable[[], Any], iters: int) -> float:
+    """``_graph_us``, or plain launches timed with events where capturing the collective fails."""
+    try:
+        return _graph_us(fn, iters)
+    except Exception:  # noqa: BLE001 - a collective that cannot be captured is still timed, uncaptured
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1000.0 / iters
+
+
 def enable_symmetric_memory(tp: TPGroup) -> None:
     """Register the group with symmetric memory (deprecated in torch 2.13, still what Inductor's check reads)."""
     import torch.distributed._symmetric_memory as symm_mem
@@ -126,7 +141,7 @@ def time_all_reduces(tp: TPGroup, nbytes: int, dtype: torch.dtype = torch.bfloat
     numel = max(1, nbytes // torch.empty((), dtype=dtype).element_size())
     timings: dict[str, Any] = {}
     plain = torch.ones(numel, dtype=dtype, device=tp.device)
-    timings["nccl"] = _graph_us(lambda: dist.all_reduce(plain, group=tp.group), iters)
+    timings["nccl"] = _us(lambda: dist.all_reduce(plain, group=tp.group), iters)
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -134,7 +149,7 @@ def time_all_reduces(tp: TPGroup, nbytes: int, dtype: torch.dtype = torch.bfloat
         buf = symm_mem.empty(numel, dtype=dtype, device=tp.device)
         symm_mem.rendezvous(buf, tp.group_name)
         buf.fill_(1)
-        timings["one_shot"] = _graph_us(lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", tp.group_name),
+        timings["one_shot"] = _us(lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", tp.group_name),
                                         iters)
     except Exception as exc:  # noqa: BLE001 - any failure means "use NCCL", and the reason is reported
         timings["one_shot_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
