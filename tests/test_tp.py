@@ -2,12 +2,13 @@
 
 The parent builds four tiny models (HF Llama with 2 KV heads, so tp=4 replicates them, and
 a vocabulary of 130 that 4 does not divide; Qwen2 with q/k/v biases; Mistral with an
-8-token sliding window; Meta's reference model, written as 2 ``consolidated.NN.pth``
+8-token sliding window and the vocabulary-parallel embedding; Meta's reference model, written as 2 ``consolidated.NN.pth``
 shards, so tp=4 re-shards it) and writes them as checkpoints. Each rank loads only its
 slices (``load_sharded``), then runs a prefill and 32 decode steps through two compiled
 callables (``fullgraph=True``, Dynamo only: the ``eager`` backend) with recompiles
-forbidden after the first decode step. Llama also decodes through the decode-kernel path
-and through a warmed-up ``Generator``. The reference is the plain world-size-1 decoder
+forbidden after the first decode step (at tp=4 only Llama, the KV-replicating case, is compiled:
+each compile costs seconds of the shared CPU, and the other models' graphs are the same code). Llama also decodes through the decode-kernel path
+(at tp=2 the Triton kernels themselves, in Triton's interpreter) and (at tp=2) through a warmed-up ``Generator`` under ``fail_on_recompile``. The reference is the plain world-size-1 decoder
 (``from_hf``/``from_meta``); the world-size-1 run of the tensor-parallel code itself is
 ``test_world_size_1_runs_the_same_path``.
 """
@@ -25,6 +26,7 @@ from graphfix.convert.layout import meta_split_dim
 from tests.helpers_meta import TINY_ARGS, build_meta_transformer, free_port, meta_state_dict, run_processes
 
 STEPS = 32
+pytestmark = pytest.mark.slow  # spawns 2 and 4 processes: about 3 minutes on 2 shared CPU cores
 PROMPT = [[3, 17, 42, 99, 7]]
 HF_CASES = {"llama": {"vocab_size": 130}, "qwen2": {}, "mistral": {"sliding_window": 8}}
 
@@ -116,14 +118,19 @@ def _worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
 
     tp = init_tp(world, "cpu")
     choice = choose_all_reduce(tp)
-    results = {"choice": choice.kind}
+    from graphfix.engine.kernels import INTERPRET
+
+    results = {"choice": choice.kind, "interpret": INTERPRET}
     for name, folder in cases.items():
-        dec = load_sharded(folder, tp, max_seq_len=64, dtype=torch.float32, progress=False)
-        results[name] = decode_run(dec)
+        dec = load_sharded(folder, tp, max_seq_len=64, dtype=torch.float32, progress=False,
+                           vocab_parallel_embedding=name == "mistral")
+        results[name] = decode_run(dec, compiled=world == 2 or name == "llama")
         results[f"{name}_heads"] = (dec.config.n_heads, dec.config.n_kv_heads, dec.output.weight.shape[0])
+        results[f"{name}_embedding"] = type(dec.tok_embeddings).__name__
         if name == "llama":
             dec.use_decode_kernels()
             results["llama_kernels"] = decode_run(dec, compiled=False)
+        if name == "llama" and world == 2:  # the engine's own loop once (its warm-up compiles several graphs)
             gen = Generator(dec, backend="eager")
             gen.warmup(batch_sizes=(1,))
             with torch.compiler.set_stance("fail_on_recompile"):
@@ -136,18 +143,62 @@ def _worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_runs_match_world_size_1(world, checkpoints, tmp_path):
     out = str(tmp_path / "result")
-    run_processes(_worker, (world, free_port(), {k: v[0] for k, v in checkpoints.items()}, out), nprocs=world,
-                  timeout_s=240)
+    interpret = {"TRITON_INTERPRET": "1"} if world == 2 else {}  # tp=2: the decode kernels in Triton's interpreter
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in interpret.items():
+            mp.setenv(key, value)  # the spawned ranks inherit it before Triton reads it
+        run_processes(_worker, (world, free_port(), {k: v[0] for k, v in checkpoints.items()}, out), nprocs=world,
+                      timeout_s=300)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
     for name, (_, ref_tokens, ref_logits) in checkpoints.items():
         for rank, got in enumerate(ranks):
             tokens, logits, graphs = got[name]
             assert tokens == ref_tokens, (name, rank)
-            assert graphs == 2, (name, rank, graphs)  # one prefill graph, one decode graph: fullgraph, no recompile
+            if world == 2 or name == "llama":  # one prefill graph, one decode graph: fullgraph, no recompile
+                assert graphs == 2, (name, rank, graphs)
             diff = max((a - b).abs().max().item() for a, b in zip(logits, ref_logits))
             assert diff <= 1e-4, (name, rank, diff)
     first = ranks[0]
     assert first["choice"] == "gloo"
     assert first["llama_heads"] == (4 // world, 2 // world or 1, -(-130 // world))
-    assert first["llama_kernels"][0] == checkpoints["llama"][1]
-    assert first["llama_generator"] == checkpoints["llama"][1]
+    assert first["interpret"] == (world == 2)
+    kernel_tokens, kernel_logits, _ = first["llama_kernels"]
+    assert kernel_tokens == checkpoints["llama"][1]
+    assert max((a - b).abs().max().item() for a, b in zip(kernel_logits, checkpoints["llama"][2])) <= 1e-4
+    assert first["mistral_embedding"] == "VocabParallelEmbedding"
+    if world == 2:
+        assert first["llama_generator"] == checkpoints["llama"][1]
+
+
+def _optimize_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    import graphfix
+    from graphfix.bench.presets import tiny_hf
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model = tiny_hf("llama", 0)
+    result = graphfix.optimize(model, tp=2, backend="aot_eager", diagnose=False, decode_steps=4)
+    tokens = model.generate(torch.tensor(PROMPT), max_new_tokens=8, do_sample=False)[0].tolist()
+    torch.save({"verified": result.verified, "notes": result.notes, "tokens": tokens,
+                "head": type(model.graphfix_optimized.front.engine.decoder.output).__name__}, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_optimize_with_tp_2_verifies_the_sharded_engine(tmp_path):
+    from graphfix.bench.presets import tiny_hf
+
+    model = tiny_hf("llama", 0)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(PROMPT), max_new_tokens=8, do_sample=False)[0].tolist()
+    out = str(tmp_path / "result")
+    run_processes(_optimize_worker, (free_port(), out), nprocs=2, timeout_s=240)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        assert got["verified"], got["notes"]
+        assert got["head"] == "VocabParallelHead"
+        assert any("tp=2" in n and "heads" in n for n in got["notes"]), got["notes"]
+        assert got["tokens"] == ref

@@ -109,3 +109,13 @@ def test_random_source_builds_a_shard_the_benchmark_can_run():
     again = build_shard(RandomSource(cfg, torch.device("cpu"), torch.float32), cfg, tp, max_seq_len=16)
     out = _logits(dec)
     assert out.shape == (1, 4, 130) and torch.isfinite(out).all() and torch.equal(out, _logits(again))
+
+
+def test_a_forced_all_reduce_must_be_one_we_have(monkeypatch):
+    from graphfix.engine.tp import choose_all_reduce
+
+    monkeypatch.setenv("GRAPHFIX_TP_ALL_REDUCE", "ring")
+    with pytest.raises(InputError, match="GRAPHFIX_TP_ALL_REDUCE"):
+        choose_all_reduce(init_tp(1))
+    monkeypatch.setenv("GRAPHFIX_TP_ALL_REDUCE", "nccl")
+    assert choose_all_reduce(init_tp(1)).kind == "gloo"  # on CPU there is nothing else

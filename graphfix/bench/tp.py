@@ -157,6 +157,29 @@ def bench_shape(name: str, tp: Any, args: argparse.Namespace, bandwidth: float) 
     return out
 
 
+def check_tp_path(tp: Any, new_tokens: int = 24) -> dict[str, Any]:
+    """A tiny Llama (bf16, large weights: well separated logits) through the TP path and the plain decoder.
+
+    Both with the decode kernels, compiled (Inductor, CUDA graphs) and warmed up, then generating under
+    ``fail_on_recompile``: the greedy tokens must be the same, at any tp (each rank holds the tiny model whole).
+    """
+    from graphfix.bench.presets import tiny_hf_model
+    from graphfix.engine import Generator, from_hf
+    from graphfix.engine.tp import choose_all_reduce, shard
+
+    model = tiny_hf_model("llama", tp.device, torch.bfloat16)
+    plain = from_hf(model, max_seq_len=64, share=True).use_decode_kernels()
+    sharded = shard(model, tp, max_seq_len=64).use_decode_kernels()
+    choice = choose_all_reduce(tp, sharded)
+    tokens = {}
+    for name, dec in (("plain", plain), ("tp", sharded)):
+        gen = Generator(dec)
+        gen.warmup(batch_sizes=(1,), prompt_lengths=[5])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            tokens[name] = gen.generate([[1, 2, 3, 4, 5]], new_tokens).tokens[0]
+    return {"same_tokens": tokens["plain"] == tokens["tp"], "tokens": tokens, "all_reduce": choice.describe()}
+
+
 def _line(r: dict[str, Any]) -> str:
     if "skipped" in r:
         return f"{r['shape']}: skipped ({r['skipped']})"
@@ -168,7 +191,8 @@ def _line(r: dict[str, Any]) -> str:
         ar += (f", one-shot {r['one_shot_us']:.1f} us = {r['one_shot_ms_per_step']:.2f} ms/step)"
                if r.get("one_shot_ms_per_step") is not None else ")")
     target = f", target {r['target_ms']} ms" if r["target_ms"] else ""
-    warm = f", warm start {r['warm_start_s']:.1f} s" if r["warm_start_s"] is not None else ""
+    warm = (f", warm start {r['warm_start_s']:.1f} s (a second Generator, same process)"
+            if r["warm_start_s"] is not None else "")
     return (f"{r['shape']} tp={r['tp']}: {r['ms_per_token']:.2f} ms/token{scaled}, floor {r['floor_ms']:.2f} ms "
             f"(share {r['share_of_floor']:.2f}){target}; {ar}; first call {r['first_call_s']:.1f} s{warm}; "
             f"peak {r['peak_gb']:.1f} GB/GPU; {r['reference']}\n    all-reduce choice: {r['all_reduce_reason']}")
@@ -184,6 +208,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--all-reduce", choices=("nccl", "one_shot"), default=None, help="force instead of measuring")
     p.add_argument("--no-decode-kernels", action="store_true")
     p.add_argument("--no-warm-start", action="store_true")
+    p.add_argument("--no-check", action="store_true", help="skip the tiny-model check (TP path == plain decoder)")
     p.add_argument("--json", default=None, help="write rank 0's results here")
     return p
 
@@ -199,7 +224,12 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = copy_bandwidth(tp.device)["gb_per_s"]
     main_print(tp, f"tp={tp.world_size}, {torch.cuda.get_device_name(tp.device)}, torch {torch.__version__}, "
                    f"copy bandwidth {bandwidth:.0f} GB/s per GPU")
-    results = []
+    results: list[dict[str, Any]] = []
+    if not args.no_check:
+        check = check_tp_path(tp)
+        main_print(tp, f"check: TP path (decode kernels, CUDA graphs, fail_on_recompile) gives the plain decoder's "
+                       f"tokens: {check['same_tokens']} ({check['all_reduce']})")
+        results.append({"check": check})
     for name in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         r = bench_shape(name, tp, args, bandwidth)
         results.append(r)

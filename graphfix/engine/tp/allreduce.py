@@ -19,6 +19,7 @@ and NCCL above (prefill). On CPU the answer is gloo, without measuring.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,10 @@ import torch
 import torch.distributed as dist
 
 from graphfix.engine.tp.group import TPGroup
+from graphfix.errors import InputError
+
+FORCE_ENV = "GRAPHFIX_TP_ALL_REDUCE"
+"""``nccl`` or ``one_shot``: take that all-reduce whatever the measurement says."""
 
 
 @dataclasses.dataclass
@@ -194,8 +199,12 @@ def choose_all_reduce(tp: TPGroup, model: Any = None, *, nbytes: int | None = No
                       iters: int = 64) -> AllReduceChoice:
     """Measure (on CUDA), pick, apply and return the all-reduce for ``model``'s decode steps; call before compiling.
 
-    ``force``: "nccl" or "one_shot" skips the comparison (the benchmark measures both ways).
+    ``force``: "nccl" or "one_shot" overrides the comparison (the figures are still measured and reported);
+    default: the environment variable ``GRAPHFIX_TP_ALL_REDUCE`` if set, so ``graphfix generate --tp`` can be told.
     """
+    force = force or os.environ.get(FORCE_ENV) or None
+    if force not in (None, "nccl", "one_shot"):
+        raise InputError(f"{FORCE_ENV}={force!r}", hint="nccl or one_shot")
     size = nbytes if nbytes is not None else (step_all_reduce_bytes(model) if model is not None else 16384)
     if tp.device.type != "cuda":
         return apply(decide(tp.device.type, (False, "not CUDA"), None, size), tp)

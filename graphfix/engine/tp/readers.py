@@ -40,7 +40,7 @@ def read_slice(source: TensorSource, name: str, sl: Slice, dtype: torch.dtype | 
         parts = [source.read(name, sl.dim, start, length) for start, length in sl.ranges if length > 0]
     dtype = dtype or parts[0].dtype
     out = torch.cat([p.to(device=device, dtype=dtype) for p in parts], dim=sl.dim or 0) if len(parts) > 1 \
-        else parts[0].to(device=device, dtype=dtype, copy=True)
+        else parts[0].to(device=device, dtype=dtype, copy=True).contiguous()  # row-major: what the GEMVs need
     if sl.pad_to is not None and out.shape[sl.dim] < sl.pad_to:
         pad_shape = list(out.shape)
         pad_shape[sl.dim] = sl.pad_to - out.shape[sl.dim]
