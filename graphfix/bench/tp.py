@@ -167,7 +167,7 @@ def check_tp_path(tp: Any, new_tokens: int = 24) -> dict[str, Any]:
     from graphfix.engine import Generator, from_hf
     from graphfix.engine.tp import choose_all_reduce, shard
 
-    model = tiny_hf_model("llama", tp.device, torch.bfloat16)
+    model = tiny_hf_model("llama", tp.device, torch.bfloat16, num_attention_heads=8)  # 8 heads, 2 KV: tp up to 8
     plain = from_hf(model, max_seq_len=64, share=True).use_decode_kernels()
     sharded = shard(model, tp, max_seq_len=64).use_decode_kernels()
     choice = choose_all_reduce(tp, sharded)
