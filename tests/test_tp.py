@@ -204,3 +204,19 @@ def test_optimize_with_tp_2_verifies_the_sharded_engine(tmp_path):
         assert got["head"] == "VocabParallelHead"
         assert any("tp=2" in n and "heads" in n for n in got["notes"]), got["notes"]
         assert got["tokens"] == ref
+
+
+def test_generate_cli_under_torchrun(checkpoints):
+    import subprocess
+    import sys
+
+    folder, ref_tokens, _ = checkpoints["llama"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "graphfix.cli", "-q", "generate", str(folder), "--prompt-ids", ",".join(map(str, PROMPT[0])),
+           "--max-new-tokens", "8", "--tp", "2", "--device", "cpu", "--no-compile", "--json"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # rank 0 alone prints
+    assert json.loads(lines[0])["tokens"] == [ref_tokens[:8]]

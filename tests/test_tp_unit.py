@@ -119,3 +119,9 @@ def test_a_forced_all_reduce_must_be_one_we_have(monkeypatch):
         choose_all_reduce(init_tp(1))
     monkeypatch.setenv("GRAPHFIX_TP_ALL_REDUCE", "nccl")
     assert choose_all_reduce(init_tp(1)).kind == "gloo"  # on CPU there is nothing else
+
+
+def test_tp_must_match_the_processes_started():
+    init_tp(1)
+    with pytest.raises(InputError, match="torchrun --nproc-per-node 2"):
+        init_tp(2)
