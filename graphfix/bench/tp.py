@@ -133,6 +133,7 @@ def bench_shape(name: str, tp: Any, args: argparse.Namespace, bandwidth: float) 
     gen.warmup(batch_sizes=(1,), prompt_lengths=[args.prompt_len])
     first_call_s = time.perf_counter() - started
     ms = _ms_per_token(gen, prompt, args.new_tokens, args.repeats)
+    lowered = compiled_all_reduces()
     warm_s = None
     if not args.no_warm_start:
         started = time.perf_counter()
@@ -146,6 +147,7 @@ def bench_shape(name: str, tp: Any, args: argparse.Namespace, bandwidth: float) 
            "floor_ms": floor_ms * scale if layers else floor_ms, "share_of_floor": floor_ms / ms,
            "all_reduce": choice.kind, "all_reduce_reason": choice.reason, "nccl_us": choice.nccl_us,
            "one_shot_us": choice.one_shot_us, "all_reduces_per_step": 2 * full_layers,
+           "compiled_all_reduce_calls": lowered,
            "first_call_s": first_call_s, "warm_start_s": warm_s, "build_s": build_s,
            "peak_gb": torch.cuda.max_memory_allocated(tp.device) / 1e9,
            "target_ms": TARGETS.get((name, tp.world_size)), "reference": GPT_FAST.get(name)}
@@ -155,6 +157,25 @@ def bench_shape(name: str, tp: Any, args: argparse.Namespace, bandwidth: float) 
     del gen, dec
     torch.cuda.empty_cache()
     return out
+
+
+def compiled_all_reduces() -> dict[str, int] | None:
+    """How many one-shot and NCCL all-reduce calls Inductor's generated modules hold so far (``None``: unknown).
+
+    The all-reduce choice turns on Inductor's one-shot lowering, which applies only where Inductor can
+    place the reduced buffer in symmetric memory; this says whether it did. Reads the private
+    ``torch._inductor.codecache.PyCodeCache.modules`` (a list in torch 2.11 to 2.13).
+    """
+    import inspect
+
+    try:
+        from torch._inductor.codecache import PyCodeCache
+
+        sources = [inspect.getsource(m) for m in list(PyCodeCache.modules)]
+    except Exception:  # noqa: BLE001 - a private structure: absent or changed means "unknown"
+        return None
+    text = "\n".join(sources)
+    return {"one_shot": text.count("symm_mem.one_shot_all_reduce"), "nccl": text.count("_c10d_functional.all_reduce_")}
 
 
 def check_tp_path(tp: Any, new_tokens: int = 24) -> dict[str, Any]:
@@ -167,7 +188,8 @@ def check_tp_path(tp: Any, new_tokens: int = 24) -> dict[str, Any]:
     from graphfix.engine import Generator, from_hf
     from graphfix.engine.tp import choose_all_reduce, shard
 
-    model = tiny_hf_model("llama", tp.device, torch.bfloat16, num_attention_heads=8)  # 8 heads, 2 KV: tp up to 8
+    # 8 heads of 16 (the kernels' smallest head size), 2 KV heads: any tp up to 8
+    model = tiny_hf_model("llama", tp.device, torch.bfloat16, num_attention_heads=8, hidden_size=128)
     plain = from_hf(model, max_seq_len=64, share=True).use_decode_kernels()
     sharded = shard(model, tp, max_seq_len=64).use_decode_kernels()
     choice = choose_all_reduce(tp, sharded)
@@ -190,6 +212,8 @@ def _line(r: dict[str, Any]) -> str:
         ar += f" (NCCL {r['nccl_us']:.1f} us = {r['nccl_ms_per_step']:.2f} ms/step"
         ar += (f", one-shot {r['one_shot_us']:.1f} us = {r['one_shot_ms_per_step']:.2f} ms/step)"
                if r.get("one_shot_ms_per_step") is not None else ")")
+    if r.get("compiled_all_reduce_calls") is not None:
+        ar += f"; in Inductor's code so far: {r['compiled_all_reduce_calls']}"
     target = f", target {r['target_ms']} ms" if r["target_ms"] else ""
     warm = (f", warm start {r['warm_start_s']:.1f} s (a second Generator, same process)"
             if r["warm_start_s"] is not None else "")
