@@ -125,3 +125,21 @@ def test_tp_must_match_the_processes_started():
     init_tp(1)
     with pytest.raises(InputError, match="torchrun --nproc-per-node 2"):
         init_tp(2)
+
+
+def test_weight_only_quantization_reaches_the_shards():
+    """``graphfix.quantize`` swaps the linears inside the TP layers and keeps the LM head, as on the plain decoder."""
+    from graphfix.bench.presets import tiny_hf
+
+    tp, hf = init_tp(1), tiny_hf("llama", 0)
+    sharded = graphfix.shard(hf, tp, max_seq_len=32)
+    report = graphfix.quantize(sharded, "int8")
+    assert "layers.0.attention.wo.linear" in report.quantized and "output.output" in report.skipped
+    ref = from_hf(tiny_hf("llama", 0), max_seq_len=32)
+    graphfix.quantize(ref, "int8")
+    assert torch.equal(_logits(sharded), _logits(ref))
+    sharded.use_decode_kernels()
+    ref.use_decode_kernels()
+    step = torch.tensor([[7]]), torch.tensor([[4]])
+    with torch.no_grad():
+        assert torch.equal(sharded.step(*step), ref.step(*step))

@@ -10,8 +10,8 @@ They are called at every world size, 1 included, so one GPU runs the same code a
 Each layer wraps a plain ``nn.Linear``/``nn.Embedding`` holding the rank's shard, so
 swaps that look for ``nn.Linear`` by type (``kernels.use_triton_gemv``, weight-only
 quantization) reach the shard, and ``weight`` is the shard for the decode kernels.
-``fused_forward`` is the decode-kernel hook ``llama.py`` calls: the same fused GEMV,
-then the collective.
+``fused_forward`` is the decode-kernel hook ``llama._fused`` calls: the same fused GEMV
+(``llama._fused`` again, on the wrapped linear: bf16 or quantized), then the collective.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from graphfix.engine.kernels import fused_linear
+from graphfix.engine.llama import _fused
 from graphfix.engine.tp.group import TPGroup
 
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -46,8 +46,8 @@ class RowParallelLinear(_Communicating):
     """``wo`` and ``w2``: the input split along features, each rank's partial product all-reduced.
 
     The bias (full, not split) is added once, after the reduction. In the decode kernels the
-    residual is added inside rank 0's GEMV and the bias with it, so the all-reduce returns
-    ``residual + sum of partials + bias`` with no separate add.
+    residual is added inside rank 0's GEMV (and the bias after it, on rank 0 alone), so the
+    all-reduce returns ``residual + sum of partials + bias`` with no separate residual add.
     """
 
     def __init__(self, linear: nn.Linear, bias: nn.Parameter | None, tp: TPGroup) -> None:
@@ -66,22 +66,27 @@ class RowParallelLinear(_Communicating):
     def fused_forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None, silu: bool = False,
                       pdl: bool = False) -> torch.Tensor:
         first = self.rank == 0
-        part = fused_linear(x, self.linear.weight, silu=silu, bias=self.bias if first else None,
-                            residual=residual if first else None, pdl=pdl)
+        part = _fused(self.linear, x, silu=silu, residual=residual if first else None, pdl=pdl)
+        if first and self.bias is not None:
+            part = part + self.bias
         return self.all_reduce(part)
 
 
 class VocabParallelHead(_Communicating):
-    """The LM head split along the vocabulary: each rank's logits, all-gathered, cut to the real vocabulary."""
+    """The LM head split along the vocabulary: each rank's logits, all-gathered, cut to the real vocabulary.
+
+    The wrapped linear is called ``output`` (the head's name in the decoder), so weight-only quantization
+    (``graphfix.quant``, which keeps the LM head in float unless asked) recognises it as the head.
+    """
 
     def __init__(self, linear: nn.Linear, vocab_size: int, tp: TPGroup) -> None:
         super().__init__(tp)
-        self.linear = linear
+        self.output = linear
         self.vocab_size = vocab_size
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.linear.weight
+        return self.output.weight
 
     bias = None
 
@@ -89,11 +94,11 @@ class VocabParallelHead(_Communicating):
         return self.all_gather_last(part)[..., :self.vocab_size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._gather(self.linear(x))
+        return self._gather(self.output(x))
 
     def fused_forward(self, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                       pdl: bool = False) -> torch.Tensor:
-        return self._gather(fused_linear(x, self.linear.weight, norm_weight=norm_weight, eps=eps, pdl=pdl))
+        return self._gather(_fused(self.output, x, norm_weight=norm_weight, eps=eps, pdl=pdl))
 
 
 class VocabParallelEmbedding(_Communicating):
