@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {"optimize": "graphfix.optimize.api", "OptimizeResult": "graphfix.optimize.api", "quantize": "graphfix.quant.api"}
+_LAZY = {"optimize": "graphfix.optimize.api", "OptimizeResult": "graphfix.optimize.api", "quantize": "graphfix.quant.api",
+         "shard": "graphfix.engine.tp.api"}
 """Loaded on first use: ``graphfix.optimize.api`` imports ``torch._dynamo`` (seconds), ``import graphfix`` does not."""
 
 
@@ -60,4 +61,4 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["Category", "Finding", "GraphfixError", "Kind", "Location", "OptimizeResult", "Report",
-           "VerificationError", "VerifyResult", "__version__", "diagnose", "optimize", "quantize", "verify"]
+           "VerificationError", "VerifyResult", "__version__", "diagnose", "optimize", "quantize", "shard", "verify"]

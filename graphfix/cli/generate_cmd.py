@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from graphfix.cli import tp_options
 from graphfix.cli.preflight import DTYPE_HELP, DTYPES
 from graphfix.errors import InputError
 
@@ -64,6 +65,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they come (batch 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_speculation_args(p)
+    tp_options.add_generate_arguments(p)
     p.set_defaults(func=run_generate)
 
     from graphfix.bench.decode import build_parser
@@ -73,11 +75,15 @@ def add_parser(subparsers: Any) -> None:
                                           "CUDA GPU for meaningful numbers (--device cpu runs a small functional "
                                           "check, as the tests do).")
     build_parser(b)
+    tp_options.add_bench_arguments(b)
     b.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from graphfix.bench.decode import run
+
+    if getattr(args, "tp", None):
+        return tp_options.run_bench_tp(args)
 
     return run(args)
 
@@ -328,16 +334,21 @@ def _generate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             key.update(speculate=args.speculate, draft=args.draft, draft_layers=args.draft_layers)
         CompileCache(args.cache_dir, key=key).activate()
     say(f"loading {args.model}")
-    loaded = sources.load(args.model, dtype=dtype)
-    if any(p.device.type == "meta" for p in loaded.model.parameters()):
-        raise InputError(f"graphfix generate needs weights, and {args.model} built a model without them",
-                         hint="give the folder or file with the weights")
-    check_rows(rows, args.max_new_tokens, args.max_seq_len, loaded, args.model)
-    seq = args.max_seq_len or max(len(r) for r in rows) + args.max_new_tokens
-    check_kv_cache(loaded.model, len(rows), seq, dtype, args.model)
-    model = loaded.model.to(device)
-    say(f"moving the weights into graphfix's decoder (cache of {seq} positions)")
-    step_model = build_step_model(model, len(rows), seq, fuse=not args.unfused)
+    if getattr(args, "tp", None):  # every rank loads its shard; rank 0 alone prints (docs/tensor_parallel.md)
+        seq = args.max_seq_len or max(len(r) for r in rows) + args.max_new_tokens
+        step_model, model = tp_options.tp_step_model(args, len(rows), seq, dtype, device)
+        out = tp_options.rank_output(step_model, out)
+    else:
+        loaded = sources.load(args.model, dtype=dtype)
+        if any(p.device.type == "meta" for p in loaded.model.parameters()):
+            raise InputError(f"graphfix generate needs weights, and {args.model} built a model without them",
+                             hint="give the folder or file with the weights")
+        check_rows(rows, args.max_new_tokens, args.max_seq_len, loaded, args.model)
+        seq = args.max_seq_len or max(len(r) for r in rows) + args.max_new_tokens
+        check_kv_cache(loaded.model, len(rows), seq, dtype, args.model)
+        model = loaded.model.to(device)
+        say(f"moving the weights into graphfix's decoder (cache of {seq} positions)")
+        step_model = build_step_model(model, len(rows), seq, fuse=not args.unfused)
     if args.quantize:
         from graphfix.quant import quantize
 

@@ -306,7 +306,14 @@ class Block(nn.Module):
 
 def _fused(module: nn.Module, x: torch.Tensor, *, pdl: bool, **prologue: Any) -> torch.Tensor:
     """``fused_linear`` of a linear module: its own ``fused`` kernel where it has one (``graphfix.quant.QuantLinear``:
-    the dequantizing GEMV), else the bf16 GEMV over its weight and bias."""
+    the dequantizing GEMV), else the bf16 GEMV over its weight and bias.
+
+    A tensor-parallel layer (``graphfix.engine.tp.layers``) runs its ``fused_forward``: this same call on its
+    shard, then the collective (the all-reduce of ``wo``/``w2``, the gather of the LM head).
+    """
+    own = getattr(module, "fused_forward", None)
+    if own is not None:
+        return own(x, pdl=pdl, **prologue)
     if hasattr(module, "qweight"):
         return module.fused(x, pdl=pdl, **prologue)
     return fused_linear(x, module.weight, bias=module.bias, pdl=pdl, **prologue)

@@ -129,6 +129,7 @@ def optimize(
     keep_if_slower: bool | None = None,
     progress: Progress | None = None,
     quantize: str | None = None,
+    tp: int | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place so that it compiles clean, compile it, and verify it.
 
@@ -152,6 +153,8 @@ def optimize(
     ``quantize``: ``"int8"``, ``"int4"`` or ``"int4:64"``: weight-only quantization of the linears
     (``graphfix.quantize``) after the reference run; verified against the unquantized original with a tolerance
     derived from the measured quantization error (``optimize.quantized``).
+    ``tp``: tensor parallelism over ``tp`` processes (run under ``torchrun``): ``generate`` is served by the
+    engine over this rank's shard (``graphfix.optimize.tp_front``, docs/tensor_parallel.md).
     Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
@@ -171,6 +174,12 @@ def optimize(
     kind = _kind_of(model)
     user_driver = None if driver is None else driver_from(driver, model, prefill_tokens=prefill_tokens,
                                                           decode_steps=decode_steps)
+    tp_group = None
+    if tp is not None:
+        from graphfix.optimize import tp_front
+
+        tp_group = tp_front.prepare(model, kind, tp, driver, compile)
+        device = device or tp_group.device
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     notes: list[str] = []
@@ -240,7 +249,8 @@ def optimize(
         after = _diagnose(model, label, prompt, diagnose_steps, inductor_scan, after_driver, say, diagnose,
                           "rewritten")
         _refuse_if_blocked(label, after, results)
-        compile_seconds = _compile_and_warm_up(state, runner, prompt, backend, cuda_graphs, compile, notes, say)
+        compile_seconds = _compile_and_warm_up(state, runner, prompt, backend, cuda_graphs, compile, notes, say,
+                                               tp_group)
     except Refusal as exc:
         _undo(state, snapshot)
         raise UnsupportedModelError(str(exc), hint="graphfix report MODEL lists every finding; rewrite that "
@@ -436,7 +446,8 @@ def _cannot_compile(model: nn.Module, kind: str) -> str | None:
 
 
 def _compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tensor | None, backend: str,
-                         cuda_graphs: bool, compile: bool, notes: list[str], say: Progress) -> float | None:
+                         cuda_graphs: bool, compile: bool, notes: list[str], say: Progress,
+                         tp: Any = None) -> float | None:
     """Install the compiled callables and run the warm-up; a failure there is a refusal."""
     if not compile:
         return None
@@ -447,7 +458,7 @@ def _compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tenso
             state.front = None
         return None
     say(f"compiling with {backend} (prefill and decode apart, fullgraph)")
-    _install_compiled(state, backend, cuda_graphs, notes)
+    _install_compiled(state, backend, cuda_graphs, notes, tp)
     runner = runner_for(state.kind, state.driver, state.model)  # an HF model now on the engine runs through it
     started = time.perf_counter()
     try:
@@ -469,7 +480,7 @@ def _compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tenso
     return round(time.perf_counter() - started, 3)
 
 
-def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, notes: list[str]) -> None:
+def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, notes: list[str], tp: Any = None) -> None:
     model = state.model
     if state.kind == "hf":
         state.front.compile(backend, cuda_graphs=cuda_graphs)
@@ -477,8 +488,12 @@ def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, no
             from graphfix.optimize import hf_engine
 
             door, why = hf_engine.build(model, max_seq_len=state.max_seq_len, max_batch_size=state.front.max_batch_size,
-                                        backend=backend, cuda_graphs=cuda_graphs)
+                                        backend=backend, cuda_graphs=cuda_graphs, tp=tp)
             state.front.engine = door
+            if door is None and tp is not None:
+                raise Refusal(f"tensor parallelism needs generate() on the engine: {why}")
+            if tp is not None:
+                notes.append(door.decoder.tp_note)
             if door is None:
                 notes.append(f"generate() not on the engine: {why}")
             else:

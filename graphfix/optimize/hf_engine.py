@@ -80,13 +80,18 @@ class EngineDoor:
 
 
 def build(model: nn.Module, *, max_seq_len: int, max_batch_size: int, backend: str, cuda_graphs: bool,
-          kv_buckets: tuple[int, ...] = DEFAULT_KV_BUCKETS) -> tuple[EngineDoor | None, str | None]:
-    """The engine for ``model`` (sharing its weights), or ``(None, why not)``."""
+          kv_buckets: tuple[int, ...] = DEFAULT_KV_BUCKETS, tp: Any = None) -> tuple[EngineDoor | None, str | None]:
+    """The engine for ``model`` (sharing its weights; with ``tp``, over this rank's shard), or ``(None, why not)``."""
     from graphfix.engine import Generator, from_hf
     from graphfix.errors import GraphfixError
 
     try:
-        decoder = from_hf(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, share=True)
+        if tp is not None:  # optimize(tp=N): the shard is a copy (graphfix.optimize.tp_front)
+            from graphfix.optimize import tp_front
+
+            decoder = tp_front.sharded_decoder(model, tp, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        else:
+            decoder = from_hf(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, share=True)
     except (GraphfixError, AttributeError, TypeError, ValueError) as exc:
         return None, f"the engine does not build this architecture ({str(exc).splitlines()[0]})"
     if decoder.norm.weight.device.type == "cuda":  # the benchmark's fastest variant (`pdl`): decode kernels, PDL
