@@ -143,3 +143,26 @@ def test_weight_only_quantization_reaches_the_shards():
     step = torch.tensor([[7]]), torch.tensor([[4]])
     with torch.no_grad():
         assert torch.equal(sharded.step(*step), ref.step(*step))
+
+
+def test_the_vocabulary_gather_never_needs_chunk_cat(monkeypatch):
+    """torch 2.11's ``all_gather_tensor`` along a dim other than 0 calls ``_maybe_view_chunk_cat``, which Dynamo
+    will not trace (a fullgraph break on an H200): the head gathers along dim 0 and rearranges itself."""
+    import torch._utils
+
+    from graphfix.bench.presets import tiny_hf
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("_maybe_view_chunk_cat called")
+
+    import torch.distributed._functional_collectives as funcol
+
+    monkeypatch.setattr(torch._utils, "_maybe_view_chunk_cat", refuse)
+    monkeypatch.setattr(funcol, "_maybe_view_chunk_cat", refuse, raising=False)  # bound by name there
+    tp = init_tp(1)
+    hf = tiny_hf("llama", 0)
+    ref = from_hf(hf, max_seq_len=32, share=True)
+    sharded = graphfix.shard(hf, tp, max_seq_len=32)
+    assert torch.equal(_logits(sharded), _logits(ref))
+    x = torch.arange(24.0).view(2, 3, 4)
+    assert torch.equal(sharded.output.all_gather_last(x), x)  # world of one: the identity, in the right layout

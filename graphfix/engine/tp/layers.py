@@ -39,7 +39,15 @@ class _Communicating(nn.Module):
         return funcol.all_reduce(x, "sum", self.group)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        return _all_gather(x.contiguous(), x.dim() - 1, self.group)
+        """The ranks' ``x`` side by side along the last dim.
+
+        Gathered along dim 0 and rearranged here: for another dim, torch 2.11's
+        ``all_gather_tensor`` calls ``torch._utils._maybe_view_chunk_cat``, which Dynamo refuses
+        to trace (a graph break under ``fullgraph=True``, seen on an H200 with torch 2.11).
+        """
+        gathered = _all_gather(x.contiguous(), 0, self.group)  # (world * x.shape[0], ...)
+        parts = gathered.view(self.world_size, *x.shape)
+        return parts.movedim(0, -2).reshape(*x.shape[:-1], self.world_size * x.shape[-1])
 
 
 class RowParallelLinear(_Communicating):
