@@ -68,7 +68,7 @@ def add_parser(subparsers: Any) -> None:
     tp_options.add_generate_arguments(p)
     p.set_defaults(func=run_generate)
 
-    from graphfix.bench.decode import build_parser
+    from graphfix.bench.decode_args import build_parser
 
     b = subparsers.add_parser("bench", help="decode benchmark on CUDA: copy bandwidth, HF eager/static, graphfix",
                               description="Benchmark decode speed (same as benchmarks/bench_decode.py). It needs a "

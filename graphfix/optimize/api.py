@@ -32,14 +32,13 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from graphfix.diagnose.diagnosis import diagnose
-from graphfix.diagnose.dispatch_state import compile_failure_contained
 from graphfix.diagnose.drivers import (
     LoopDriver,
     auto_driver,
@@ -48,17 +47,15 @@ from graphfix.diagnose.drivers import (
     prompt_tokens,
 )
 from graphfix.diagnose.findings import Finding, Kind
-from graphfix.diagnose.grouping import failure_stack
 from graphfix.diagnose.report import Report
-from graphfix.errors import GraphfixError, InputError, UnsupportedModelError
+from graphfix.errors import InputError, UnsupportedModelError
+from graphfix.optimize.compiling import Progress, Refusal, compile_and_warm_up
 from graphfix.optimize.reference import CHOICES as REFERENCE_CHOICES
 from graphfix.optimize.reference import record as record_high_precision
 from graphfix.optimize.result import OptimizeResult, diagnosed
 from graphfix.optimize.state import OptimizedState
 from graphfix.optimize.verification import (
-    EngineRunner,
     VerificationError,
-    classify_failure,
     quiet,
     run_verification,
     runner_for,
@@ -68,22 +65,12 @@ from graphfix.rewrite.pass_manager import PassContext, PassResult, available_pas
 from graphfix.rewrite.planner import META_PASSES, plan_passes
 from graphfix.rewrite.snapshot import ModelSnapshot
 
-Progress = Callable[[str], None]
-WARM_UP_DECODE_CALLS = 2
-"""Decode calls of the warm-up: the second lets shapes that change between calls become dynamic."""
 MIN_TIMED_SECONDS = 0.25
 """A reference run shorter than this is timer and Python overhead, not the model: the speed check does not judge it."""
-WARM_UP_RUNS = 2
-"""Warm-up runs of the loop: the second starts from the state the first left (a cache attribute that kept its
-length, a position counter), so what changes between runs also becomes dynamic before anything is checked."""
 
 
 class OptimizeWarning(UserWarning):
     """``optimize`` could not verify the model, and returned it as it was."""
-
-
-class Refusal(Exception):
-    """A construct no pass could rewrite: optimize puts the model back and raises ``UnsupportedModelError``."""
 
 
 def default_backend(device: torch.device | str | None = None) -> str:
@@ -249,7 +236,7 @@ def optimize(
         after = _diagnose(model, label, prompt, diagnose_steps, inductor_scan, after_driver, say, diagnose,
                           "rewritten")
         _refuse_if_blocked(label, after, results)
-        compile_seconds = _compile_and_warm_up(state, runner, prompt, backend, cuda_graphs, compile, notes, say,
+        compile_seconds = compile_and_warm_up(state, runner, prompt, backend, cuda_graphs, compile, notes, say,
                                                tp_group)
     except Refusal as exc:
         _undo(state, snapshot)
@@ -431,85 +418,6 @@ def _skip_reason(finding: Finding, results: list[PassResult]) -> str | None:
             if line in reason:
                 return f"{result.name}: {reason}"
     return None
-
-
-def _cannot_compile(model: nn.Module, kind: str) -> str | None:
-    if kind == "meta" and not meta_llama.has_tensor_core(model):
-        return ("Meta's Transformer without the static-kv-cache pass keeps int start_pos, attribute caches and "
-                "@torch.inference_mode on forward (which aot_eager/inductor cannot compile)")
-    if meta_llama.inference_mode_state(model) == "inside":
-        return "inference mode is still entered inside the compiled code: add the inference-mode pass"
-    if kind == "hf" and side_effects.required_functions(model):
-        return ("the HF forward has reorderable logging calls, which Dynamo drops when the forward is inlined in "
-                "graphfix's decode/prefill callables")
-    return None
-
-
-def _compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tensor | None, backend: str,
-                         cuda_graphs: bool, compile: bool, notes: list[str], say: Progress,
-                         tp: Any = None) -> float | None:
-    """Install the compiled callables and run the warm-up; a failure there is a refusal."""
-    if not compile:
-        return None
-    reason = _cannot_compile(state.model, state.kind)
-    if reason:
-        notes.append(f"not compiled: {reason}")
-        if state.kind == "hf":
-            state.front = None
-        return None
-    say(f"compiling with {backend} (prefill and decode apart, fullgraph)")
-    _install_compiled(state, backend, cuda_graphs, notes, tp)
-    runner = runner_for(state.kind, state.driver, state.model)  # an HF model now on the engine runs through it
-    started = time.perf_counter()
-    try:
-        # the engine compiles a decode graph per attended cache length: warm it over the whole verified length
-        on_engine = isinstance(runner, EngineRunner) or getattr(state.front, "decoder", None) is not None
-        steps = state.reference.steps - 1 if on_engine else WARM_UP_DECODE_CALLS
-        with side_effects.reorder_logging(state.model), compile_failure_contained(), quiet():
-            for _ in range(WARM_UP_RUNS):
-                runner.run(state.model, prompt, steps)
-    except GraphfixError:
-        raise
-    except Exception as exc:  # a break under fullgraph=True or a compile error: a refusal
-        stack = failure_stack(exc)
-        where = f" at {stack[-1].short()}" if stack else ""
-        raise Refusal(f"cannot compile {type(state.model).__name__} clean: {classify_failure(exc)[1]}{where}") from exc
-    state.warm_recompiles = state.all_recompiles()
-    if cuda_graphs and state.kind in ("hf", "meta"):
-        notes.append("decode runs with CUDA graphs (mode='reduce-overhead')")
-    return round(time.perf_counter() - started, 3)
-
-
-def _install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, notes: list[str], tp: Any = None) -> None:
-    model = state.model
-    if state.kind == "hf":
-        state.front.compile(backend, cuda_graphs=cuda_graphs)
-        if state.driver is None:  # generate() on the engine; a user's loop calls forward, which the runtime serves
-            from graphfix.optimize import hf_engine
-
-            door, why = hf_engine.build(model, max_seq_len=state.max_seq_len, max_batch_size=state.front.max_batch_size,
-                                        backend=backend, cuda_graphs=cuda_graphs, tp=tp)
-            state.front.engine = door
-            if door is None and tp is not None:
-                raise Refusal(f"tensor parallelism needs generate() on the engine: {why}")
-            if tp is not None:
-                notes.append(door.decoder.tp_note)
-            if door is None:
-                notes.append(f"generate() not on the engine: {why}")
-            else:
-                notes.append("generate() runs on graphfix's engine (the same as graphfix generate): requests it does "
-                             "not serve exactly run transformers' generate, with a warning naming why")
-    elif meta_llama.has_tensor_core(model):
-        from graphfix.optimize import meta_front
-
-        state.front = meta_front.install(model, backend, cuda_graphs, notes=notes)
-        state.disable = lambda: meta_front.uninstall(model)
-    else:
-        from graphfix.rewrite.blocks.phase_router import install_router
-
-        router = install_router(model)  # the phase-split pass may have installed it already
-        router.compile(backend)
-        state.front, state.disable = router, router.uncompile
 
 
 def _undo(state: OptimizedState, snapshot: ModelSnapshot) -> None:

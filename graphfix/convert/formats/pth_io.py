@@ -164,7 +164,7 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a plain tensor checkpoint ({_refused(str(exc))}), so it was not loaded; "
                          "graphfix reads only files of plain tensors: get the checkpoint from its original source") from None
     except Exception as exc:  # noqa: BLE001 - zip and format errors all mean a damaged file
-        from graphfix.diagnose.validate import first_sentence
+        from graphfix.diagnose.weight_files import first_sentence
 
         msg = first_sentence(str(exc)) or type(exc).__name__
         if "weights_only" in msg:
