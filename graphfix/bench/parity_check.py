@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     res = parity_7b(args.device, args.layers, args.decode_steps)
     if args.json_path:
-        from graphfix.bench.decode import _atomic_write
+        from graphfix.bench.timing import _atomic_write
 
         _atomic_write(args.json_path, json.dumps(res, indent=2, default=str))
     print(f"[parity_check] ok={res['ok']} (correct model verified, planted fault not verified)", flush=True)

@@ -105,21 +105,12 @@ def enclosing_function(path: str, line: int) -> tuple[int, int] | None:
 
 def _cannot_copy(model: nn.Module) -> str | None:
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-    available = _available_memory()
+    from graphfix.diagnose.validate import available_memory
+
+    available = available_memory()
     if available and nbytes > COPY_MEMORY_SHARE * available:
         return (f"the weights ({nbytes / 2**30:.1f} GiB) are too large to copy safely "
                 f"({available / 2**30:.1f} GiB available); diagnose from config.json (meta device) to see them")
-    return None
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
     return None
 
 

@@ -85,24 +85,15 @@ def validate_meta_checkpoint(path: Path, *, max_seq_len: int = 512, max_batch_si
     rope_bytes = 2 * seq * (spec.head_dim // 2) * 8  # complex64 table of 2 * max_seq_len positions
     need = kv_bytes + rope_bytes
     limit = max(_CACHE_TO_WEIGHTS * weights, _CACHE_FLOOR)
-    available = _available_memory()
-    if need > limit or (available is not None and need > available // 2):
+    from graphfix.diagnose.validate import available_memory
+
+    available = available_memory()
+    if need > limit or need > available // 2:
         keys = " and ".join(f"{k}={params[k]}" for k in ("max_seq_len", "max_batch_size") if params.get(k))
         why = (f"more than half the {human_bytes(available)} of memory available" if need <= limit and available
                else f"{need / max(weights, 1):.0f}x the {human_bytes(weights)} of weights")
         raise InputError(f"{params_path}: {keys or f'max_seq_len={seq}'} sizes a {human_bytes(need)} KV cache and "
                          f"RoPE table, {why}; lower it or remove it from params.json")
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory the system can still give (``MemAvailable``), None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def read_meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -111,7 +102,7 @@ def read_meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not shards:
         raise InputError(f"{path} has params.json but no consolidated.*.pth", hint="copy the checkpoint files too")
     if len(shards) == 1:
-        from graphfix.diagnose.validate import safe_torch_load
+        from graphfix.diagnose.weight_files import safe_torch_load
 
         return safe_torch_load(shards[0])
     try:

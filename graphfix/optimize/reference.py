@@ -97,9 +97,9 @@ def free_bytes(device: torch.device) -> int | None:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "cpu":
-        from graphfix.diagnose.hidden import _available_memory
+        from graphfix.diagnose.validate import available_memory
 
-        return _available_memory()
+        return available_memory()
     return None
 
 
