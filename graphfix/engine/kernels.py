@@ -65,15 +65,18 @@ MAX_ROWS = 16
 """The most rows ``fused_gemv`` serves: the rows kernel pads them to one 16-row ``tl.dot`` operand. Above it a
 step is a GEMM, where cuBLAS wins."""
 ROW_BLOCK = 16
+PROLOGUE_CHUNK = 1024
+"""Elements of a row each program of the rows steps' SiLU prologue handles."""
 
 CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages); the first three won the H200 sweep for N = 4096 (o, down)
     (4, 1024, 4, 3), (2, 1024, 4, 4), (8, 512, 8, 4),
     (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 128, 4, 4),
     (32, 256, 8, 3), (64, 128, 8, 3),
 ]
-ROWS_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the rows kernel: BLOCK_N >= 16 (tl.dot's minimum)
-    (16, 256, 4, 4), (16, 512, 4, 3), (16, 1024, 8, 3), (32, 128, 4, 4), (32, 256, 4, 4), (32, 512, 8, 3),
-    (64, 128, 4, 4), (64, 256, 8, 3),
+ROWS_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the rows kernel: BLOCK_N >= 16 (tl.dot's minimum);
+    # the first five won the H200 sweep of 4 and 8 rows over the Llama-2-7B linears (gpu_sweep, 2026-12-03)
+    (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 256, 4, 4), (16, 128, 4, 6), (16, 256, 4, 4),
+    (32, 128, 4, 5), (64, 64, 4, 6),
 ]
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -163,43 +166,57 @@ if HAS_TRITON:
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemv_kernel))
 
     @triton.jit
-    def _rows_tile(acc, sq, w, x_ptr, nw_ptr, k, rk, rm, mask_m, K, stride_xm, dtype: tl.constexpr,
-                   NORM: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                   F32_DOT: tl.constexpr):
-        """One ``BLOCK_K`` step for every row: the prologue on the rows' slice (``(BLOCK_K, rows)``), then
-        ``acc += w @ x``. The dot's operands are in the weights' dtype (the prologue's result rounded to it),
-        accumulated in float32."""
-        if EVEN_K:
-            mask_k = rk < BLOCK_K
-        else:
-            mask_k = k + rk < K
-        mask = mask_k[:, None] & mask_m[None, :]
-        x_ptrs = x_ptr + rm[None, :] * stride_xm + (k + rk)[:, None]
-        if SILU:  # each row is [gate | up]: silu(gate) * up, each rounded to the dtype like eager
-            g = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(x_ptrs + K, mask=mask, other=0.0).to(tl.float32)
+    def _prologue_kernel(x_ptr, nw_ptr, out_ptr, K, stride_xm, eps, NORM: tl.constexpr, SILU: tl.constexpr,
+                         BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """A rows step's input, once for all programs of the GEMM after it: ``silu(gate) * up`` (``SILU``, ``x`` is
+        ``[gate | up]``; program ``(row, chunk)``) or RMSNorm (``NORM``; program ``(row, 0)`` holds the whole row),
+        each rounded to the dtype as eager rounds it.
+
+        In the one-row GEMV each program redoes its prologue while it streams weights, at no cost. In the
+        rows kernel the same prologue, on a ``(16, BLOCK_K)`` tile feeding ``tl.dot``, kept the row tile out
+        of Triton's load pipeline: on an H200 the fused q/k/v call of 8 rows took 60 us instead of 27, the
+        SiLU down projection 186 us instead of about 25 (gpu_sweep2, 2026-12-03). A separate kernel per
+        row costs one more launch (overlapped with PDL) and leaves the GEMM a plain pipelined loop.
+        """
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        if PDL:  # x comes from the kernel before
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        rk = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = rk < K
+        src = x_ptr + row * stride_xm
+        dtype = out_ptr.dtype.element_ty
+        if SILU:  # element-wise: one chunk of the row per program
+            g = tl.load(src + rk, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(src + K + rk, mask=mask, other=0.0).to(tl.float32)
             a = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-            xv = (a * u).to(dtype).to(tl.float32)
-        else:
-            xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if NORM:
-            sq += tl.sum(xv * xv, axis=0)
-            xv = xv * tl.load(nw_ptr + k + rk, mask=mask_k, other=0.0).to(tl.float32)[:, None]
-        if F32_DOT:  # the same products in float32 (exact for bf16/fp16 operands), no TF32 rounding
-            acc = tl.dot(w.to(tl.float32), xv.to(w.dtype).to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xv.to(w.dtype), acc)
-        return acc, sq
+            y = a * u
+        else:  # NORM: the whole row in one program (BLOCK_K >= K), one load, no loop
+            xv = tl.load(src + rk, mask=mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=0) / K + eps)
+            y = (xv * rstd).to(dtype).to(tl.float32) * tl.load(nw_ptr + rk, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * K + rk, y.to(dtype), mask=mask)
 
     @triton.jit
-    def _rows_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, b_ptr, res_ptr, M, N, K, stride_xm, stride_wn, eps,
-                     NORM: tl.constexpr, SILU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                     F32_DOT: tl.constexpr, PDL: tl.constexpr):
-        """``_gemv_kernel`` for ``M`` rows (``M <= BLOCK_M``): each weight tile is read once for all of them.
+    def _rows_tile(acc, w, x_ptrs, mask_m, mask_k, F32_DOT: tl.constexpr):
+        """``acc += x @ w.T`` for one ``BLOCK_K`` step of every row (rows padded to ``BLOCK_M`` with zeros)."""
+        xv = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if F32_DOT:  # the same products in float32 (exact for bf16/fp16 operands), no TF32 rounding
+            return tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        return tl.dot(xv, tl.trans(w), acc)
 
-        The accumulator is ``(BLOCK_N, BLOCK_M)``: the weight tile is the dot's first operand, the rows'
-        slice (transposed by its load) the second, padded with zero rows up to ``BLOCK_M``.
+    @triton.jit
+    def _rows_kernel(x_ptr, w_ptr, out_ptr, b_ptr, res_ptr, M, N, K, stride_xm, stride_wn,
+                     BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+        """``x @ w.T (+ bias) (+ residual)`` for ``M <= BLOCK_M`` rows: each weight tile is read once for all.
+
+        The rows are the dot's first operand (``(BLOCK_M, BLOCK_K)``, padded with zero rows up to
+        ``BLOCK_M`` = 16, the MMA's row count), loaded as they are (any prologue ran before, in
+        ``_prologue_kernel``), and the weight tile, transposed, the second: the accumulator is
+        ``(BLOCK_M, BLOCK_N)``. Without PDL the loop starts at 0, so Triton's pipeliner owns every
+        load; with PDL the first weight tile is loaded before ``griddepcontrol.wait``, as in ``_gemv_kernel``.
         """
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,26 +225,27 @@ if HAS_TRITON:
         mask_n = rn < N
         mask_m = rm < M
         dtype = out_ptr.dtype.element_ty
-        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # NORM: each row's sum of squares, gathered in the main loop
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        w = _weight_tile(w_ptrs, mask_n, 0, rk, K, EVEN_K)  # before the wait, as in _gemv_kernel (PDL)
-        if PDL:
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        start = 0
+        if PDL:  # the first weight tile before the wait, as in _gemv_kernel
+            w = _weight_tile(w_ptrs, mask_n, 0, rk, K, EVEN_K)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        acc, sq = _rows_tile(acc, sq, w, x_ptr, nw_ptr, 0, rk, rm, mask_m, K, stride_xm, dtype, NORM, SILU,
-                             EVEN_K, BLOCK_K, F32_DOT)
-        for k in range(BLOCK_K, K, BLOCK_K):
+            acc = _rows_tile(acc, w, x_ptrs, mask_m, rk < K, F32_DOT)
             w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+            start = BLOCK_K
+        for k in range(start, K, BLOCK_K):
             w = _weight_tile(w_ptrs, mask_n, k, rk, K, EVEN_K)
-            acc, sq = _rows_tile(acc, sq, w, x_ptr, nw_ptr, k, rk, rm, mask_m, K, stride_xm, dtype, NORM, SILU,
-                                 EVEN_K, BLOCK_K, F32_DOT)
-        if NORM:  # per row: w . (nw * x) * rstd
-            acc = acc * (1.0 / tl.sqrt(sq / K + eps))[None, :]
+            acc = _rows_tile(acc, w, x_ptrs, mask_m, k + rk < K, F32_DOT)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
         if BIAS:
-            acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        offsets = rm[None, :] * N + rn[:, None]
-        mask = mask_n[:, None] & mask_m[None, :]
+            acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        offsets = rm[:, None] * N + rn[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
         if RESIDUAL:
             acc = acc.to(dtype).to(tl.float32) + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, acc.to(dtype), mask=mask)
@@ -235,20 +253,50 @@ if HAS_TRITON:
     rows_kernel_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                  for n, k, w, s in ROWS_CONFIGS],
-        key=["N", "K", "NORM", "SILU", "BIAS", "RESIDUAL"],  # not M: the weights' stream decides the tile
+        key=["N", "K", "BIAS", "RESIDUAL"],  # not M: the weights' stream decides the tile
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_rows_kernel))
+
+    def _launch_prologue(x: torch.Tensor, nw: torch.Tensor | None, eps: float, silu: bool, pdl: bool) -> torch.Tensor:
+        """``(M, K)`` rows ready for the GEMM: ``silu(gate) * up`` of ``(M, 2K)`` and/or RMSNorm, one program a row."""
+        if silu:
+            k = x.shape[1] // 2
+            out = torch.empty((x.shape[0], k), dtype=x.dtype, device=x.device)
+            _launch_row_kernel(x, out, out, k, eps, False, True, pdl)
+            x = out
+        if nw is not None:
+            out = torch.empty_like(x)
+            _launch_row_kernel(x, nw, out, x.shape[1], eps, True, False, pdl)
+            x = out
+        return x
+
+    def _launch_row_kernel(x: torch.Tensor, nw: torch.Tensor, out: torch.Tensor, k: int, eps: float, norm: bool,
+                           silu: bool, pdl: bool) -> None:
+        """RMSNorm: one program a row holding all of it; SiLU: one program per ``PROLOGUE_CHUNK`` of a row.
+        Latency is what counts for these small jobs (a first looped version took 3.7 us a call on an H200)."""
+        block = triton.next_power_of_2(k) if norm else PROLOGUE_CHUNK
+        grid = (x.shape[0], triton.cdiv(k, block))
+        args = (x, nw, out, k, x.stride(0), eps)
+        consts = {"NORM": norm, "SILU": silu, "BLOCK_K": block}
+        warps = max(1, min(16, block // 512))
+        if pdl and not INTERPRET:
+            _prologue_kernel[grid](*args, **consts, PDL=True, num_warps=warps, launch_pdl=True)
+        else:
+            torch.library.wrap_triton(_prologue_kernel)[grid](*args, **consts, PDL=False, num_warps=warps)
 
     def _launch_rows(x: torch.Tensor, w: torch.Tensor, nw: torch.Tensor | None, b: torch.Tensor | None, flags: dict,
                      eps: float, residual: torch.Tensor | None, pdl: bool) -> torch.Tensor:
         """``M`` rows (2 to ``MAX_ROWS``): ``x`` is ``(M, K)`` or ``(M, 2K)`` (SiLU), returns ``(M, N)``."""
+        if flags["NORM"] or flags["SILU"]:
+            x = _launch_prologue(x, nw, eps, flags["SILU"], pdl)
         m = x.shape[0]
         n, k = w.shape
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         res = residual.reshape(m, n).contiguous() if residual is not None else out
-        nw, b = (out if t is None else t for t in (nw, b))
-        args = (x, w, out, nw, b, res, m, n, k, x.stride(0), w.stride(0), eps)
+        b = out if b is None else b
+        args = (x, w, out, b, res, m, n, k, x.stride(0), w.stride(0))
         # float32 dots for fp32 weights, and in the interpreter, whose tl.dot multiplies bf16 as raw integer bits
-        fixed = {**flags, "BLOCK_M": ROW_BLOCK, "F32_DOT": INTERPRET or w.dtype == torch.float32}
+        fixed = {"BIAS": flags["BIAS"], "RESIDUAL": flags["RESIDUAL"], "BLOCK_M": ROW_BLOCK,
+                 "F32_DOT": INTERPRET or w.dtype == torch.float32}
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]),)
