@@ -1,12 +1,27 @@
-"""``optimize(model, tp=N)``: the HF front door's engine over this rank's shard of the model.
+"""``optimize(model, tp=N)``: the HF and Meta front doors' engine over this rank's shard of the model.
 
 Run under ``torchrun --nproc-per-node N``, every rank calls ``optimize(model, tp=N)`` on the same
 single-device model. Everything ``optimize`` does without ``tp`` happens as before (diagnosis,
-passes, the compiled runtime for the caller's own loop, verification); the one difference is the
-engine that serves ``model.generate``: its decoder is this rank's shard (``graphfix.engine.tp.shard``)
-instead of a decoder sharing the model's storage, and the all-reduce is chosen before it compiles.
-The verification then runs ``generate`` on the sharded engine on every rank against the original
-model's tokens and logits, so a verified result is a verified tensor-parallel model.
+passes, the compiled front door, verification); the one difference is the engine behind the
+front door: its decoder is this rank's shard (``graphfix.engine.tp.shard``) instead of a decoder
+sharing the model's storage, and the all-reduce is chosen before it compiles.
+
+- **Hugging Face** Llama, Mistral, Qwen2: ``model.generate`` is served by the sharded engine
+  (``hf_engine.build(tp=...)``); a caller's own loop calls ``forward``, which stays unsharded, so
+  a custom ``driver`` is refused.
+- **Meta's reference** ``Transformer`` (``llama_models``, fairscale at model-parallel size 1):
+  ``model.forward(tokens, start_pos)``, Meta's own convention, is served by the sharded engine
+  through the same ``meta_front`` as on one device (prefill and decode compiled apart, decode
+  graphs per attended length bucket); only the decoder it wraps is the shard. A Meta model
+  that is model-parallel already (fairscale initialised at N, each rank holding its slices) is
+  refused: its ``forward`` runs fairscale's own tensor parallelism, and
+  ``graphfix.engine.tp.load_sharded`` reads its checkpoint folder at any tp.
+
+Verification then runs the front door on the sharded engine on every rank against the original
+model's tokens and logits (fullgraph, no recompile after warm-up, parity), so a verified result
+is a verified tensor-parallel model. The ranks take every keep-or-undo decision together
+(``agree``): one rank putting its model back while another serves would leave the other waiting
+in a collective forever.
 
 The shard's weights are copies: each process holds the model plus its shard (``1 + 1/N`` of it).
 For models that do not fit one device, ``graphfix.engine.tp.load_sharded`` reads the shard alone.
@@ -16,24 +31,49 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from graphfix.errors import InputError
+from graphfix.errors import InputError, UnsupportedModelError
+
+KINDS = ("hf", "meta")
+"""The front doors that serve a sharded engine."""
 
 
 def prepare(model: nn.Module, kind: str, tp: int, driver: Any, compile: bool) -> Any:
     """Check ``optimize``'s arguments for ``tp`` and join the process group; returns the ``TPGroup``."""
     from graphfix.engine.tp import init_tp
 
-    if kind != "hf":
-        raise InputError(f"optimize(tp={tp}) serves Hugging Face Llama/Mistral/Qwen2 models (this one is {kind!r})",
-                         hint="for Meta checkpoints: graphfix.engine.tp.load_sharded(folder) with the Generator")
+    if kind not in KINDS:
+        raise InputError(f"optimize(tp={tp}) serves Hugging Face Llama/Mistral/Qwen2 models and Meta's reference "
+                         f"Transformer (this one is {kind!r})",
+                         hint="graphfix.shard(model, tp) or graphfix.engine.tp.load_sharded(folder) with the Generator")
     if driver is not None:
-        raise InputError(f"optimize(tp={tp}) shards the engine behind generate(); a custom driver calls forward",
+        door = "generate()" if kind == "hf" else "forward(tokens, start_pos)"
+        raise InputError(f"optimize(tp={tp}) shards the engine behind {door}; a custom driver is not verified on it",
                          hint="drop driver=, or use graphfix.shard(model) and graphfix's Generator")
     if not compile:
         raise InputError(f"optimize(tp={tp}) needs compile=True (the sharded engine is compiled)")
+    if kind == "meta":
+        why = meta_model_parallel(model)
+        if why:
+            raise UnsupportedModelError(f"optimize(tp={tp}) needs a single-device Meta model: {why}",
+                                        hint="load the checkpoint folder with graphfix.engine.tp.load_sharded(folder, "
+                                             "tp), which re-shards it at any tp, and run graphfix's Generator")
     return init_tp(tp)
+
+
+def meta_model_parallel(model: nn.Module) -> str | None:
+    """Why Meta's ``model`` holds model-parallel slices rather than whole weights (``None``: it holds them whole)."""
+    params = model.params
+    n_heads = params.n_heads
+    head_dim = params.dim // n_heads
+    wq = tuple(model.layers[0].attention.wq.weight.shape)
+    embedding = tuple(model.tok_embeddings.weight.shape)
+    if wq != (n_heads * head_dim, params.dim) or embedding != (params.vocab_size, params.dim):
+        return (f"it holds fairscale model-parallel shards (wq {wq}, embedding {embedding} of "
+                f"{(n_heads * head_dim, params.dim)}, {(params.vocab_size, params.dim)})")
+    return None
 
 
 def sharded_decoder(model: nn.Module, tp: Any, *, max_batch_size: int, max_seq_len: int) -> Any:
@@ -44,3 +84,31 @@ def sharded_decoder(model: nn.Module, tp: Any, *, max_batch_size: int, max_seq_l
     choice = choose_all_reduce(tp, decoder)
     decoder.tp_note = f"tensor parallel: {tp.describe()}; {decoder.shard_plan.describe()}; {choice.describe()}"
     return decoder
+
+
+def agree(tp: Any, flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank: the ranks keep or undo the optimized model together."""
+    import torch.distributed as dist
+
+    if tp is None or tp.world_size == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=tp.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=tp.group)
+    return bool(value.item())
+
+
+def verified_on_every_rank(tp: Any, verified: bool, verification: Any) -> bool:
+    """``verified`` agreed over the ranks; a rank that passed but whose peer did not says so in its failures."""
+    everywhere = agree(tp, verified)
+    if verified and not everywhere:
+        verification.failures.append("another rank did not verify its shard (its summary says why)")
+        verification.ok = False
+    return everywhere
+
+
+def slower_on_any_rank(tp: Any, slower: str | None) -> str | None:
+    """This rank's keep-the-original note, or one saying another rank measured it slower (then all ranks undo)."""
+    if agree(tp, slower is None):
+        return None
+    return slower or ("kept the original: another rank measured the optimized model slower than the original "
+                      "(the ranks keep or undo it together; keep_if_slower=False to keep it)")
