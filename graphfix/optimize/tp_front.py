@@ -13,9 +13,11 @@ sharing the model's storage, and the all-reduce is chosen before it compiles.
   ``model.forward(tokens, start_pos)``, Meta's own convention, is served by the sharded engine
   through the same ``meta_front`` as on one device (prefill and decode compiled apart, decode
   graphs per attended length bucket); only the decoder it wraps is the shard. A Meta model
-  that is model-parallel already (fairscale initialised at N, each rank holding its slices) is
-  refused: its ``forward`` runs fairscale's own tensor parallelism, and
-  ``graphfix.engine.tp.load_sharded`` reads its checkpoint folder at any tp.
+  that is model-parallel already (fairscale initialised at N, each rank holding its slices, as
+  Meta's ``Llama.build`` loads ``consolidated.NN.pth``) is served at ``tp=N``: its slices are the
+  plan's shard for that rank (the same layout), so they are copied as they are
+  (``graphfix.engine.tp.shard``). At another tp it is refused, with
+  ``graphfix.engine.tp.load_sharded``, which re-shards its checkpoint folder, as the hint.
 
 Verification then runs the front door on the sharded engine on every rank against the original
 model's tokens and logits (fullgraph, no recompile after warm-up, parity), so a verified result
@@ -54,26 +56,19 @@ def prepare(model: nn.Module, kind: str, tp: int, driver: Any, compile: bool) ->
                          hint="drop driver=, or use graphfix.shard(model) and graphfix's Generator")
     if not compile:
         raise InputError(f"optimize(tp={tp}) needs compile=True (the sharded engine is compiled)")
-    if kind == "meta":
-        why = meta_model_parallel(model)
-        if why:
-            raise UnsupportedModelError(f"optimize(tp={tp}) needs a single-device Meta model: {why}",
-                                        hint="load the checkpoint folder with graphfix.engine.tp.load_sharded(folder, "
-                                             "tp), which re-shards it at any tp, and run graphfix's Generator")
-    return init_tp(tp)
+    if kind != "meta":
+        return init_tp(tp)
+    from graphfix.engine.tp.api import check_model_parallel, meta_slices
 
-
-def meta_model_parallel(model: nn.Module) -> str | None:
-    """Why Meta's ``model`` holds model-parallel slices rather than whole weights (``None``: it holds them whole)."""
-    params = model.params
-    n_heads = params.n_heads
-    head_dim = params.dim // n_heads
-    wq = tuple(model.layers[0].attention.wq.weight.shape)
-    embedding = tuple(model.tok_embeddings.weight.shape)
-    if wq != (n_heads * head_dim, params.dim) or embedding != (params.vocab_size, params.dim):
-        return (f"it holds fairscale model-parallel shards (wq {wq}, embedding {embedding} of "
-                f"{(n_heads * head_dim, params.dim)}, {(params.vocab_size, params.dim)})")
-    return None
+    slices = meta_slices(model)  # fairscale's slices: served where they are, at the tp they were cut for
+    if slices > 1 and slices != tp:
+        raise UnsupportedModelError(f"the Meta model holds fairscale model-parallel slices for {slices} ranks, "
+                                    f"not {tp}", hint=f"run it at tp={slices}, or load its checkpoint folder with "
+                                    "graphfix.engine.tp.load_sharded(folder, tp), which re-shards it at any tp")
+    group = init_tp(tp)
+    if slices > 1:
+        check_model_parallel(slices, group)
+    return group
 
 
 def sharded_decoder(model: nn.Module, tp: Any, *, max_batch_size: int, max_seq_len: int) -> Any:
