@@ -49,6 +49,7 @@ from graphfix.diagnose.drivers import (
 from graphfix.diagnose.findings import Finding, Kind
 from graphfix.diagnose.report import Report
 from graphfix.errors import InputError, UnsupportedModelError
+from graphfix.optimize import tp_front
 from graphfix.optimize.compiling import Progress, Refusal, compile_and_warm_up
 from graphfix.optimize.reference import CHOICES as REFERENCE_CHOICES
 from graphfix.optimize.reference import record as record_high_precision
@@ -140,8 +141,9 @@ def optimize(
     ``quantize``: ``"int8"``, ``"int4"`` or ``"int4:64"``: weight-only quantization of the linears
     (``graphfix.quantize``) after the reference run; verified against the unquantized original with a tolerance
     derived from the measured quantization error (``optimize.quantized``).
-    ``tp``: tensor parallelism over ``tp`` processes (run under ``torchrun``): ``generate`` is served by the
-    engine over this rank's shard (``graphfix.optimize.tp_front``, docs/tensor_parallel.md).
+    ``tp``: tensor parallelism over ``tp`` processes (run under ``torchrun``): HF ``generate`` and Meta's
+    ``forward(tokens, start_pos)`` are served by the engine over this rank's shard, verified on every rank
+    (``graphfix.optimize.tp_front``, docs/tensor_parallel.md).
     Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
@@ -163,8 +165,6 @@ def optimize(
                                                           decode_steps=decode_steps)
     tp_group = None
     if tp is not None:
-        from graphfix.optimize import tp_front
-
         tp_group = tp_front.prepare(model, kind, tp, driver, compile)
         device = device or tp_group.device
     if device is not None or dtype is not None:
@@ -251,7 +251,11 @@ def optimize(
     if verify:
         verification = run_verification(state, progress=say)
         verified = verification.ok and (state.compiled or not compile)
+        if tp_group is not None:  # the ranks keep or undo together
+            verified = tp_front.verified_on_every_rank(tp_group, verified, verification)
         slower = _slower_than_original(verification, reference, keep_if_slower) if verified and compile else None
+        if tp_group is not None and verified and compile:
+            slower = tp_front.slower_on_any_rank(tp_group, slower)
         if slower:
             _undo(state, snapshot)
             notes.append(slower)
@@ -262,6 +266,7 @@ def optimize(
         verification=verification, name=label, kind=kind, backend=backend if compile else None,
         device=str(run_device), dtype=str(run_dtype).replace("torch.", ""), compiled=state.compiled,
         compile_seconds=compile_seconds, inductor_scan=inductor_scan and diagnose,
+        tensor_parallel=tp_group.describe() if tp_group is not None else None,
     )
     if verify and not verified:
         problem = verification.describe()

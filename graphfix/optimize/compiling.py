@@ -107,8 +107,10 @@ def install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, not
     elif meta_llama.has_tensor_core(model):
         from graphfix.optimize import meta_front
 
-        state.front = meta_front.install(model, backend, cuda_graphs, notes=notes)
         state.disable = lambda: meta_front.uninstall(model)
+        state.front = meta_front.install(model, backend, cuda_graphs, notes=notes, tp=tp)
+        if tp is not None:
+            notes.append(state.front.decoder.tp_note)
     else:
         from graphfix.rewrite.blocks.phase_router import install_router
 

@@ -15,6 +15,10 @@ own Dynamo cache and its graphs can be counted.
 
 Where the engine does not build the model (model-parallel shards, a sliding window), the
 rewritten core itself is compiled the same way, and the notes say why.
+
+Under ``optimize(model, tp=N)`` the decoder is this rank's shard of the model instead
+(``tp_front.sharded_decoder``: copies of the rank's slices, the all-reduce chosen); everything
+else here is the same, so Meta's ``forward(tokens, start_pos)`` runs tensor parallel on every rank.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import dataclasses
 import functools
 import types
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,9 +82,17 @@ class MetaCompiled:
 
 
 def install(model: nn.Module, backend: str, cuda_graphs: bool, *, engine: bool = True,
-            notes: list[str] | None = None) -> MetaCompiled:
-    """Make ``forward`` call a compiled core: the engine's decoder (default), else Meta's rewritten core."""
-    decoder, why = engine_decoder(model) if engine else (None, "engine=False")
+            notes: list[str] | None = None, tp: Any = None) -> MetaCompiled:
+    """Make ``forward`` call a compiled core: the engine's decoder (default), else Meta's rewritten core.
+
+    ``tp`` (a ``TPGroup``): the engine's decoder is this rank's shard; without an engine there is no
+    tensor-parallel core, so ``install`` raises ``UnsupportedModelError`` rather than serve the whole model.
+    """
+    decoder, why = engine_decoder(model, tp) if engine else (None, "engine=False")
+    if decoder is None and tp is not None:
+        from graphfix.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"tensor parallelism needs Meta's forward on the engine: {why}")
     if decoder is None and engine and notes is not None:
         notes.append(f"Meta forward runs its rewritten core compiled, not the engine: {why}")
     counter = GraphRuns()
@@ -104,7 +117,8 @@ def install(model: nn.Module, backend: str, cuda_graphs: bool, *, engine: bool =
                             make_decode=(lambda kv_len: make("decode", kv_len)) if buckets else None)
     if decoder is not None and notes is not None:
         kernels = " with the decode kernels and PDL" if decoder.decode_kernels else ""
-        notes.append(f"Meta forward runs on graphfix's engine{kernels} (fused weights shared with the model; a "
+        weights = "this rank's shard of the weights (copies)" if tp is not None else "fused weights shared with the model"
+        notes.append(f"Meta forward runs on graphfix's engine{kernels} ({weights}; a "
                      f"static cache of {decoder.max_seq_len} positions; decode graphs per attended length "
                      f"{', '.join(map(str, buckets)) or '-'} and the full cache)")
     core = functools.partial(_meta_core, compiled)
@@ -113,8 +127,8 @@ def install(model: nn.Module, backend: str, cuda_graphs: bool, *, engine: bool =
     return compiled
 
 
-def engine_decoder(model: nn.Module) -> tuple[nn.Module | None, str | None]:
-    """The engine's decoder over ``model``'s weights (shared), or ``(None, why not)``."""
+def engine_decoder(model: nn.Module, tp: Any = None) -> tuple[nn.Module | None, str | None]:
+    """The engine's decoder over ``model``'s weights (shared; with ``tp``, this rank's shard), or ``(None, why not)``."""
     from graphfix.engine import from_meta
     from graphfix.engine.kernels import use_cublas
     from graphfix.errors import GraphfixError
@@ -122,9 +136,14 @@ def engine_decoder(model: nn.Module) -> tuple[nn.Module | None, str | None]:
     if getattr(model, "graphfix_sliding_window", None):
         return None, "a sliding window (the engine reads windows from HF configs only)"
     cache = model.layers[0].attention.kv_cache
+    sizes = {"max_batch_size": cache.k_cache.shape[0], "max_seq_len": model.graphfix_cache_len}
     try:
-        decoder = from_meta(model, max_batch_size=cache.k_cache.shape[0], max_seq_len=model.graphfix_cache_len,
-                            share=True)
+        if tp is not None:  # optimize(tp=N): graphfix.optimize.tp_front
+            from graphfix.optimize import tp_front
+
+            decoder = tp_front.sharded_decoder(model, tp, **sizes)
+        else:
+            decoder = from_meta(model, share=True, **sizes)
     except (GraphfixError, AttributeError, TypeError, ValueError) as exc:
         return None, f"the engine does not build it ({str(exc).splitlines()[0]})"
     if decoder.output.weight.device.type == "cuda":  # the benchmark's fastest variant (`pdl`)

@@ -39,6 +39,8 @@ class OptimizeResult:
     compile_seconds: float | None = None
     inductor_scan: bool = False
     seconds: float = 0.0
+    tensor_parallel: str | None = None
+    """``optimize(tp=N)``: this rank's group (``TPGroup.describe()``); the verification ran on its shard."""
 
     def rows(self) -> list[tuple[str, str, str]]:
         """The before/after table: ``(what, before, after)``, cells already formatted."""
@@ -94,7 +96,10 @@ class OptimizeResult:
                          + (f" ({p.notes[0]})" if p.notes and not p.rewritten else ""))
         if self.parity is not None:
             lines.append(f"  parity: {parity_method(self.parity)}")
-        lines.append("  verified: " + ("yes" if self.verified else "NO" if v else "not run"))
+        verdict = "yes" if self.verified else "NO" if v else "not run"
+        if self.tensor_parallel and v:
+            verdict += f" (tensor parallel, {self.tensor_parallel}: this rank's shard against the original)"
+        lines.append(f"  verified: {verdict}")
         if v and not v.ok:
             lines.extend(f"    - {f}" for f in v.failures)
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -113,6 +118,7 @@ class OptimizeResult:
             "verified": self.verified,
             "compile_seconds": self.compile_seconds,
             "seconds": self.seconds,
+            "tensor_parallel": self.tensor_parallel,
             "table": [{"what": w, "before": b, "after": a} for w, b, a in self.rows()],
             "passes": [dataclasses.asdict(p) for p in self.passes],
             "parity": self.parity.to_dict() if self.parity else None,

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from graphfix.convert.layout import meta_to_hf_name
+from graphfix.convert.layout import meta_split_dim, meta_to_hf_name
 from graphfix.engine.tp.plan import Slice
 from graphfix.errors import InputError
 
@@ -83,6 +83,34 @@ class MappingSource:
         if key is None:
             raise InputError(f"weight {name!r} is missing from the model")
         return _narrow(self.tensors[key].detach(), dim, start, length)
+
+
+class RankSliceSource:
+    """This rank's fairscale slices of Meta's tensors (a model-parallel ``Transformer`` at the tp size), read in full
+    coordinates: a read must fall inside the slice the rank holds, which the plan's slices do when the model was
+    cut for the same ranks (the same Megatron layout: heads, MLP columns, vocabulary rows by rank)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], rank: int) -> None:
+        self.tensors = tensors
+        self.rank = rank
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str, dim: int | None, start: int = 0, length: int = 0) -> torch.Tensor:
+        if name not in self.tensors:
+            raise InputError(f"weight {name!r} is missing from the model")
+        local = self.tensors[name].detach()
+        axis = meta_split_dim(name)
+        if axis is None:
+            return _narrow(local, dim, start, length)
+        held = local.shape[axis]
+        first = self.rank * held
+        if dim == axis and first <= start and start + length <= first + held:
+            return local.narrow(axis, start - first, length)
+        asked = "the whole tensor" if dim is None else f"{start}..{start + length - 1} along dim {dim}"
+        raise InputError(f"{name}: rank {self.rank} holds {first}..{first + held - 1} along dim {axis}, not {asked}",
+                         hint="load the checkpoint folder with load_sharded, which reads any slice at any tp")
 
 
 class DecoderSource:
