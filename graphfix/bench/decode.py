@@ -192,8 +192,12 @@ def apply_variant(dec, variant: str) -> None:
     use_cublas(dec)
     if variant in ("gemv", "attention"):
         use_triton_gemv(dec)
-    dec.use_decode_kernels(variant in ("kernels", "pdl", "attention"), fuse_linears=variant != "attention",
-                           pdl=variant == "pdl")
+    from graphfix.engine.kernels import MAX_ROWS
+    from graphfix.engine.llama import DEFAULT_KERNEL_ROWS
+
+    dec.use_decode_kernels(variant in ("kernels", "pdl", "attention", "pdl-rows"), fuse_linears=variant != "attention",
+                           pdl=variant in ("pdl", "pdl-rows"),
+                           max_rows=MAX_ROWS if variant == "pdl-rows" else DEFAULT_KERNEL_ROWS)
 
 
 def _load_model(args, device: torch.device):
@@ -298,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             res.skip("graphfix kernels", "kernel_check failed: " + json.dumps(bad)[:300])
             return None
-        if variant == "pdl" and not dec.decode_pdl:
+        if variant in ("pdl", "pdl-rows") and not dec.decode_pdl:
             res.skip("graphfix pdl", "programmatic dependent launch needs an sm_90+ GPU")
             return None
         return dec

@@ -39,6 +39,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from graphfix.engine.kernels import _launch_prologue
+
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128}
 QCONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K >= 128 so that a tile holds whole groups
     (4, 1024, 4, 3), (2, 1024, 4, 4), (8, 512, 4, 4), (4, 512, 4, 4), (8, 256, 4, 4), (16, 256, 4, 4),
@@ -302,6 +304,9 @@ if HAS_TRITON:
             return (triton.cdiv(n, meta["BLOCK_N"]),)
 
         if rows > 1:
+            if nw is not None or silu:  # once per row before the GEMM, as the bf16 rows kernel does (its docstring)
+                x = _launch_prologue(x, nw, eps, silu, pdl)
+                flags["NORM"] = flags["SILU"] = False
             args = (x, q, s, z_arg, out, nw_arg, b_arg, res, rows, n, k, x.stride(0), q.stride(0), s.stride(0), eps)
             fixed = {**flags, "BLOCK_M": ROW_BLOCK, "F32_DOT": INTERPRET or x.dtype == torch.float32}
             if INTERPRET:
