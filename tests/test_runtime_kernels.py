@@ -98,6 +98,7 @@ def test_triton_kernels_in_the_interpreter_match_the_references(dtype, bound):
     assert kernels == {"gemv", "fused_gemv", "decode_attention", "rope_cache", "rope_cache_compiled"}
     assert any(r.get("window") for r in rows) and any(r.get("splits", 1) > 2 for r in rows)
     assert {r.get("interleaved") for r in rows if r["kernel"] == "rope_cache"} == {False, True}
+    assert {r.get("shared_row") for r in rows if r["kernel"] == "rope_cache" and r["shape"][0] > 1} == {False, True}
     assert [r["in_place"] for r in rows if r["kernel"] == "rope_cache_compiled"] == [True]  # no copy of a cache
     gemv_rows = {r["rows"] for r in rows if r["kernel"] == "fused_gemv"}
     flags = {tuple(r["flags"]) for r in rows if r["kernel"] == "fused_gemv" and r["rows"] == 16}

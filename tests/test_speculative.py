@@ -195,3 +195,31 @@ def test_streaming_gives_every_token_once_in_order():
     assert [row[: len(t)] for row, t in zip(joined, out.tokens)] == out.tokens
     with pytest.raises(InputError, match="record logits"):
         gen.generate(PROMPTS, NEW, record_logits=True)
+
+
+def test_verify_step_runs_the_decode_kernels_as_rows_of_one_cache_row(monkeypatch):
+    """At batch 1 with the decode kernels on for several rows, a verify step of k + 1 tokens is a rows step over
+    cache row 0 (``LlamaDecoder.kernels_serve``, ``rope_cache(shared_row=True)``): same logits as the standard
+    path, same greedy output as plain decoding."""
+    from graphfix.engine import llama
+
+    model = tiny_hf_model("llama", "cpu", num_hidden_layers=2)
+    standard = from_hf(model, max_batch_size=1, max_seq_len=64, share=True)
+    kernels = from_hf(model, max_batch_size=1, max_seq_len=64, share=True).use_decode_kernels(max_rows=16, pdl=False)
+    assert kernels.kernels_serve(1, 5) and not kernels.kernels_serve(2, 5) and not kernels.kernels_serve(1, 17)
+    shared_calls = []
+    real = llama.rope_cache
+
+    def counting(*args):
+        shared_calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(llama, "rope_cache", counting)
+    tokens, pos = torch.tensor([[5, 6, 7, 8, 9, 3]]), torch.arange(6).view(1, 6)
+    torch.testing.assert_close(kernels.step(tokens, pos), standard.step(tokens, pos), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.step(tokens[:, :5], pos[:, 1:] + 5), standard.step(tokens[:, :5], pos[:, 1:] + 5),
+                               rtol=1e-5, atol=1e-5)
+    assert shared_calls and all(shared_calls)
+    for prompt in PROMPTS:
+        plain = Generator(standard, compile=False).generate([prompt], NEW).tokens
+        assert Generator(kernels, compile=False, speculate="lookup:4").generate([prompt], NEW).tokens == plain

@@ -137,12 +137,16 @@ def rope_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
         pos = torch.tensor(positions, device=device)
         caches = [torch.randn(bsz, kv_heads, slots, dim, generator=gen).to(device=device, dtype=dtype) for _ in "kv"]
         ref_k, ref_v = (c.clone() for c in caches)
-        ref_q = rope_cache_reference(qkv, pos, cos, sin, ref_k, ref_v, heads, kv_heads, interleaved)
-        for pdl in (False, True) if pdl_supported(device) else (False,):
-            k, v = (c.clone() for c in caches)
-            q = torch.ops.graphfix.rope_cache(qkv, pos, cos, sin, k, v, heads, kv_heads, interleaved, pdl)
-            yield {"kernel": "rope_cache_pdl" if pdl else "rope_cache", "shape": [bsz, heads, kv_heads, dim],
-                   "interleaved": interleaved, "rel_error": max(_rel(q, ref_q), _rel(k, ref_k), _rel(v, ref_v))}
+        # shared_row: the rows as consecutive tokens of the sequence in cache row 0 (a verify step at batch 1)
+        for shared in (False, True) if len(set(positions)) == len(positions) else (False,):
+            ref_k, ref_v = (c.clone() for c in caches)
+            ref_q = rope_cache_reference(qkv, pos, cos, sin, ref_k, ref_v, heads, kv_heads, interleaved, shared)
+            for pdl in (False, True) if pdl_supported(device) else (False,):
+                k, v = (c.clone() for c in caches)
+                q = torch.ops.graphfix.rope_cache(qkv, pos, cos, sin, k, v, heads, kv_heads, interleaved, pdl, shared)
+                yield {"kernel": "rope_cache_pdl" if pdl else "rope_cache", "shape": [bsz, heads, kv_heads, dim],
+                       "interleaved": interleaved, "shared_row": shared,
+                       "rel_error": max(_rel(q, ref_q), _rel(k, ref_k), _rel(v, ref_v))}
 
 
 def rope_compiled_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
@@ -165,7 +169,8 @@ def rope_compiled_errors(device: str, dtype: Any) -> Iterator[dict[str, Any]]:
             self.register_buffer("v", torch.zeros(bsz, kv_heads, slots, dim, device=device, dtype=dtype))
 
         def forward(self, qkv: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            return torch.ops.graphfix.rope_cache(qkv, pos, cos, sin, self.k, self.v, heads, kv_heads, False, False)
+            return torch.ops.graphfix.rope_cache(qkv, pos, cos, sin, self.k, self.v, heads, kv_heads, False, False,
+                                                 False)
 
     caches, ref = Caches(), Caches()
     step = torch.compile(caches, fullgraph=True)

@@ -264,7 +264,7 @@ class Block(nn.Module):
 
     def decode_fused(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                      kv_len: int | None = None, fuse_linears: bool = True, pdl: bool = False,
-                     tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     tables: tuple[torch.Tensor, torch.Tensor] | None = None, shared_row: bool = False) -> torch.Tensor:
         """One token per row with the decode kernels: the same arithmetic as ``forward``, in seven kernels.
 
         RMSNorm into the q/k/v and gate/up GEMVs, the residual adds into the o and down GEMVs,
@@ -276,6 +276,9 @@ class Block(nn.Module):
         ``pdl``: the GEMVs, the RoPE kernel and attention use programmatic dependent launch.
         ``tables``: the whole RoPE tables, for the RoPE kernel (``cos``/``sin`` unused, ``None``);
         ``None`` leaves RoPE and the cache write to Inductor (``cos``/``sin``, gathered per step).
+        ``shared_row`` (with ``tables``): the rows are consecutive tokens of one sequence, cache row 0
+        (``LlamaDecoder.step`` at batch 1): each is written there at its position and attends to that row up
+        to its position, so a row sees the rows before it, as the causal mask of ``forward`` lets it.
         """
         attn, ffn = self.attention, self.feed_forward
         bsz = x.shape[0]
@@ -293,8 +296,11 @@ class Block(nn.Module):
         else:
             cache = attn.kv_cache
             q = rope_cache(qkv, input_pos[:, 0], *tables, cache.k_cache, cache.v_cache, attn.n_heads, attn.n_kv_heads,
-                           attn.rope_layout == "interleaved", pdl)
-            keys, values = cache.k_cache[:bsz], cache.v_cache[:bsz]
+                           attn.rope_layout == "interleaved", pdl, shared_row)
+            if shared_row:  # every row reads cache row 0 (a stride-0 view, nothing copied)
+                keys, values = (c[:1].expand(bsz, *c.shape[1:]) for c in (cache.k_cache, cache.v_cache))
+            else:
+                keys, values = cache.k_cache[:bsz], cache.v_cache[:bsz]
             if kv_len is not None:
                 keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         y = decode_attention(q.view(bsz, attn.n_heads, attn.head_dim), keys, values, input_pos[:, 0], attn.window,
@@ -396,6 +402,10 @@ class LlamaDecoder(nn.Module):
         h = self.tok_embeddings(tokens)
         kernels = self.kernels_serve(tokens.shape[0], tokens.shape[1])
         fuse_linears = self.decode_kernels == "all"
+        seq_len = tokens.shape[1]
+        shared_row = kernels and seq_len > 1  # one sequence's tokens as rows of cache row 0 (kernels_serve)
+        if shared_row:
+            h, input_pos = h.view(seq_len, 1, -1), input_pos.view(seq_len, 1)
         masks: dict[int | None, torch.Tensor] = {}
         tables = cos = sin = None
         if kernels and self.decode_rope:  # the RoPE kernel indexes the whole tables itself
@@ -404,12 +414,15 @@ class LlamaDecoder(nn.Module):
             cos, sin = self.rope_cos[input_pos].unsqueeze(2), self.rope_sin[input_pos].unsqueeze(2)
         for layer in self.layers:
             if kernels:
-                h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears, self.decode_pdl, tables)
+                h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears, self.decode_pdl, tables,
+                                       shared_row)
                 continue
             window = layer.attention.window
             if window not in masks:
                 masks[window] = self._mask(input_pos, window, h.dtype, kv_len)
             h = layer(h, input_pos, cos, sin, masks[window], kv_len)
+        if shared_row:
+            h = h.view(1, seq_len, -1)
         if logits_index is not None:
             h = h.gather(1, logits_index.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
         if kernels and fuse_linears:
@@ -417,11 +430,18 @@ class LlamaDecoder(nn.Module):
         return self.output(self.norm(h))
 
     def kernels_serve(self, rows: int, tokens_per_row: int) -> bool:
-        """Whether a step of this shape runs the decode kernels: one token per row, up to ``decode_kernel_rows`` rows.
+        """Whether a step of this shape runs the decode kernels: one token per row, up to ``decode_kernel_rows``
+        rows; or, at batch 1 with the fused kernels and the RoPE kernel, up to ``decode_kernel_rows`` tokens of
+        the one sequence, as rows that share cache row 0 (a speculative verify step, a short prefill).
 
-        Prefill (several tokens a row) and larger batches are GEMMs, where cuBLAS and Inductor win.
+        Longer prefills and larger batches are GEMMs, where cuBLAS and Inductor win.
         """
-        return bool(self.decode_kernels) and tokens_per_row == 1 and rows <= self.decode_kernel_rows
+        if not self.decode_kernels:
+            return False
+        if tokens_per_row == 1:
+            return rows <= self.decode_kernel_rows
+        return (rows == 1 and tokens_per_row <= self.decode_kernel_rows and self.decode_kernels == "all"
+                and self.decode_rope)
 
     @property
     def compile_key(self) -> tuple:

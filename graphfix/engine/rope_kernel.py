@@ -33,8 +33,11 @@ if HAS_TRITON:
 
 def rope_cache_reference(qkv: torch.Tensor, pos: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
-                         interleaved: bool) -> torch.Tensor:
-    """Eager ops: rotate q and k of ``qkv`` ``(B, 1, (H + 2 KV) D)`` at ``pos`` ``(B,)``, write k and v; return q ``(B, H, D)``."""
+                         interleaved: bool, shared_row: bool = False) -> torch.Tensor:
+    """Eager ops: rotate q and k of ``qkv`` ``(B, 1, (H + 2 KV) D)`` at ``pos`` ``(B,)``, write k and v; return q
+    ``(B, H, D)``.
+
+    ``shared_row``: every row is a token of the one sequence in cache row 0 (``rope_cache``)."""
     bsz = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     q, k, v = qkv.view(bsz, 1, -1).split((n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim), dim=-1)
@@ -43,6 +46,8 @@ def rope_cache_reference(qkv: torch.Tensor, pos: torch.Tensor, cos_table: torch.
     q = rotate(q.view(bsz, 1, n_heads, head_dim), cos, sin)
     k = rotate(k.view(bsz, 1, n_kv_heads, head_dim), cos, sin)
     rows = torch.arange(bsz, device=pos.device)
+    if shared_row:
+        rows = torch.zeros_like(rows)
     k_cache[rows, :, pos] = k.view(bsz, n_kv_heads, head_dim).to(k_cache.dtype)
     v_cache[rows, :, pos] = v.view(bsz, n_kv_heads, head_dim).to(v_cache.dtype)
     return q.view(bsz, n_heads, head_dim)
@@ -92,7 +97,7 @@ if HAS_TRITON:
 
     def _launch(qkv: torch.Tensor, pos: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int, interleaved: bool,
-                pdl: bool) -> torch.Tensor:
+                pdl: bool, shared_row: bool = False) -> torch.Tensor:
         bsz = qkv.shape[0]
         head_dim = k_cache.shape[-1]
         qkv = qkv.reshape(bsz, -1)
@@ -100,20 +105,23 @@ if HAS_TRITON:
         grid = (bsz, n_heads + 2 * n_kv_heads)
         extra = {"launch_pdl": True} if pdl else {}
         _rope_cache_kernel[grid](qkv, pos, cos_table, sin_table, q, k_cache, v_cache, qkv.stride(0), pos.stride(0),
-                                 cos_table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                 v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n_heads, n_kv_heads,
+                                 cos_table.stride(0), 0 if shared_row else k_cache.stride(0), k_cache.stride(1),
+                                 k_cache.stride(2), 0 if shared_row else v_cache.stride(0), v_cache.stride(1),
+                                 v_cache.stride(2), n_heads, n_kv_heads,
                                  HEAD_DIM=head_dim, INTERLEAVED=interleaved, PDL=pdl, num_warps=1, **extra)
         return q
 
     @torch.library.custom_op("graphfix::rope_cache", mutates_args=("k_cache", "v_cache"))
     def rope_cache_op(qkv: torch.Tensor, pos: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int, interleaved: bool,
-                      pdl: bool) -> torch.Tensor:
+                      pdl: bool, shared_row: bool) -> torch.Tensor:
         """``rope_cache_reference`` as one kernel; ``pdl``: launched with programmatic dependent launch."""
-        return _launch(qkv, pos, cos_table, sin_table, k_cache, v_cache, n_heads, n_kv_heads, interleaved, pdl)
+        return _launch(qkv, pos, cos_table, sin_table, k_cache, v_cache, n_heads, n_kv_heads, interleaved, pdl,
+                       shared_row)
 
     @rope_cache_op.register_fake
-    def _rope_cache_fake(qkv, pos, cos_table, sin_table, k_cache, v_cache, n_heads, n_kv_heads, interleaved, pdl):
+    def _rope_cache_fake(qkv, pos, cos_table, sin_table, k_cache, v_cache, n_heads, n_kv_heads, interleaved, pdl,
+                         shared_row):
         return qkv.new_empty((qkv.shape[0], n_heads, k_cache.shape[-1]))
 
 
@@ -128,8 +136,11 @@ def triton_rope_applies(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int, interleaved: bool,
-               pdl: bool = False) -> torch.Tensor:
+               pdl: bool = False, shared_row: bool = False) -> torch.Tensor:
     """Rotate q and k of one decode token per row and write k and v at ``pos``: returns q ``(B, H, D)``.
+
+    ``shared_row``: the rows are consecutive tokens of one sequence (a verify step or a short prefill at
+    batch 1, ``LlamaDecoder.step``): all of them are written to cache row 0, each at its own position.
 
     ``qkv``: ``(B, 1, (H + 2 KV) * D)``, the fused projection's output; ``pos``: ``(B,)``;
     ``cos_table``/``sin_table``: the decoder's whole tables (indexed here by ``pos``);
@@ -137,5 +148,6 @@ def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos_table: torch.Tensor, si
     """
     if triton_rope_applies(qkv, k_cache):
         return torch.ops.graphfix.rope_cache(qkv, pos, cos_table, sin_table, k_cache, v_cache, n_heads, n_kv_heads,
-                                             interleaved, pdl)
-    return rope_cache_reference(qkv, pos, cos_table, sin_table, k_cache, v_cache, n_heads, n_kv_heads, interleaved)
+                                             interleaved, pdl, shared_row)
+    return rope_cache_reference(qkv, pos, cos_table, sin_table, k_cache, v_cache, n_heads, n_kv_heads, interleaved,
+                                shared_row)
