@@ -20,6 +20,7 @@ import torch
 
 from graphfix.engine import Generator, from_hf
 from graphfix.engine.kernels import MAX_ROWS
+from graphfix.engine.llama import DEFAULT_KERNEL_ROWS
 from tests.test_runtime import hf_greedy, tiny_hf
 
 NEW = 8
@@ -59,8 +60,10 @@ def test_batched_decode_kernels_equal_the_standard_path(kind, overrides, batch):
 def test_kernels_serve_one_token_rows_up_to_max_rows():
     dec = from_hf(tiny_hf("llama"), max_batch_size=MAX_ROWS + 1, max_seq_len=32, share=True)
     assert not dec.kernels_serve(2, 1)  # switched off
-    dec.use_decode_kernels()
-    assert dec.kernels_serve(1, 1) and not dec.kernels_serve(2, 1)  # by default batch 1 only (the H200 measurement)
+    dec.use_decode_kernels(max_rows=1)
+    assert dec.kernels_serve(1, 1) and not dec.kernels_serve(2, 1)
+    dec.use_decode_kernels()  # by default up to MAX_ROWS rows (the H200 measurement, llama.DEFAULT_KERNEL_ROWS)
+    assert DEFAULT_KERNEL_ROWS == MAX_ROWS and dec.kernels_serve(MAX_ROWS, 1)
     dec.use_decode_kernels(max_rows=MAX_ROWS)
     assert dec.kernels_serve(1, 1) and dec.kernels_serve(MAX_ROWS, 1)
     assert not dec.kernels_serve(MAX_ROWS + 1, 1) and not dec.kernels_serve(2, 2)

@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from graphfix.engine import Generator, from_hf, from_meta
-from graphfix.engine.attention_kernel import BLOCK_S, MAX_CHUNK, decode_attention_reference, split_plan
+from graphfix.engine.attention_kernel import (
+    BLOCK_S,
+    MAX_CHUNK,
+    MIN_SPLITS,
+    TARGET_PROGRAMS,
+    decode_attention_reference,
+    split_plan,
+)
 from graphfix.errors import InputError
 from tests.test_runtime import PROMPTS, hf_greedy, tiny_hf
 
@@ -67,8 +74,11 @@ def test_split_plan_covers_the_cache_in_aligned_chunks(heads, kv_len):
     """``heads``: rows x heads (256 is Llama-2-7B at batch 8)."""
     splits, chunk = split_plan(heads, kv_len)
     assert chunk % BLOCK_S == 0 and splits * chunk >= kv_len > (splits - 1) * chunk and chunk <= MAX_CHUNK
-    # about TARGET_PROGRAMS blocks, never fewer than the heads, more only to keep chunks within MAX_CHUNK
-    assert heads * splits <= max(heads * -(-kv_len // MAX_CHUNK), 256 + heads)
+    # about TARGET_PROGRAMS blocks, at least MIN_SPLITS per row and head where the cache has that many tiles, more
+    # only to keep chunks within MAX_CHUNK
+    tiles = -(-kv_len // BLOCK_S)
+    assert splits >= min(tiles, MIN_SPLITS)
+    assert heads * splits <= max(heads * -(-kv_len // MAX_CHUNK), TARGET_PROGRAMS + heads, MIN_SPLITS * heads)
 
 
 def test_attention_reference_masks_by_position_and_window():

@@ -206,7 +206,8 @@ def test_verify_step_runs_the_decode_kernels_as_rows_of_one_cache_row(monkeypatc
     model = tiny_hf_model("llama", "cpu", num_hidden_layers=2)
     standard = from_hf(model, max_batch_size=1, max_seq_len=64, share=True)
     kernels = from_hf(model, max_batch_size=1, max_seq_len=64, share=True).use_decode_kernels(max_rows=16, pdl=False)
-    assert kernels.kernels_serve(1, 5) and not kernels.kernels_serve(2, 5) and not kernels.kernels_serve(1, 17)
+    assert kernels.kernels_serve(1, 5, shared_rows=True) and not kernels.kernels_serve(1, 5)
+    assert not kernels.kernels_serve(2, 5, shared_rows=True) and not kernels.kernels_serve(1, 17, shared_rows=True)
     shared_calls = []
     real = llama.rope_cache
 
@@ -216,9 +217,10 @@ def test_verify_step_runs_the_decode_kernels_as_rows_of_one_cache_row(monkeypatc
 
     monkeypatch.setattr(llama, "rope_cache", counting)
     tokens, pos = torch.tensor([[5, 6, 7, 8, 9, 3]]), torch.arange(6).view(1, 6)
-    torch.testing.assert_close(kernels.step(tokens, pos), standard.step(tokens, pos), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kernels.step(tokens[:, :5], pos[:, 1:] + 5), standard.step(tokens[:, :5], pos[:, 1:] + 5),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.step(tokens, pos, shared_rows=True), standard.step(tokens, pos), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(kernels.step(tokens[:, :5], pos[:, 1:] + 5, shared_rows=True),
+                               standard.step(tokens[:, :5], pos[:, 1:] + 5), rtol=1e-5, atol=1e-5)
     assert shared_calls and all(shared_calls)
     for prompt in PROMPTS:
         plain = Generator(standard, compile=False).generate([prompt], NEW).tokens

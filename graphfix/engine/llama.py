@@ -325,8 +325,9 @@ def _fused(module: nn.Module, x: torch.Tensor, *, pdl: bool, **prologue: Any) ->
     return fused_linear(x, module.weight, bias=module.bias, pdl=pdl, **prologue)
 
 
-DEFAULT_KERNEL_ROWS = 1
-"""Rows a decode step may have to take the decode kernels by default (``use_decode_kernels(max_rows=...)``)."""
+DEFAULT_KERNEL_ROWS = 16
+"""Rows a step may have to take the decode kernels by default (``use_decode_kernels(max_rows=...)``): batched decode
+steps, and at batch 1 verify steps and prefills of up to this many tokens."""
 
 
 class LlamaDecoder(nn.Module):
@@ -339,6 +340,7 @@ class LlamaDecoder(nn.Module):
     per_row_positions = True
     supports_logits_index = True
     supports_kv_len = True
+    supports_shared_rows = True
 
     def __init__(self, cfg: DecoderConfig, *, fuse: bool = True, qkv_bias: bool = False, o_bias: bool = False) -> None:
         super().__init__()
@@ -391,19 +393,23 @@ class LlamaDecoder(nn.Module):
         return bias[:, None, None].expand(bsz, 1, n_rep, seqlen, slots).reshape(bsz, 1, n_rep * seqlen, slots)
 
     def step(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_index: torch.Tensor | None = None,
-             kv_len: int | None = None) -> torch.Tensor:
+             kv_len: int | None = None, shared_rows: bool = False) -> torch.Tensor:
         """Logits ``(B, T, V)`` (model dtype) of ``tokens`` at ``input_pos`` (both ``(B, T)``).
 
         ``logits_index`` (``(B,)``): return only that column per row, ``(B, 1, V)``.
         ``kv_len`` (a static int, one graph per value): attend to the first ``kv_len`` slots only;
         every position must be below it. Decode compiled per length bucket reads a short
         prefix of a long cache instead of all of it.
+        ``shared_rows``: at batch 1, the tokens may run the decode kernels as rows of cache row 0
+        (``kernels_serve``; a verify step of a few tokens costs about what a batched decode step does).
         """
         h = self.tok_embeddings(tokens)
-        kernels = self.kernels_serve(tokens.shape[0], tokens.shape[1])
+        kernels = self.kernels_serve(tokens.shape[0], tokens.shape[1], shared_rows)
         fuse_linears = self.decode_kernels == "all"
         seq_len = tokens.shape[1]
         shared_row = kernels and seq_len > 1  # one sequence's tokens as rows of cache row 0 (kernels_serve)
+        # PDL for one-row steps only: a batch-8 step of the rows kernels took 4.79 ms with it, 4.43 without (H200)
+        pdl = self.decode_pdl and tokens.numel() == 1
         if shared_row:
             h, input_pos = h.view(seq_len, 1, -1), input_pos.view(seq_len, 1)
         masks: dict[int | None, torch.Tensor] = {}
@@ -414,8 +420,7 @@ class LlamaDecoder(nn.Module):
             cos, sin = self.rope_cos[input_pos].unsqueeze(2), self.rope_sin[input_pos].unsqueeze(2)
         for layer in self.layers:
             if kernels:
-                h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears, self.decode_pdl, tables,
-                                       shared_row)
+                h = layer.decode_fused(h, input_pos, cos, sin, kv_len, fuse_linears, pdl, tables, shared_row=shared_row)
                 continue
             window = layer.attention.window
             if window not in masks:
@@ -426,13 +431,13 @@ class LlamaDecoder(nn.Module):
         if logits_index is not None:
             h = h.gather(1, logits_index.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
         if kernels and fuse_linears:
-            return _fused(self.output, h, norm_weight=self.norm.weight, eps=self.norm.eps, pdl=self.decode_pdl)
+            return _fused(self.output, h, norm_weight=self.norm.weight, eps=self.norm.eps, pdl=pdl)
         return self.output(self.norm(h))
 
-    def kernels_serve(self, rows: int, tokens_per_row: int) -> bool:
+    def kernels_serve(self, rows: int, tokens_per_row: int, shared_rows: bool = False) -> bool:
         """Whether a step of this shape runs the decode kernels: one token per row, up to ``decode_kernel_rows``
-        rows; or, at batch 1 with the fused kernels and the RoPE kernel, up to ``decode_kernel_rows`` tokens of
-        the one sequence, as rows that share cache row 0 (a speculative verify step, a short prefill).
+        rows; or, asked with ``shared_rows`` (a speculative verify step) at batch 1 with the fused kernels and the
+        RoPE kernel, up to ``decode_kernel_rows`` tokens of the one sequence, as rows that share cache row 0.
 
         Longer prefills and larger batches are GEMMs, where cuBLAS and Inductor win.
         """
@@ -440,6 +445,8 @@ class LlamaDecoder(nn.Module):
             return False
         if tokens_per_row == 1:
             return rows <= self.decode_kernel_rows
+        if not shared_rows:  # before any test of the length: a compiled prefill's is dynamic, and must get no guard
+            return False
         return (rows == 1 and tokens_per_row <= self.decode_kernel_rows and self.decode_kernels == "all"
                 and self.decode_rope)
 
@@ -459,17 +466,19 @@ class LlamaDecoder(nn.Module):
         """Run decode steps of 1 to ``max_rows`` rows through ``Block.decode_fused`` (seven kernels a layer).
 
         Needs ``fuse=True``. ``max_rows`` (1 to ``kernels.MAX_ROWS``, default ``DEFAULT_KERNEL_ROWS``):
-        the kernels serve 2 to 16 rows correctly (tests, ``kernel_check``), but on an H200 a batch-8
-        step through the rows kernel took 6.46 ms against Inductor's compiled GEMMs' ~4.5 ms
-        (docs/benchmarks.md, 2026-12-03), so by default only batch-1 steps take them.
+        steps of up to this many rows (a batch of one token each, or at batch 1 this many tokens of the
+        sequence: a speculative verify step, a short prefill) run the kernels. On an H200 (Llama-2-7B, one
+        CUDA graph a step, docs/benchmarks.md, 2026-12-03) a batch-8 step took 4.43 ms (0.80 of the batch-1
+        rate per sequence; Inductor's compiled GEMMs gave about 0.78) and a 5-token verify step 4.23 ms, 1.18x
+        a one-token step (1.92x on the standard path).
 
-        ``fuse_linears=False``: the split-KV attention kernel only. Prefill and larger
+        ``fuse_linears=False``: the split-KV attention kernel only. Longer prefills and larger
         batches (GEMMs, where cuBLAS wins) keep the standard path (``kernels_serve``). A ``Generator``
         keys its compiled callables by ``compile_key``: a switch selects the other setting's graphs.
         ``pdl``: launch every kernel of the layer (GEMVs, RoPE, attention) with programmatic
         dependent launch where the device has it (sm_90+, ``kernels.pdl_supported``); elsewhere
         it has no effect. Same arithmetic; a step 3.734 -> 3.560 ms on an H200
-        (``benchmarks/bench_step.py``, docs/benchmarks.md), so it is on by default.
+        (``benchmarks/bench_step.py``, docs/benchmarks.md), so it is on by default, for one-row steps (``step``).
         ``rope_kernel``: RoPE and the cache write as one kernel (``rope_kernel.rope_cache``)
         instead of Inductor's three; with ``fuse_linears`` only.
         """

@@ -41,6 +41,9 @@ class StepModel(Protocol):
       column per row (prefill then skips the LM head for the other columns);
     - ``supports_kv_len`` (default ``False``): ``step`` takes a keyword ``kv_len`` (a static
       int): attend to the first ``kv_len`` cache slots only (decode length buckets);
+    - ``supports_shared_rows`` (default ``False``): ``step`` takes a keyword ``shared_rows``: at batch 1 the
+      tokens are consecutive positions of the one sequence that may run as rows of a batched decode step
+      (a speculative verify step on ``LlamaDecoder``'s decode kernels);
     - ``compile_key`` (default ``None``): a hashable value naming what ``step`` traces besides
       its tensors (e.g. ``LlamaDecoder``'s decode-kernel setting). The engine compiles a separate
       set of callables per value, so a model switched between settings never recompiles.
@@ -68,6 +71,10 @@ def supports_logits_index(model: object) -> bool:
 
 def supports_kv_len(model: object) -> bool:
     return bool(getattr(model, "supports_kv_len", False))
+
+
+def supports_shared_rows(model: object) -> bool:
+    return bool(getattr(model, "supports_shared_rows", False))
 
 
 def compile_key(model: object) -> object:

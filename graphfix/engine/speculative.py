@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from graphfix.engine.protocol import StepModel, compile_key
+from graphfix.engine.protocol import StepModel, compile_key, supports_shared_rows
 from graphfix.engine.sampling import SamplingParams, sample
 from graphfix.engine.spec_rules import (
     SALT_DRAFT,
@@ -147,10 +147,10 @@ def make_round(target: StepModel, draft: StepModel | None, spec: SpecConfig, mod
         last = seq.gather(1, (length - 1).unsqueeze(1))
         pos = (length.unsqueeze(1) - 1 + offsets).clamp(max=last_slot)
         verify_in = torch.cat([last, proposals], dim=1)
-        if kv_len is None:
-            logits = target.step(verify_in, pos)
-        else:
-            logits = target.step(verify_in, pos, kv_len=kv_len)
+        extra = {"kv_len": kv_len} if kv_len is not None else {}
+        if supports_shared_rows(target):  # the verify step on the decode kernels (LlamaDecoder)
+            extra["shared_rows"] = True
+        logits = target.step(verify_in, pos, **extra)
         if mode == "greedy":
             tokens, accepted = accept_greedy(logits, proposals)
         else:
