@@ -39,9 +39,9 @@ from graphfix.quant.scheme import Packed, QuantScheme, parse_scheme, quantize_we
 
 HEAD_NAMES = ("lm_head", "output")
 METHODS = ("auto", "gptq", "mse", "rtn")
-FALLBACK = {8: "rtn", 4: "mse"}
+FALLBACK = {8: "rtn", 4: "rtn"}
 """``auto`` without calibration. SmolLM2 int8: rtn +1.05% perplexity, mse +1.12% (its smaller weight error did
-not carry to the logits); int4:64: see docs/quantization.md."""
+not carry to the logits). int4 keeps rtn too until mse is measured there (docs/quantization.md)."""
 HESSIAN_BUDGET = 1 << 30
 """Bytes of float32 ``X^T X`` matrices held at once: linears are calibrated in groups under it (one forward
 over the calibration tokens per group), so a 7B model does not hold 22 GB of them."""

@@ -96,6 +96,10 @@ def as_tokens(calibration: Any) -> torch.Tensor:
     """User calibration (a tensor, or a list of token ids or of lists of them) -> ``(rows, T)`` int64 ids."""
     ids = calibration if isinstance(calibration, torch.Tensor) else torch.tensor(calibration)
     ids = ids.long()
+    if ids.numel() < 2:
+        from graphfix.errors import InputError
+
+        raise InputError("calibration needs at least 2 token ids", hint="or calibration=None for the shipped text")
     return ids[None] if ids.dim() == 1 else ids.reshape(-1, ids.shape[-1])
 
 
