@@ -83,7 +83,10 @@ def forward_for(model: nn.Module) -> Forward | None:
     from graphfix.diagnose.drivers import is_hf_causal_lm
 
     if is_hf_causal_lm(model):
-        return lambda ids: model(input_ids=ids.to(device), use_cache=False, logits_to_keep=1)
+        import inspect
+
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        return lambda ids: model(input_ids=ids.to(device), use_cache=False, **keep)
     return None
 
 
