@@ -67,8 +67,12 @@ def qgemv_errors(device: str, dtype: Any, schemes: tuple[str, ...] = SCHEMES,
                     yield {"kernel": "qgemv_pdl", **case, "rel_error": _rel(torch.ops.graphfix.qgemv_pdl(*args), ref)}
 
 
-def decoder_errors(device: str, dtype: Any, schemes: tuple[str, ...] = ("int8", "int4:32")) -> Iterator[dict]:
-    """A tiny HF Llama, quantized, decoding 2 rows and 1 row: the kernel path against the standard path."""
+def decoder_errors(device: str, dtype: Any, schemes: tuple[str, ...] = ("int8", "int4:32"),
+                   method: str = "auto") -> Iterator[dict]:
+    """A tiny HF Llama, quantized, decoding 2 rows and 1 row: the kernel path against the standard path.
+
+    ``method="gptq"``: quantized by GPTQ calibrated through the decoder on the device (random token ids), so the
+    calibration hooks, the rounding and the kernels reading its codes all run where the model lives."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,7 +85,8 @@ def decoder_errors(device: str, dtype: Any, schemes: tuple[str, ...] = ("int8", 
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
         dec = from_hf(model, max_batch_size=2, max_seq_len=64)
-        quantize(dec, name)
+        calibration = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
+        report = quantize(dec, name, method=method, calibration=calibration if method == "gptq" else None)
         prompts = [[1, 5, 9, 3], [2, 7]]
         with torch.no_grad():
             plain = Generator(dec, compile=False).generate(prompts, 6).tokens
@@ -91,7 +96,8 @@ def decoder_errors(device: str, dtype: Any, schemes: tuple[str, ...] = ("int8", 
             after = dec.step(tokens, pos)
             fused = Generator(dec, compile=False).generate(prompts, 6).tokens
             dec.use_decode_kernels(False)
-        yield {"kernel": "decoder", "scheme": name, "rel_error": _rel(after, before), "tokens_equal": plain == fused}
+        yield {"kernel": "decoder", "scheme": name, "method": report.method, "rel_error": _rel(after, before),
+               "tokens_equal": plain == fused}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interpret", action="store_true", help="Triton's interpreter on CPU tensors")
     p.add_argument("--dtype", default=None, choices=sorted(TOLERANCE), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--decoder", action="store_true", help="also a tiny quantized decoder, kernel path vs standard")
+    p.add_argument("--gptq", action="store_true", help="also the tiny decoder quantized by GPTQ on the device")
     args = p.parse_args(argv)
     if not triton_ready("graphfix.bench.quant_check", args.interpret, argv):
         return 2
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = list(qgemv_errors(device, dtype))
     if args.decoder:
         rows += list(decoder_errors(device, dtype))
+    if args.gptq:
+        rows += list(decoder_errors(device, dtype, ("int8", "int4:64"), method="gptq"))
     for row in rows:
         row["ok"] = row["rel_error"] <= TOLERANCE[dtype_name] and row.get("tokens_equal", True)
         print(json.dumps(row))

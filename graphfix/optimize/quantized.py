@@ -38,9 +38,11 @@ class QuantizationInfo:
     """The fixed rule's tolerance: the dtype's plus ``MARGIN`` x ``error``."""
     trace: Any = None
     """The eager quantized model's run (``verification.Trace``): the original's part in the reference method."""
+    method: str = "rtn"
+    """How the codes were chosen (``QuantizeReport.method``/``calibration``: gptq and its tokens, or the fallback)."""
 
     def basis(self) -> str:
-        return (f"the {self.scheme} model is checked against the unquantized original with its quantization error as "
+        return (f"the {self.scheme} model ({self.method}) is checked against the unquantized original with its quantization error as "
                 f"the allowance: the eager {self.scheme} model stands for the original in its dtype "
                 f"(max |logit error| {self.error:.2e} of the logit scale from the unquantized run)")
 
@@ -56,8 +58,9 @@ def quantize_for_optimize(model: nn.Module, scheme: Any, runner: Any, reference:
     with quiet(), torch.no_grad():
         trace = runner.run(model, prompt, steps)
     error = compare(reference, trace, dtype, tolerance=math.inf).relative_error
+    how = report.method + (f": {report.calibration}" if report.calibration else "")
     return QuantizationInfo(report.scheme.name, len(report.quantized), error,
-                            default_tolerance(dtype) + MARGIN * error, trace)
+                            default_tolerance(dtype) + MARGIN * error, trace, how)
 
 
 def quantized_original(info: QuantizationInfo | None, reference: Any, high: Any, options: dict[str, Any],

@@ -28,6 +28,9 @@ def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
 class QuantLinear(nn.Module):
     """A linear layer over packed weights (``graphfix.quant.scheme``); ``dtype`` is what it computes in."""
 
+    method: str = "rtn"
+    """How ``quantize`` chose the codes (``gptq``, ``mse``, ``rtn``; ``quant.gptq``): the format is the same."""
+
     def __init__(self, packed: Packed, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.scheme: QuantScheme = packed.scheme
@@ -100,5 +103,7 @@ def fuse_quant_linears(sources: list[QuantLinear]) -> QuantLinear:
         return None if parts[0] is None else torch.cat([p.detach() for p in parts])
 
     packed = Packed(first.scheme, cat("qweight"), cat("scales"), cat("zeros"), first.in_features)
-    return QuantLinear(packed, cat("bias"), first.dtype)
+    fused = QuantLinear(packed, cat("bias"), first.dtype)
+    fused.method = first.method
+    return fused
 
