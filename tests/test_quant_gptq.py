@@ -67,8 +67,10 @@ def test_batched_gptq_equals_one_linear_at_a_time_and_mse_scales_never_lose_to_a
 def test_quantize_calibrates_through_the_model_records_the_method_and_falls_back_without_data():
     ids = torch.tensor([PROMPTS[1] * 4])
     model = tiny_hf("llama")
-    report = graphfix.quantize(model, "int8", calibration=torch.randint(0, 100, (2, 40)))
+    lines: list[str] = []
+    report = graphfix.quantize(model, "int8", calibration=torch.randint(0, 100, (2, 40)), progress=lines.append)
     assert report.method == "gptq" and "80 calibration tokens" in report.summary()
+    assert lines and all(line.startswith("GPTQ pass ") and "80 calibration tokens" in line for line in lines)
     assert {m.method for m in model.modules() if isinstance(m, QuantLinear)} == {"gptq"}
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()

@@ -225,7 +225,7 @@ def optimize(
             from graphfix.optimize.quantized import quantize_for_optimize
 
             state.quantization = quantize_for_optimize(model, quantize, runner, reference, prompt, loop_steps,
-                                                       run_dtype)
+                                                       run_dtype, say)
             notes.append(f"weights quantized to {state.quantization.scheme} ({state.quantization.modules} linears); "
                          f"{state.quantization.basis()}")
             say(notes[-1])

@@ -48,13 +48,14 @@ class QuantizationInfo:
 
 
 def quantize_for_optimize(model: nn.Module, scheme: Any, runner: Any, reference: Any, prompt: torch.Tensor | None,
-                          steps: int | None, dtype: torch.dtype) -> QuantizationInfo:
+                          steps: int | None, dtype: torch.dtype,
+                          progress: Callable[[str], None] | None = None) -> QuantizationInfo:
     """Quantize ``model`` in place and run it eagerly once through ``runner`` (see the module docstring)."""
     from graphfix.optimize.parity import compare, default_tolerance
     from graphfix.optimize.verification import quiet
     from graphfix.quant import quantize
 
-    report = quantize(model, scheme)
+    report = quantize(model, scheme, progress=progress)
     with quiet(), torch.no_grad():
         trace = runner.run(model, prompt, steps)
     error = compare(reference, trace, dtype, tolerance=math.inf).relative_error

@@ -81,7 +81,8 @@ def _embedding_weights(model: nn.Module) -> set[int]:
 def quantize(model: nn.Module, scheme: str | QuantScheme = "int8", group_size: int | None = None, *,
              lm_head: bool = False, embeddings: bool = False,
              filter_fn: Callable[[nn.Module, str], bool] | None = None, method: str = "auto",
-             calibration: Any = None, tokenizer: Any = None) -> QuantizeReport:
+             calibration: Any = None, tokenizer: Any = None,
+             progress: Callable[[str], None] | None = None) -> QuantizeReport:
     """Quantize ``model``'s linear layers in place (weight-only); returns a ``QuantizeReport``.
 
     ``scheme``: ``"int8"`` (per output channel, or groups with ``group_size``), ``"int4"``
@@ -90,6 +91,7 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "int8", group_size: i
     ``method``: ``"auto"``, ``"gptq"``, ``"mse"`` or ``"rtn"`` (module docstring).
     ``calibration``: token ids (a tensor ``(T,)``/``(rows, T)`` or lists) for ``gptq`` instead of the shipped
     text; ``tokenizer``: tokenizes the shipped text when the model's own cannot be found.
+    ``progress``: called with a line per calibration pass (GPTQ on a CPU can take minutes).
     Already quantized modules are left alone, so calling it twice changes nothing.
     """
     sch = parse_scheme(scheme, group_size)
@@ -129,7 +131,7 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "int8", group_size: i
             report.quantized.append(full)
     linears = {full: child for full, (_, _, child) in zip(report.quantized, swaps)
                if not isinstance(child, QuantEmbedding)}
-    packed = _choose_codes(model, linears, sch, method, calibration, tokenizer, report)
+    packed = _choose_codes(model, linears, sch, method, calibration, tokenizer, report, progress or (lambda _m: None))
     for full, (parent, child_name, child) in zip(report.quantized, swaps):
         if isinstance(child, QuantEmbedding):
             setattr(parent, child_name, child)
@@ -141,7 +143,7 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "int8", group_size: i
 
 
 def _choose_codes(model: nn.Module, linears: dict[str, nn.Module], sch: QuantScheme, method: str, calibration: Any,
-                  tokenizer: Any, report: QuantizeReport) -> dict[str, Packed]:
+                  tokenizer: Any, report: QuantizeReport, say: Callable[[str], None]) -> dict[str, Packed]:
     """Each linear's packed weight by ``method``; records on ``report`` the method that ran and its calibration."""
     from graphfix.quant import calibration as cal
     from graphfix.quant import gptq
@@ -153,7 +155,10 @@ def _choose_codes(model: nn.Module, linears: dict[str, nn.Module], sch: QuantSch
         if forward is not None:
             out: dict[str, Packed] = {}
             spent = report.seconds
-            for group in _budget_groups(linears):
+            groups = _budget_groups(linears)
+            for i, group in enumerate(groups, 1):
+                say(f"GPTQ pass {i}/{len(groups)}: {tokens.numel()} calibration tokens through the model for "
+                    f"{len(group)} linears, then rounding them")
                 started = time.perf_counter()
                 hs = cal.hessians(model, group, forward, tokens)
                 rounding = time.perf_counter()
