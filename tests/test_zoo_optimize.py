@@ -140,7 +140,7 @@ def test_hidden_breaks_are_the_ones_torch_logs_once_the_first_are_fixed(zoo_run)
         assert name not in BREAKING, f"{name} must break"
         return
     names = plan_passes(load(name)[0], report.findings)
-    fixed = torch_logged_once(name, passes=tuple(names))
+    fixed = torch_logged_once(name, passes=names)
     import graphfix as package
 
     own = os.path.dirname(os.path.realpath(package.__file__))

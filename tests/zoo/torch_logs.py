@@ -152,12 +152,16 @@ def torch_logged(name: str, backend: str = "eager", steps: int = LOG_STEPS, time
     return log
 
 
-@functools.cache
-def torch_logged_once(name: str, backend: str = "eager", steps: int = LOG_STEPS, passes: tuple[str, ...] = ()) -> TorchLog:
+def torch_logged_once(name: str, backend: str = "eager", steps: int = LOG_STEPS, passes: Sequence[str] = ()) -> TorchLog:
     """``torch_logged``, run once per process for each set of arguments (callers only read the ``TorchLog``).
 
     A logged run is a fresh interpreter importing torch and compiling the entry's loop, several seconds each:
     test_zoo checks these records for plausibility and test_zoo_optimize compares graphfix's reports with the
     same records, so a whole-suite run starts each subprocess once instead of once per module.
     """
+    return _logged(name, backend, steps, tuple(passes))  # one key however the arguments were spelled
+
+
+@functools.cache
+def _logged(name: str, backend: str, steps: int, passes: tuple[str, ...]) -> TorchLog:
     return torch_logged(name, backend, steps, passes=passes)
