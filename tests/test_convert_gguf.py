@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from graphfix.convert import convert, open_checkpoint
 from graphfix.convert.layout import meta_to_hf_rope
+from graphfix.diagnose import sources
 from graphfix.diagnose.drivers import cache_kwarg
 from graphfix.errors import InputError, UnsupportedModelError
 from tests.conftest_convert import hf_logits, smollm2_gguf, tiny_hf, write_gguf
@@ -165,7 +166,9 @@ def test_smollm2_three_implementations_agree(smol, meta_model):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     ours = LlamaForCausalLM.from_pretrained(str(base / "hf"), dtype=torch.float32).eval()
-    theirs = LlamaForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32).eval()
+    # transformers' own GGUF loading, through graphfix's per-process copy of it (a later SmolLM2 load copies it)
+    theirs = sources.load_gguf(src, dtype=torch.float32).model
+    assert type(theirs) is LlamaForCausalLM and not theirs.training
     meta = meta_model(base / "meta", max_seq_len=128)
     with torch.no_grad():
         want = ours(prompt).logits

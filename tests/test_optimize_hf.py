@@ -206,11 +206,14 @@ def test_smollm2_64_greedy_tokens_identical():
     from graphfix.diagnose import sources
 
     model = sources.load("smollm2").model
-    result = optimize(model, backend="eager", max_seq_len=96, decode_steps=63, diagnose=False, verify=False)
+    # No float64 copy of the original (its 64-step run costs more than the float32 one): the float64 parity rule is
+    # checked on the tiny models above and in test_parity*; here the fixed rule against the float32 run decides.
+    result = optimize(model, backend="eager", max_seq_len=96, decode_steps=63, diagnose=False, verify=False,
+                      parity_reference="none")
     assert result.compiled and result.before.notes == ["not diagnosed (diagnose=False)"]
     v = verify(result, measure_speed=False)
     assert v.ok, v.failures
     assert v.parity.greedy_steps == 64 and v.parity.tokens_match
-    assert v.parity.relative_error <= 1e-4
+    assert v.parity.relative_error <= 1e-4 and v.parity.method != "reference"
     # decode graphs: attending to 64 and to 96 positions, each serving and recording logits
     assert v.graphs["engine-decode"] == 4 and v.recompiles == 0 and v.graph_breaks == 0

@@ -93,17 +93,39 @@ def test_attention_reference_masks_by_position_and_window():
             assert torch.allclose(out[b, h], weights @ values, atol=1e-6)
 
 
+INTERPRETER_DTYPES = ("float32", "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def interpreter_runs():
+    """``kernel_check --interpret`` for each dtype, both started at once: each is one Python process running the
+    interpreter on one core, so on the suite's two cores the second costs little wall time. dtype -> a function
+    waiting for its ``(returncode, stdout, stderr)``."""
+    import triton  # noqa: F401 - a test dependency (pyproject's [test] extra): its absence is a failure, not a skip
+
+    procs = {dtype: subprocess.Popen([sys.executable, "-m", "graphfix.bench.kernel_check", "--interpret", "--dtype",
+                                      dtype], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for dtype in INTERPRETER_DTYPES}
+
+    def result(dtype: str) -> tuple[int, str, str]:
+        out, err = procs[dtype].communicate(timeout=600)
+        return procs[dtype].returncode, out, err
+
+    yield result
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("dtype,bound", [("float32", 1e-4), ("bfloat16", 1.6e-2)])
-def test_triton_kernels_in_the_interpreter_match_the_references(dtype, bound):
+def test_triton_kernels_in_the_interpreter_match_the_references(dtype, bound, interpreter_runs):
     """Every kernel in Triton's interpreter against its eager reference (computed in float32), for 1 to 16 rows at
     different positions: the one-row GEMV and the rows kernel with every prologue and epilogue, attention with
     grouped heads, windows and splits, RoPE and the cache write."""
-    import triton  # noqa: F401 - a test dependency (pyproject's [test] extra): its absence is a failure, not a skip
-
-    proc = subprocess.run([sys.executable, "-m", "graphfix.bench.kernel_check", "--interpret", "--dtype", dtype],
-                          check=False, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    returncode, stdout, stderr = interpreter_runs(dtype)
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert returncode == 0, stderr[-2000:] + stdout[-2000:]
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"gemv", "fused_gemv", "decode_attention", "rope_cache", "rope_cache_compiled"}
     assert any(r.get("window") for r in rows) and any(r.get("splits", 1) > 2 for r in rows)

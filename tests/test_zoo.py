@@ -12,11 +12,9 @@ import torch
 
 from tests import zoo
 from tests.zoo import research_style
-from tests.zoo.torch_logs import TorchLog, parse, torch_logged
+from tests.zoo.torch_logs import LOG_STEPS, TorchLog, parse, torch_logged_once
 
 NAMES = list(zoo.ZOO)
-LOG_STEPS = 6
-"""Decode steps of the compiled runs: enough for prefill, the first decode and a decode that must not recompile."""
 
 
 def _prompt_row(name: str) -> torch.Tensor:
@@ -105,9 +103,11 @@ def test_parse_groups_multiline_records_and_strips_guard_comments():
 
 @pytest.fixture(scope="module")
 def torch_logs() -> dict[str, TorchLog]:
-    """Every entry's loop, forward compiled with the eager backend, in subprocesses run side by side."""
+    """Every entry's loop, forward compiled with the eager backend, in subprocesses run side by side.
+
+    The runs are kept for the process (``torch_logged_once``): test_zoo_optimize compares its reports with them."""
     with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
-        runs = {name: pool.submit(torch_logged, name, "eager", LOG_STEPS) for name in NAMES}
+        runs = {name: pool.submit(torch_logged_once, name, "eager", LOG_STEPS) for name in NAMES}
         return {name: run.result() for name, run in runs.items()}
 
 

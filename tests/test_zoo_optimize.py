@@ -29,7 +29,7 @@ from graphfix.diagnose.findings import Kind
 from graphfix.errors import UnsupportedModelError
 from graphfix.rewrite.planner import plan_passes
 from tests.zoo import ZOO, load
-from tests.zoo.torch_logs import torch_logged
+from tests.zoo.torch_logs import torch_logged_once
 
 NAMES = list(ZOO)
 REFUSED_AT_MOST = 1
@@ -114,7 +114,7 @@ def test_report_lists_what_torch_logs(zoo_run):
         report = graphfix.diagnose(*load(name))
     else:
         report = result.before
-    logged = torch_logged(name)
+    logged = torch_logged_once(name)
     reported_sites = {_site(f.location.file, f.location.line) for f in report.graph_breaks if f.location}
     reported_sites |= {_site(s.file, s.line) for f in report.graph_breaks for s in f.stack}
     missing = [(file, line, why) for file, line, why in logged.breaks if _site(file, line) not in reported_sites]
@@ -140,7 +140,7 @@ def test_hidden_breaks_are_the_ones_torch_logs_once_the_first_are_fixed(zoo_run)
         assert name not in BREAKING, f"{name} must break"
         return
     names = plan_passes(load(name)[0], report.findings)
-    fixed = torch_logged(name, passes=names)
+    fixed = torch_logged_once(name, passes=names)
     import graphfix as package
 
     own = os.path.dirname(os.path.realpath(package.__file__))

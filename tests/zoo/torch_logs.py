@@ -9,6 +9,7 @@ parses the ``[__graph_breaks]`` and ``[__recompiles]`` records from stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -122,7 +123,12 @@ def parse(stderr: str) -> TorchLog:
     return log
 
 
-def torch_logged(name: str, backend: str = "eager", steps: int = 32, timeout: float = 600.0,
+LOG_STEPS = 32
+"""Decode steps of a logged run: enough for prefill, the first decodes, a cache growing to Dynamo's recompile limit
+and decodes that must not recompile; test_zoo and test_zoo_optimize both read runs of this length."""
+
+
+def torch_logged(name: str, backend: str = "eager", steps: int = LOG_STEPS, timeout: float = 600.0,
                  passes: Sequence[str] = ()) -> TorchLog:
     """Run zoo entry ``name``'s loop (``steps`` decode steps) with its forward compiled, in a subprocess under
     ``TORCH_LOGS=graph_breaks,recompiles``; what torch logged, parsed.
@@ -144,3 +150,18 @@ def torch_logged(name: str, backend: str = "eager", steps: int = 32, timeout: fl
         if line.startswith(TOKENS_MARK):
             log.tokens = json.loads(line[len(TOKENS_MARK):])[0]
     return log
+
+
+def torch_logged_once(name: str, backend: str = "eager", steps: int = LOG_STEPS, passes: Sequence[str] = ()) -> TorchLog:
+    """``torch_logged``, run once per process for each set of arguments (callers only read the ``TorchLog``).
+
+    A logged run is a fresh interpreter importing torch and compiling the entry's loop, several seconds each:
+    test_zoo checks these records for plausibility and test_zoo_optimize compares graphfix's reports with the
+    same records, so a whole-suite run starts each subprocess once instead of once per module.
+    """
+    return _logged(name, backend, steps, tuple(passes))  # one key however the arguments were spelled
+
+
+@functools.cache
+def _logged(name: str, backend: str, steps: int, passes: tuple[str, ...]) -> TorchLog:
+    return torch_logged(name, backend, steps, passes=passes)
