@@ -166,3 +166,19 @@ def test_the_vocabulary_gather_never_needs_chunk_cat(monkeypatch):
     assert torch.equal(_logits(sharded), _logits(ref))
     x = torch.arange(24.0).view(2, 3, 4)
     assert torch.equal(sharded.output.all_gather_last(x), x)  # world of one: the identity, in the right layout
+
+
+def test_a_rank_whose_verification_raises_still_votes_before_it_propagates(monkeypatch):
+    """Its peers wait in the keep-or-undo agreement: the failing rank votes ``False`` there, then raises."""
+    from graphfix.optimize import tp_front
+
+    votes = []
+    monkeypatch.setattr(tp_front, "agree", lambda tp, flag: votes.append(flag) or flag)
+
+    def failing():
+        raise RuntimeError("comparison failed")
+
+    with pytest.raises(RuntimeError, match="comparison failed"):
+        tp_front.verification_on_every_rank(object(), failing)
+    assert votes == [False]
+    assert tp_front.verification_on_every_rank(object(), lambda: "done") == "done" and votes == [False]

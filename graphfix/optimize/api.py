@@ -249,7 +249,11 @@ def optimize(
 
     verification, verified = None, False
     if verify:
-        verification = run_verification(state, progress=say)
+        if tp_group is None:
+            verification = run_verification(state, progress=say)
+        else:
+            verification = tp_front.verification_on_every_rank(tp_group,
+                                                               lambda: run_verification(state, progress=say))
         verified = verification.ok and (state.compiled or not compile)
         if tp_group is not None:  # the ranks keep or undo together
             verified = tp_front.verified_on_every_rank(tp_group, verified, verification)

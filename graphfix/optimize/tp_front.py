@@ -31,6 +31,7 @@ For models that do not fit one device, ``graphfix.engine.tp.load_sharded`` reads
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,6 +91,20 @@ def agree(tp: Any, flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=tp.device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN, group=tp.group)
     return bool(value.item())
+
+
+def verification_on_every_rank(tp: Any, run: Callable[[], Any]) -> Any:
+    """``run()`` (this rank's verification); when it raises, the peers are told before it propagates.
+
+    They wait in ``verified_on_every_rank``'s agreement once their own verification is done: without this
+    vote a rank that failed outside the sharded forward would leave them waiting for it. (A rank that fails
+    inside a collective of the forward still leaves its peers in that collective.)
+    """
+    try:
+        return run()
+    except BaseException:
+        agree(tp, False)
+        raise
 
 
 def verified_on_every_rank(tp: Any, verified: bool, verification: Any) -> bool:
