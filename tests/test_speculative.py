@@ -225,3 +225,35 @@ def test_verify_step_runs_the_decode_kernels_as_rows_of_one_cache_row(monkeypatc
     for prompt in PROMPTS:
         plain = Generator(standard, compile=False).generate([prompt], NEW).tokens
         assert Generator(kernels, compile=False, speculate="lookup:4").generate([prompt], NEW).tokens == plain
+
+
+SHARED_ROWS_COMPILED = """
+import json, torch
+from graphfix.bench.presets import tiny_hf_model
+from graphfix.engine import Generator, from_hf
+model = tiny_hf_model("llama", "cpu", num_hidden_layers=2)
+standard = from_hf(model, max_batch_size=1, max_seq_len=64, share=True)
+kernels = from_hf(model, max_batch_size=1, max_seq_len=64, share=True).use_decode_kernels(max_rows=16, pdl=False)
+prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 9, 10]]
+plain = Generator(standard, compile=False).generate(prompts, 16).tokens
+gen = Generator(kernels, backend="aot_eager", speculate="lookup:4")
+first = gen.generate(prompts, 16).tokens
+with torch.compiler.set_stance("fail_on_recompile"):
+    again = gen.generate(prompts, 16)
+print(json.dumps({"first": first == plain, "again": again.tokens == plain, "rounds": again.speculation["rounds"]}))
+"""
+
+
+def test_compiled_round_verifies_on_the_kernels_in_the_interpreter():
+    """The round graph (aot_eager) with the verify step as rows of one cache row, the Triton kernels' own code in
+    the interpreter: plain decoding's tokens, and a second request without recompiling."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SHARED_ROWS_COMPILED], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["first"] and result["again"] and result["rounds"] >= 1, result  # every token through a round
