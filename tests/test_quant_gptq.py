@@ -74,6 +74,10 @@ def test_quantize_calibrates_through_the_model_records_the_method_and_falls_back
     assert {m.method for m in model.modules() if isinstance(m, QuantLinear)} == {"gptq"}
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+    calib = torch.randint(0, 100, (1, 40))
+    int4 = graphfix.quantize(tiny_hf("llama"), "int4:32", calibration=calib)  # auto: GPTQ for int8 only
+    assert int4.method == "rtn" and "int8 only" in int4.calibration
+    assert graphfix.quantize(tiny_hf("llama"), "int4:32", calibration=calib, method="gptq").method == "gptq"
     fallback = graphfix.quantize(tiny_hf("llama"), "int8")  # no tokenizer to be found: no calibration
     assert fallback.method == "rtn" and "no calibration" in fallback.calibration
     with pytest.raises(InputError, match="GPTQ needs calibration"):

@@ -35,7 +35,7 @@ PROMPTS = ("The capital of France is", "Once upon a time, in a small village,",
            "To install a Python package, you", "The three primary colors are",
            "Write a short poem about the sea:")
 NEW_TOKENS = 64
-SCHEMES = ("bfloat16", "int8+rtn", "int8", "int4:32", "int4:64+rtn", "int4:64", "int4:128+rtn", "int4:128")
+SCHEMES = ("bfloat16", "int8+rtn", "int8", "int4:32", "int4:64", "int4:64+gptq", "int4:128", "int4:128+gptq")
 
 
 def smollm2_and_tokens(text: Path = TEXT, n_tokens: int = EVAL_TOKENS,

@@ -12,9 +12,9 @@ Which codes and scales (``method``; the stored format is the same for all, see `
 ``"gptq"`` rounds with error compensation from calibration activations (``quant.calibration``: the
 user's tokens, or the shipped English text through the model's tokenizer); ``"mse"`` picks each
 row's clipped scale with the smallest squared error (no data); ``"rtn"`` is round-to-nearest with
-absmax scales. ``"auto"`` (the default) is ``gptq`` where the model can be calibrated (a forward
-graphfix knows how to call, and tokens) and otherwise the better calibration-free method measured
-for the scheme (``FALLBACK``); the report (and each ``QuantLinear.method``) says which ran and why.
+absmax scales. ``"auto"`` (the default) is ``gptq`` for int8 where the model can be calibrated (a forward
+graphfix knows how to call, and tokens; ``AUTO_GPTQ_BITS``) and otherwise the better calibration-free method
+measured for the scheme (``FALLBACK``); the report (and each ``QuantLinear.method``) says which ran and why.
 
 The LM head and the embeddings stay in their float dtype unless asked (``lm_head=True``,
 ``embeddings=True``): they are the layers whose error every token sees, and at batch 1 the
@@ -42,6 +42,10 @@ METHODS = ("auto", "gptq", "mse", "rtn")
 FALLBACK = {8: "rtn", 4: "rtn"}
 """``auto`` without calibration. SmolLM2 int8: rtn +1.05% perplexity, mse +1.12% (its smaller weight error did
 not carry to the logits). int4 keeps rtn too until mse is measured there (docs/quantization.md)."""
+AUTO_GPTQ_BITS = (8,)
+"""Where ``auto`` calibrates: int8 (SmolLM2 +1.05% -> +0.49% perplexity). For int4 GPTQ was mixed on SmolLM2, whose
+GGUF weights sit on a 4-bit grid of groups of 32: int4:128 +13.7% -> +8.5%, int4:64 +30.9% -> +38.2%
+(docs/quantization.md), so int4 keeps round-to-nearest unless ``method="gptq"``."""
 HESSIAN_BUDGET = 1 << 30
 """Bytes of float32 ``X^T X`` matrices held at once: linears are calibrated in groups under it (one forward
 over the calibration tokens per group), so a 7B model does not hold 22 GB of them."""
@@ -150,7 +154,9 @@ def _choose_codes(model: nn.Module, linears: dict[str, nn.Module], sch: QuantSch
     from graphfix.quant.gptq import quantize_gptq, quantize_mse
 
     report.method = method if method in ("rtn", "mse") else FALLBACK[sch.bits]
-    if method in ("auto", "gptq") and linears:
+    if method == "auto" and sch.bits not in AUTO_GPTQ_BITS:
+        report.calibration = "no calibration (auto: GPTQ is the default for int8 only; method='gptq' asks for it)"
+    elif method in ("auto", "gptq") and linears:
         tokens, forward, why = _calibration(model, calibration, tokenizer)
         if forward is not None:
             out: dict[str, Packed] = {}
