@@ -192,12 +192,8 @@ def apply_variant(dec, variant: str) -> None:
     use_cublas(dec)
     if variant in ("gemv", "attention"):
         use_triton_gemv(dec)
-    from graphfix.engine.kernels import MAX_ROWS
-    from graphfix.engine.llama import DEFAULT_KERNEL_ROWS
-
-    dec.use_decode_kernels(variant in ("kernels", "pdl", "attention", "pdl-rows"), fuse_linears=variant != "attention",
-                           pdl=variant in ("pdl", "pdl-rows"),
-                           max_rows=MAX_ROWS if variant == "pdl-rows" else DEFAULT_KERNEL_ROWS)
+    dec.use_decode_kernels(variant in ("kernels", "pdl", "attention"), fuse_linears=variant != "attention",
+                           pdl=variant == "pdl")
 
 
 def _load_model(args, device: torch.device):
@@ -302,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             res.skip("graphfix kernels", "kernel_check failed: " + json.dumps(bad)[:300])
             return None
-        if variant in ("pdl", "pdl-rows") and not dec.decode_pdl:
+        if variant == "pdl" and not dec.decode_pdl:
             res.skip("graphfix pdl", "programmatic dependent launch needs an sm_90+ GPU")
             return None
         return dec

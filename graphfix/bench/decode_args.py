@@ -14,7 +14,7 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SYSTEMS = ("copy", "graphfix", "hf-static", "hf-eager", "optimize")
-VARIANTS = ("fused", "gemv", "kernels", "pdl", "pdl-rows", "attention", "unfused")
+VARIANTS = ("fused", "gemv", "kernels", "pdl", "attention", "unfused")
 QUICK = {"model": "llama-2-7b", "batch_sizes": "1", "prompt_len": 5, "new_tokens": 200,
          "systems": "copy,graphfix,hf-static", "ttft_lengths": "", "variants": "fused", "warm_start": False}
 FULL = {"model": "llama-2-7b", "batch_sizes": "1,8", "prompt_len": 5, "new_tokens": 200,
@@ -42,7 +42,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    "decode kernels: norm/SiLU/residual folded into Triton GEMVs, RoPE + cache write in one kernel, split-KV "
                    "attention, batch 1), "
                    "pdl (kernels, every kernel of a layer launched with programmatic dependent launch, sm_90+), "
-                   "pdl-rows (pdl, and batches of 2 to 16 rows on the decode kernels too), "
                    "attention (gemv + "
                    "the split-KV attention only), unfused (default: pdl,kernels)")
     p.add_argument("--warm-start", dest="warm_start", action="store_true", default=None,

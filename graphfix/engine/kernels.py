@@ -8,12 +8,12 @@ to that: each program owns ``BLOCK_N`` output rows and walks ``K`` in ``BLOCK_K`
 tiles of 16-byte loads (weights marked evict-first, so they do not push the
 activations out of L2), accumulating in float32; tile sizes are autotuned per shape.
 
-``fused_gemv`` of 2 to ``MAX_ROWS`` rows (a batched decode step, one token per row) runs
-a skinny GEMM instead (``_rows_kernel``): each program still owns ``BLOCK_N`` output
-features and streams their weights once, and multiplies each weight tile with the
-tile of every row at once (``tl.dot`` with the rows padded to 16, fp32 accumulation),
-so a step of 8 rows reads the weights once, as a step of one does. The same
-prologues and epilogues apply per row.
+``fused_gemv`` of 2 to ``MAX_ROWS`` rows (a batched decode step, or a verify step's tokens)
+runs the prologue once per row (``_prologue_kernel``) and then a skinny GEMM
+(``_rows_kernel``): each program still owns ``BLOCK_N`` output features and streams
+their weights once, and multiplies each weight tile with every row at once (``tl.dot``
+with the rows padded to 16, fp32 accumulation), so a step of 8 rows reads the weights
+once, as a step of one does. The epilogues apply per row.
 
 ``fused_gemv`` folds the small element-wise kernels around a linear into the GEMV,
 because at batch 1 each of them costs a launch and a round trip through memory
@@ -45,6 +45,7 @@ dependent launch, is an opaque ``custom_op`` (Inductor's launcher has no PDL att
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -256,7 +257,21 @@ if HAS_TRITON:
         key=["N", "K", "BIAS", "RESIDUAL"],  # not M: the weights' stream decides the tile
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_rows_kernel))
 
-    def _launch_prologue(x: torch.Tensor, nw: torch.Tensor | None, eps: float, silu: bool, pdl: bool) -> torch.Tensor:
+    def launch_kernel(kernel: Any, tuned: Any, grid: Any, args: tuple, consts: dict, interpret_tile: dict,
+                      pdl: bool) -> None:
+        """One GEMV-family kernel, launched the way its context needs: under Triton's interpreter ``kernel`` with
+        the fixed ``interpret_tile`` (it cannot time tiles); with ``pdl`` the autotuned ``tuned`` directly (Inductor's
+        launcher for ``triton_op`` kernels has no PDL attribute); otherwise ``tuned`` through ``wrap_triton``, so
+        a traced graph keeps it as a kernel call. Every constexpr is passed explicitly: Inductor's launcher for
+        user kernels does not fill in defaults."""
+        if INTERPRET:
+            torch.library.wrap_triton(kernel)[grid(interpret_tile)](*args, **consts, **interpret_tile, PDL=False)
+        elif pdl:
+            tuned[grid](*args, **consts, PDL=True, launch_pdl=True)
+        else:
+            torch.library.wrap_triton(tuned)[grid](*args, **consts, PDL=False)
+
+    def rows_prologue(x: torch.Tensor, nw: torch.Tensor | None, eps: float, silu: bool, pdl: bool) -> torch.Tensor:
         """``(M, K)`` rows ready for the GEMM: ``silu(gate) * up`` of ``(M, 2K)`` and/or RMSNorm, one program a row."""
         if silu:
             k = x.shape[1] // 2
@@ -287,7 +302,7 @@ if HAS_TRITON:
                      eps: float, residual: torch.Tensor | None, pdl: bool) -> torch.Tensor:
         """``M`` rows (2 to ``MAX_ROWS``): ``x`` is ``(M, K)`` or ``(M, 2K)`` (SiLU), returns ``(M, N)``."""
         if flags["NORM"] or flags["SILU"]:
-            x = _launch_prologue(x, nw, eps, flags["SILU"], pdl)
+            x = rows_prologue(x, nw, eps, flags["SILU"], pdl)
         m = x.shape[0]
         n, k = w.shape
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -301,13 +316,8 @@ if HAS_TRITON:
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-        if INTERPRET:
-            tile = dict(INTERPRET_CONFIG, EVEN_K=k % INTERPRET_CONFIG["BLOCK_K"] == 0)
-            torch.library.wrap_triton(_rows_kernel)[grid(tile)](*args, **fixed, **tile, PDL=False)
-        elif pdl:
-            rows_kernel_tuned[grid](*args, **fixed, PDL=True, launch_pdl=True)
-        else:
-            torch.library.wrap_triton(rows_kernel_tuned)[grid](*args, **fixed, PDL=False)
+        tile = dict(INTERPRET_CONFIG, EVEN_K=k % INTERPRET_CONFIG["BLOCK_K"] == 0)
+        launch_kernel(_rows_kernel, rows_kernel_tuned, grid, args, fixed, tile, pdl)
         return out
 
     def _launch(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
@@ -327,16 +337,9 @@ if HAS_TRITON:
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-        if INTERPRET:
-            tile = dict(INTERPRET_CONFIG, EVEN_K=k % INTERPRET_CONFIG["BLOCK_K"] == 0)
-            torch.library.wrap_triton(_gemv_kernel)[grid(tile)](x, w, out, nw, b, res, n, k, w.stride(0), eps,
-                                                               **flags, **tile, PDL=False)
-        elif pdl:  # a direct launch: Inductor's launcher for triton_op kernels has no PDL attribute
-            gemv_kernel_tuned[grid](x, w, out, nw, b, res, n, k, w.stride(0), eps, **flags, PDL=True, launch_pdl=True)
-        else:
-            # every constexpr passed explicitly: Inductor's launcher for user kernels does not fill in defaults
-            torch.library.wrap_triton(gemv_kernel_tuned)[grid](x, w, out, nw, b, res, n, k, w.stride(0), eps,
-                                                                **flags, PDL=False)
+        tile = dict(INTERPRET_CONFIG, EVEN_K=k % INTERPRET_CONFIG["BLOCK_K"] == 0)
+        launch_kernel(_gemv_kernel, gemv_kernel_tuned, grid, (x, w, out, nw, b, res, n, k, w.stride(0), eps), flags,
+                      tile, pdl)
         return out
 
     @torch.library.triton_op("graphfix::gemv", mutates_args={})

@@ -224,7 +224,7 @@ def _fused(module: nn.Module, x: torch.Tensor, *, pdl: bool, **prologue: Any) ->
 
 DEFAULT_KERNEL_ROWS = 16
 """Rows a step may have to take the decode kernels by default (``use_decode_kernels(max_rows=...)``): batched decode
-steps, and at batch 1 verify steps and prefills of up to this many tokens."""
+steps, and at batch 1 verify steps of up to this many tokens."""
 
 
 class LlamaDecoder(nn.Module):
@@ -363,11 +363,11 @@ class LlamaDecoder(nn.Module):
         """Run decode steps of 1 to ``max_rows`` rows through ``Block.decode_fused`` (seven kernels a layer).
 
         Needs ``fuse=True``. ``max_rows`` (1 to ``kernels.MAX_ROWS``, default ``DEFAULT_KERNEL_ROWS``):
-        steps of up to this many rows (a batch of one token each, or at batch 1 this many tokens of the
-        sequence: a speculative verify step, a short prefill) run the kernels. On an H200 (Llama-2-7B, one
-        CUDA graph a step, docs/benchmarks.md, 2026-12-03) a batch-8 step took 4.43 ms (0.80 of the batch-1
-        rate per sequence; Inductor's compiled GEMMs gave about 0.78) and a 5-token verify step 4.23 ms, 1.18x
-        a one-token step (1.92x on the standard path).
+        steps of up to this many rows (a batch of one token each, or at batch 1 a speculative verify step's
+        tokens, ``step(shared_rows=True)``) run the kernels. On an H200 (Llama-2-7B, one CUDA graph a step,
+        docs/benchmarks.md, 2026-12-03) a batch-8 step took 4.43 ms (0.80 of the batch-1 rate per sequence;
+        Inductor's compiled GEMMs gave about 0.78 in an earlier session) and a 5-token verify step 4.23 ms,
+        1.18x a one-token step (1.92x on the standard path).
 
         ``fuse_linears=False``: the split-KV attention kernel only. Longer prefills and larger
         batches (GEMMs, where cuBLAS wins) keep the standard path (``kernels_serve``). A ``Generator``

@@ -139,8 +139,8 @@ def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos_table: torch.Tensor, si
                pdl: bool = False, shared_row: bool = False) -> torch.Tensor:
     """Rotate q and k of one decode token per row and write k and v at ``pos``: returns q ``(B, H, D)``.
 
-    ``shared_row``: the rows are consecutive tokens of one sequence (a verify step or a short prefill at
-    batch 1, ``LlamaDecoder.step``): all of them are written to cache row 0, each at its own position.
+    ``shared_row``: the rows are consecutive tokens of one sequence (a verify step at batch 1,
+    ``LlamaDecoder.step(shared_rows=True)``): all of them are written to cache row 0, each at its own position.
 
     ``qkv``: ``(B, 1, (H + 2 KV) * D)``, the fused projection's output; ``pos``: ``(B,)``;
     ``cos_table``/``sin_table``: the decoder's whole tables (indexed here by ``pos``);

@@ -39,7 +39,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from graphfix.engine.kernels import _launch_prologue
+    from graphfix.engine.kernels import launch_kernel, rows_prologue
 
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128}
 QCONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K >= 128 so that a tile holds whole groups
@@ -305,26 +305,15 @@ if HAS_TRITON:
 
         if rows > 1:
             if nw is not None or silu:  # once per row before the GEMM, as the bf16 rows kernel does (its docstring)
-                x = _launch_prologue(x, nw, eps, silu, pdl)
+                x = rows_prologue(x, nw, eps, silu, pdl)
                 flags["NORM"] = flags["SILU"] = False
             args = (x, q, s, z_arg, out, nw_arg, b_arg, res, rows, n, k, x.stride(0), q.stride(0), s.stride(0), eps)
             fixed = {**flags, "BLOCK_M": ROW_BLOCK, "F32_DOT": INTERPRET or x.dtype == torch.float32}
-            if INTERPRET:
-                torch.library.wrap_triton(_qrows_kernel)[grid(INTERPRET_CONFIG)](*args, **fixed, **INTERPRET_CONFIG,
-                                                                                 PDL=False)
-            elif pdl:
-                qrows_kernel_tuned[grid](*args, **fixed, PDL=True, launch_pdl=True)
-            else:
-                torch.library.wrap_triton(qrows_kernel_tuned)[grid](*args, **fixed, PDL=False)
+            launch_kernel(_qrows_kernel, qrows_kernel_tuned, grid, args, fixed, INTERPRET_CONFIG, pdl)
             return out
         args = (x, q, s, z_arg, out, nw_arg, b_arg, res, n, k, q.stride(0), s.stride(0), eps)
-        if INTERPRET:
-            tile = dict(INTERPRET_CONFIG, ACC_W=_acc_width({**INTERPRET_CONFIG, **flags}))
-            torch.library.wrap_triton(_qgemv_kernel)[grid(tile)](*args, **flags, **tile, PDL=False)
-        elif pdl:
-            qgemv_kernel_tuned[grid](*args, **flags, PDL=True, launch_pdl=True)
-        else:
-            torch.library.wrap_triton(qgemv_kernel_tuned)[grid](*args, **flags, PDL=False)
+        tile = dict(INTERPRET_CONFIG, ACC_W=_acc_width({**INTERPRET_CONFIG, **flags}))
+        launch_kernel(_qgemv_kernel, qgemv_kernel_tuned, grid, args, flags, tile, pdl)
         return out
 
     @torch.library.triton_op("graphfix::qgemv", mutates_args={})
