@@ -30,14 +30,21 @@ if HAS_TRITON:
     import triton.language as tl
 
 BLOCK_S = 32
-TARGET_PROGRAMS = 256
-"""Splits are chosen so that heads x splits is about this many blocks (two waves on an H100's 132 SMs)."""
+"""Cache slots a program loads per step (read at each launch, so ``benchmarks/bench_attention.py`` can sweep it)."""
+NUM_WARPS = 1
+"""Warps of the split kernel's programs. One warp per program, and more programs: on an H200 (Llama-2-7B heads,
+32 layers, ``bench_attention.py``) batch 8 went from 0.54 to 0.31 ms a step, a verify step's 5 shared rows from
+0.41 to 0.25 ms, batch 1 at position 700 from 0.58 to 0.37 ms; batch 1 at position 100 stayed at 0.24 ms. A
+program's work is a 32 x 128 dot product and a reduction: with 4 warps most of its time went to reductions across
+warps, not to loads."""
+TARGET_PROGRAMS = 512
+"""Splits are chosen so that heads x splits is about this many programs (one-warp programs: several per SM)."""
 
 
-MIN_SPLITS = 4
+MIN_SPLITS = 8
 """Splits per row and head wherever the cache has that many tiles: a batch-8 step already has 256 rows x heads, and
-with one split each a program walked its slots tile after tile, 0.49 ms a step over 32 layers on an H200 against
-0.15 ms at batch 1 (docs/benchmarks.md)."""
+with one split each a program walked its slots tile after tile (0.49 ms a step over 32 layers on an H200 against
+0.15 ms at batch 1, docs/benchmarks.md); 8 was the best of 1, 2, 4, 8 at batch 8 and 16 (``bench_attention.py``)."""
 MAX_CHUNK = 512
 """Slots one program streams at most. Batched steps fill ``TARGET_PROGRAMS`` with rows x heads alone (256 on
 Llama-2-7B at batch 8), which would leave a long cache to one program per row and head; this keeps several
@@ -160,7 +167,7 @@ if HAS_TRITON:
             q, k, v, pos, part_out, part_m, part_l, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), n_heads, n_heads // n_kv, kv_len, chunk,
             max(window, 1), scale, splits, HEAD_DIM=head_dim, BLOCK=BLOCK_S, HAS_WINDOW=window > 0, PDL=pdl,
-            num_warps=4, **extra)
+            num_warps=NUM_WARPS, **extra)
         combine_kernel[(bsz * n_heads,)](
             part_out, part_m, part_l, out, splits, out.stride(0), out.stride(1), n_heads, HEAD_DIM=head_dim,
             SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, **extra)
