@@ -9,9 +9,10 @@ the same seven kernels a layer on quantized weights.
 One row (``_qgemv_kernel``): each program owns ``BLOCK_N`` output rows and walks ``K`` in
 ``BLOCK_K`` tiles. Scales factor out of a group's dot product, so the tile is reduced per
 group first and scaled once per group: ``sum_g(s_g * sum(q * x) + z_g * sum(x))`` (the
-``z`` term only for int4). The int4 tile is ``BLOCK_K / 2`` bytes of each row; its low nibbles
-are the even weights and its high nibbles the odd ones (``quant.scheme``), so the input is read as
-its even and odd halves and nothing is interleaved in registers.
+``z`` term only for int4). The int4 tile is loaded as ``(BLOCK_N, groups, GROUP / 2)`` bytes, so
+the per-group sums reduce the last axis and nothing is reshaped; its low nibbles are the even
+weights and its high nibbles the odd ones (``quant.scheme``), so the input is read as its even
+and odd halves. Codes become float32 by the exponent trick, not by a conversion instruction.
 
 2 to 16 rows (``_qrows_kernel``): the weight tile is dequantized once into the dtype and
 multiplied with every row's slice by ``tl.dot`` (rows padded to 16), as the bf16 rows kernel
@@ -44,7 +45,8 @@ if HAS_TRITON:
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128}
 QCONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K >= 128 so that a tile holds whole groups
     (4, 1024, 4, 3), (2, 1024, 4, 4), (8, 512, 4, 4), (4, 512, 4, 4), (8, 256, 4, 4), (16, 256, 4, 4),
-    (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (2, 2048, 8, 3), (4, 2048, 8, 3),
+    (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (2, 2048, 8, 3), (4, 2048, 8, 3), (16, 512, 4, 3),
+    (8, 1024, 8, 3),
 ]
 QROWS_CONFIGS = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4),
                  (32, 512, 8, 3)]
@@ -102,15 +104,45 @@ if HAS_TRITON:
                        other=0, eviction_policy="evict_first")
 
     @triton.jit
+    def _nibble_float(u):
+        """``u`` in [0, 15] (int32) as float32 by the exponent trick: ``u | 0x4B000000`` read as float32 is
+        ``2**23 + u``, an integer OR and one subtraction where a conversion (``I2F``, a sixteenth of the FMA rate on
+        Hopper) would be (``benchmarks/bench_quant_variants.py``: the one-row int4 GEMV 1.5x faster on an H200)."""
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _int8_float(q):
+        """int8 codes as float32 by the exponent trick (``q + 128`` as the low byte of ``2**23``)."""
+        u = q.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _codes_grouped(q_ptr, rn, mask_n, k, K, stride_qn, GROUP: tl.constexpr, NG: tl.constexpr):
+        """The one-row int4 tile at column ``k``: ``(BLOCK_N, NG, GROUP // 2)`` bytes, streamed once (evict-first)."""
+        rg = tl.arange(0, NG)
+        rh = tl.arange(0, GROUP // 2)
+        offs = (k // 2 + rg[:, None] * (GROUP // 2) + rh[None, :])[None, :, :]
+        mask = mask_n[:, None, None] & ((k // GROUP + rg) < K // GROUP)[None, :, None]
+        return tl.load(q_ptr + rn[:, None, None].to(tl.int64) * stride_qn + offs, mask=mask, other=0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
+    def _one_row_codes(q_ptr, rn, mask_n, k, K, stride_qn, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_K: tl.constexpr, NG: tl.constexpr):
+        if BITS == 4:
+            return _codes_grouped(q_ptr, rn, mask_n, k, K, stride_qn, GROUP, NG)
+        return _codes(q_ptr, rn, mask_n, k, K, stride_qn, BITS, BLOCK_K)
+
+    @triton.jit
     def _qtile(acc, sq, codes, q_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, rn, mask_n, k, K, stride_qn, stride_sn,
                dtype: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
                SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_W: tl.constexpr):
         """One ``BLOCK_K`` step of the one-row kernel: ``acc`` is ``(BLOCK_N, ACC_W)``."""
-        if BITS == 4:
-            rb = tl.arange(0, BLOCK_K // 2)
-            ke = k + 2 * rb
-            mask_k = ke < K
-            b = codes
+        if BITS == 4:  # codes (BLOCK_N, ACC_W, GROUP // 2): a group's bytes along the last axis, no reshape
+            rg = tl.arange(0, ACC_W)
+            rh = tl.arange(0, GROUP // 2)
+            ke = k + rg[:, None] * GROUP + 2 * rh[None, :]
+            mask_k = ((k // GROUP + rg) < K // GROUP)[:, None] & (rh < GROUP // 2)[None, :]
             nwe = 1.0
             nwo = 1.0
             if NORM:
@@ -119,12 +151,12 @@ if HAS_TRITON:
             xe, sqe = _prologue(x_ptr + ke, mask_k, nwe, K, dtype, NORM, SILU)
             xo, sqo = _prologue(x_ptr + ke + 1, mask_k, nwo, K, dtype, NORM, SILU)
             sq += sqe + sqo
-            lo = (b & 0xF).to(tl.float32)
-            hi = (b >> 4).to(tl.float32)
-            part = lo * xe[None, :] + hi * xo[None, :]
+            b = codes.to(tl.int32)
+            lo = _nibble_float(b & 0xF)
+            hi = _nibble_float(b >> 4)
+            qx = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+            xs = tl.sum(xe + xo, axis=1)
             s, z = _group_params(s_ptr, z_ptr, rn, mask_n, k, stride_sn, K, ACC_W, GROUP, True)
-            qx = tl.sum(tl.reshape(part, (BLOCK_N, ACC_W, GROUP // 2)), axis=2)
-            xs = tl.sum(tl.reshape(xe + xo, (ACC_W, GROUP // 2)), axis=1)
             acc += qx * s + z * xs[None, :]
         else:
             rk = tl.arange(0, BLOCK_K)
@@ -135,7 +167,7 @@ if HAS_TRITON:
                 nw = tl.load(nw_ptr + k + rk, mask=mask_k, other=0.0).to(tl.float32)
             xv, sqv = _prologue(x_ptr + k + rk, mask_k, nw, K, dtype, NORM, SILU)
             sq += sqv
-            part = w.to(tl.float32) * xv[None, :]
+            part = _int8_float(w) * xv[None, :]
             if GROUP == 0:  # per channel: the row's one scale is applied after the loop
                 acc += part
             else:
@@ -181,23 +213,27 @@ if HAS_TRITON:
         dtype = out_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_N, ACC_W), dtype=tl.float32)
         if BITS == 4:
-            sq = tl.zeros((BLOCK_K // 2,), dtype=tl.float32)
+            sq = tl.zeros((ACC_W, GROUP // 2), dtype=tl.float32)
         else:
             sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
         # the first packed tile is loaded before anything the previous kernel writes: with PDL this program
         # streams it while that kernel drains, then waits (griddepcontrol.wait) before reading x or the residual
-        codes = _codes(q_ptr, rn, mask_n, 0, K, stride_qn, BITS, BLOCK_K)
+        codes = _one_row_codes(q_ptr, rn, mask_n, 0, K, stride_qn, BITS, GROUP, BLOCK_K, ACC_W)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         acc, sq = _qtile(acc, sq, codes, q_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, rn, mask_n, 0, K, stride_qn, stride_sn,
                          dtype, BITS, GROUP, NORM, SILU, BLOCK_N, BLOCK_K, ACC_W)
         for k in range(BLOCK_K, K, BLOCK_K):
-            codes = _codes(q_ptr, rn, mask_n, k, K, stride_qn, BITS, BLOCK_K)
+            codes = _one_row_codes(q_ptr, rn, mask_n, k, K, stride_qn, BITS, GROUP, BLOCK_K, ACC_W)
             acc, sq = _qtile(acc, sq, codes, q_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, rn, mask_n, k, K, stride_qn, stride_sn,
                              dtype, BITS, GROUP, NORM, SILU, BLOCK_N, BLOCK_K, ACC_W)
         out = tl.sum(acc, axis=1)
-        _epilogue(out, rn, mask_n, tl.sum(sq, axis=0), s_ptr, b_ptr, res_ptr, out_ptr, rn, mask_n, K, stride_sn,
+        if BITS == 4:
+            sq_row = tl.sum(tl.sum(sq, axis=1), axis=0)
+        else:
+            sq_row = tl.sum(sq, axis=0)
+        _epilogue(out, rn, mask_n, sq_row, s_ptr, b_ptr, res_ptr, out_ptr, rn, mask_n, K, stride_sn,
                   eps, dtype, GROUP, NORM, BIAS, RESIDUAL, False)
 
     qgemv_kernel_tuned = triton.autotune(
