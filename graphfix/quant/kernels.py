@@ -129,9 +129,12 @@ if HAS_TRITON:
     @triton.jit
     def _one_row_codes(q_ptr, rn, mask_n, k, K, stride_qn, BITS: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_K: tl.constexpr, NG: tl.constexpr):
+        """The one-row kernel's tile: grouped for int4 (one return: Triton wants a single return type)."""
         if BITS == 4:
-            return _codes_grouped(q_ptr, rn, mask_n, k, K, stride_qn, GROUP, NG)
-        return _codes(q_ptr, rn, mask_n, k, K, stride_qn, BITS, BLOCK_K)
+            codes = _codes_grouped(q_ptr, rn, mask_n, k, K, stride_qn, GROUP, NG)
+        else:
+            codes = _codes(q_ptr, rn, mask_n, k, K, stride_qn, BITS, BLOCK_K)
+        return codes
 
     @triton.jit
     def _qtile(acc, sq, codes, q_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, rn, mask_n, k, K, stride_qn, stride_sn,
