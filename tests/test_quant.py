@@ -148,3 +148,14 @@ def test_dequantizing_kernels_in_the_interpreter_match_the_reference():
     assert {r["rows"] for r in rows} == {1, 2, 3, 16}
     assert {"norm", "silu", "bias", "residual"} <= {f for r in rows for f in r["flags"]}
     assert all(r["ok"] and r["rel_error"] < 1e-4 for r in rows)
+
+
+def test_dequantizing_kernels_in_bf16_take_the_paths_a_gpu_takes():
+    """In bf16 the codes become bf16 by the exponent trick (``_nibble_code``, ``_int8_float``) as on a GPU; float32
+    (above) converts them. Same cases, the dtype's tolerance."""
+    proc = subprocess.run([sys.executable, "-m", "graphfix.bench.quant_check", "--interpret", "--dtype", "bfloat16"],
+                          check=False, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    assert {r["rows"] for r in rows} == {1, 2, 3, 16} and len(rows) >= 90
+    assert all(r["ok"] for r in rows)
