@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speculative.py                          # SmolLM2-135M, CPU: plain vs lookup:2/3/4, draft:3
     python benchmarks/bench_speculative.py --specs lookup:4 --new 64 --repeats 1
+    python benchmarks/bench_speculative.py --specs lookup:2,lookup:3,lookup:4 --no-fallback --repeats 2  # docs' table
     python benchmarks/bench_speculative.py --gpu                    # 7B shapes, H200: verify step of k = 1, 2, 4, 8
     python benchmarks/bench_speculative.py --gpu-engine [--engine-model llama-2-7b]   # the engine on CUDA graphs
 

