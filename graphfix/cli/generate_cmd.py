@@ -387,6 +387,6 @@ def _generate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         f"{result.tokens_per_s:.1f} tokens/s per row")
     if result.speculation:
         info = result.speculation
-        say(f"speculation {info['speculate']}: {info['rounds']} verify steps, "
-            f"{info['tokens_per_step']:.2f} tokens per step, acceptance {info['acceptance']:.2f}")
+        say(f"speculation {info['speculate']}: {info['verify_steps']} verify steps, {info['plain_steps']} plain steps "
+            f"(no match), {info['tokens_per_step']:.2f} tokens per step, acceptance {info['acceptance']:.2f}")
     return 0

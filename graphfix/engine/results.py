@@ -42,7 +42,8 @@ class GenerationResult:
     logits: torch.Tensor | None = None
     """``(steps, B, V)`` float32 on CPU, when asked for (``record_logits``)."""
     speculation: dict[str, Any] | None = None
-    """Speculative requests only: rounds (verify steps), tokens per verify step, acceptance (``engine.speculative``)."""
+    """Speculative requests only (``engine.speculative``): rounds (target steps), verify_steps, plain_steps (no-match
+    fallback), tokens_per_step, tokens_per_verify_step, acceptance (accepted over proposals verified)."""
 
     @property
     def tokens_per_s(self) -> float:

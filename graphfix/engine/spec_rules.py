@@ -3,11 +3,13 @@
 Everything here is fixed-shape tensor arithmetic with no host sync, so it traces into
 the round graph of ``graphfix.engine.speculative`` (one compiled, CUDA-graphed call per round):
 
-- ``lookup_proposals``: prompt lookup (n-gram) decoding. Each row's last ``m`` tokens
-  (``m`` from ``max_ngram`` down to 1) are searched for in the row's earlier tokens; the
-  ``k`` tokens that followed the most recent match are the proposal. Always ``k`` tokens
-  (padded with whatever follows, or the last token when nothing matched): a bad proposal
-  only costs acceptance, never exactness, because the target verifies every token.
+- ``lookup_match`` / ``lookup_proposals``: prompt lookup (n-gram) decoding. Each row's last ``m``
+  tokens (``m`` from ``max_ngram`` down to ``min_ngram``) are searched for in the row's earlier
+  tokens; the ``k`` tokens that followed the most recent match are the proposal, with the count
+  of them that are the row's own tokens (0: no match). Always ``k`` tokens (padded with whatever
+  follows, or the last token when nothing matched): a bad proposal only costs acceptance, never
+  exactness, because the target verifies every token.
+- ``plain_token``: the target's next token when a round proposes nothing (a plain one-token step).
 - ``accept_greedy``: the longest prefix of the proposal equal to the target's argmax;
   the target's next argmax follows it. The emitted tokens are exactly the target's greedy tokens.
 - ``accept_sampled``: the standard speculative-sampling rule (accept draft token ``d`` with
@@ -31,18 +33,25 @@ SALT_ACCEPT = 0xACCE97
 SALT_RESIDUAL = 0x2E51D0
 
 
-def lookup_proposals(seq: torch.Tensor, length: torch.Tensor, k: int, max_ngram: int = 3) -> torch.Tensor:
-    """``(B, k)`` proposals from each row's own tokens ``seq[b, :length[b]]`` (prompt and generated).
+def lookup_match(seq: torch.Tensor, length: torch.Tensor, k: int, max_ngram: int = 3,
+                 min_ngram: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(proposals (B, k), usable (B,))``: prompt-lookup proposals and how many of them are real tokens.
 
-    Longer n-grams win over shorter ones; among matches of one size, the most recent wins
-    (generation tends to repeat what it just quoted). A match must end before the row's last
-    token, so the continuation starts at a real token; positions past ``length`` hold stale
-    tokens (earlier rounds' rejected predictions), which are still valid guesses.
+    Each row's last ``m`` tokens (``m`` from ``max_ngram`` down to ``min_ngram``) are searched for in
+    ``seq[b, :length[b]]`` (prompt and generated). Longer n-grams win over shorter ones; among matches
+    of one size, the most recent wins (generation tends to repeat what it just quoted). A match must
+    end before the row's last token, so the continuation starts at a real token.
+
+    ``usable[b]``: the proposal tokens that come from the row itself (``min(k, length - start)``);
+    0 when no n-gram of at least ``min_ngram`` tokens matched. Proposals past ``usable`` read slots at
+    or above the row's length, which hold nothing the row wrote: a round needs to verify only the
+    first ``usable``, and a round where no row has any is better run as a plain one-token step
+    (``speculative.Speculator`` decides per round from this count).
     """
     bsz, cap = seq.shape
     start = length - 1  # nothing matched: propose from the last token on (rarely accepted, always correct)
     found = torch.zeros(bsz, dtype=torch.bool, device=seq.device)
-    for m in range(max_ngram, 0, -1):
+    for m in range(max_ngram, max(1, min_ngram) - 1, -1):
         tail_idx = (length.unsqueeze(1) - m + torch.arange(m, device=seq.device)).clamp(min=0)
         tail = seq.gather(1, tail_idx)  # (B, m)
         windows = seq.unfold(1, m, 1)  # (B, cap - m + 1, m)
@@ -54,7 +63,27 @@ def lookup_proposals(seq: torch.Tensor, length: torch.Tensor, k: int, max_ngram:
         start = torch.where(hit, best + m, start)
         found = found | hit
     idx = (start.unsqueeze(1) + torch.arange(k, device=seq.device)).clamp(max=cap - 1)
-    return seq.gather(1, idx)
+    usable = torch.where(found, (length - start).clamp(max=k), 0)
+    return seq.gather(1, idx), usable
+
+
+def lookup_proposals(seq: torch.Tensor, length: torch.Tensor, k: int, max_ngram: int = 3) -> torch.Tensor:
+    """``(B, k)`` proposals from each row's own tokens ``seq[b, :length[b]]`` (``lookup_match`` without the count)."""
+    return lookup_match(seq, length, k, max_ngram)[0]
+
+
+def plain_token(logits: torch.Tensor, mode: str, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)``: the target's own next token from a one-token step's logits ``(B, 1, V)`` (a round with no proposal).
+
+    Greedy: the argmax. Sampling: one draw from the target's probabilities, with the residual
+    draw's salt and the round counter (what ``accept_sampled`` draws after a rejection, with ``q = 0``),
+    so the token follows the target's distribution and every round's numbers are fresh.
+    """
+    if mode == "greedy":
+        return logits.argmax(-1)
+    p = target_probs(logits, mode, temperature, top_k, top_p)[:, 0]
+    return race(p, seeds ^ SALT_RESIDUAL, counter).unsqueeze(1)
 
 
 def accept_greedy(logits: torch.Tensor, proposals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

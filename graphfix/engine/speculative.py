@@ -7,7 +7,14 @@ row per target step. A whole round is one compiled function (``fullgraph``, fixe
 CUDA-graphed on CUDA with Inductor) that writes into fixed-address state tensors, like the
 plain decode graph: proposals, the draft's ``k`` steps, the verify step, acceptance, EOS and
 the per-row lengths all stay on the device. The host reads one flag per round (whether every
-row is done) and the longest row (which cache prefix the next round attends to).
+row is done), the longest row (which cache prefix the next round attends to) and, for lookup,
+how many of the next round's proposals are real (each round makes the next one's at its end).
+
+- **No-match fallback** (lookup). When no running row has an n-gram match, the next round is a
+  plain one-token step (``k = 0``: ``spec_rules.plain_token``) instead of a ``k + 1``-token verify
+  step of padding; eager, a round verifies only as many proposals as the best row has (a smaller
+  step costs less on a CPU). Compiled, that is one more round graph per setting (verify and plain),
+  both run by the first request; off by default under CUDA graphs (``SpecConfig.fallback``).
 
 - **Exactness.** Greedy: every emitted token is the target's argmax given the tokens
   before it (``spec_rules.accept_greedy``), so the output is the plain decode's, up to the
@@ -44,7 +51,8 @@ from graphfix.engine.spec_rules import (
     SALT_DRAFT,
     accept_greedy,
     accept_sampled,
-    lookup_proposals,
+    lookup_match,
+    plain_token,
     race,
     target_probs,
 )
@@ -55,15 +63,25 @@ KINDS = ("lookup", "draft")
 DEFAULT_K = 4
 MAX_K = 16
 GRAPH_CALLS = 3  # CUDA-graph trees warm up, record, then replay: a new round graph runs at least this often
+STATS = 4  # per-row counters of a request (_SpecState.stats)
 
 
 @dataclasses.dataclass(frozen=True)
 class SpecConfig:
-    """What to speculate with: ``kind`` ``lookup`` or ``draft``, ``k`` proposed tokens per round."""
+    """What to speculate with: ``kind`` ``lookup`` or ``draft``, ``k`` proposed tokens per round.
+
+    Lookup only: ``max_ngram`` / ``min_ngram``, the n-gram sizes looked up (a match shorter than
+    ``min_ngram`` counts as none). ``fallback``: a round where no running row has a match runs a
+    plain one-token step instead of verifying ``k + 1`` tokens of padding; ``None`` (default) turns
+    it on unless the rounds are CUDA-graphed (there the choice would add a graph per setting to
+    warm up, and a padded verify step costs little more than a one-token step: the H200 figures).
+    """
 
     kind: str
     k: int = DEFAULT_K
     max_ngram: int = 3
+    min_ngram: int = 1
+    fallback: bool | None = None
 
     @classmethod
     def parse(cls, spec: str | SpecConfig | None) -> SpecConfig | None:
@@ -85,13 +103,15 @@ class SpecConfig:
         return cls(kind, n)
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.k}"
+        extra = "" if (self.max_ngram, self.min_ngram, self.fallback) == (3, 1, None) else \
+            f" (n-grams {self.min_ngram}-{self.max_ngram}, fallback {self.fallback})"
+        return f"{self.kind}:{self.k}{extra}"
 
 
 class _SpecState:
     """One batch size's round state at fixed addresses (CUDA graphs mutate it in place)."""
 
-    def __init__(self, batch: int, capacity: int, device: torch.device, max_eos: int) -> None:
+    def __init__(self, batch: int, capacity: int, device: torch.device, max_eos: int, k: int) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -99,7 +119,8 @@ class _SpecState:
         self.length, self.limit = zeros(batch), zeros(batch)
         self.done = zeros(batch, dtype=torch.bool)
         self.rounds = zeros(1)
-        self.stats = zeros(batch, 2)  # per row: proposals accepted, rounds while running
+        self.stats = zeros(batch, STATS)  # per row, while running: accepted, steps, proposals verified, verify steps
+        self.proposals, self.usable = zeros(batch, k), zeros(batch)  # lookup: the next round's, made by this one
         self.seeds, self.top_k = zeros(batch), zeros(batch)
         self.temperature, self.top_p = torch.ones(batch, device=device), torch.ones(batch, device=device)
         self.eos = torch.full((max_eos,), -1, dtype=torch.long, device=device)
@@ -108,7 +129,15 @@ class _SpecState:
 
     def args(self) -> tuple[torch.Tensor, ...]:
         return (self.seq, self.length, self.limit, self.done, self.rounds, self.stats, self.seeds, self.temperature,
-                self.top_k, self.top_p, self.eos)
+                self.top_k, self.top_p, self.eos, self.proposals, self.usable)
+
+    def progress(self, stream: bool) -> list[int]:
+        """One read per round: [every row done, the longest row, the most usable lookup proposals of a running row],
+        then (``stream``) every row's done flag and length."""
+        head = [self.done.all().long(), self.length.max(), self.usable.max()]
+        if stream:
+            return torch.cat([torch.stack(head), self.done.long(), self.length]).tolist()
+        return torch.stack(head).tolist()
 
 
 def _draft_proposals(draft: StepModel, seq: torch.Tensor, length: torch.Tensor, k: int, mode: str, seeds, rounds,
@@ -132,15 +161,29 @@ def _draft_proposals(draft: StepModel, seq: torch.Tensor, length: torch.Tensor, 
     return torch.stack(drafted, 1), (torch.stack(probs, 1) if probs else None)
 
 
+def _next_lookup(spec: SpecConfig, seq: torch.Tensor, length: torch.Tensor, done: torch.Tensor,
+                 proposals: torch.Tensor, usable: torch.Tensor) -> None:
+    """The next round's lookup proposals into the state, made at the end of this round: the host reads how
+    many are usable with the round's one read, and picks the next round's size (``Speculator._round_k``)."""
+    found, count = lookup_match(seq, length, spec.k, spec.max_ngram, spec.min_ngram)
+    proposals.copy_(found)
+    usable.copy_(torch.where(done, 0, count))
+
+
 def make_round(target: StepModel, draft: StepModel | None, spec: SpecConfig, mode: str,
-               kv_len: int | None) -> Callable:
-    """One round (proposals, verify, acceptance, state update) as a function of the state tensors; returns nothing."""
-    k = spec.k
+               kv_len: int | None, k: int | None = None) -> Callable:
+    """One round (proposals, verify, acceptance, state update) as a function of the state tensors; returns nothing.
+
+    ``k``: the proposals this round verifies (default ``spec.k``); lookup takes the first ``k`` of the
+    state's proposals. ``k = 0`` is a plain one-token step (``spec_rules.plain_token``).
+    """
+    k = spec.k if k is None else k
     last_slot = target.max_seq_len - 1
 
-    def spec_round(seq, length, limit, done, rounds, stats, seeds, temperature, top_k, top_p, eos):
+    def spec_round(seq, length, limit, done, rounds, stats, seeds, temperature, top_k, top_p, eos, next_props,
+                   usable):
         if draft is None:
-            proposals, q = lookup_proposals(seq, length, k, spec.max_ngram), None
+            proposals, q = next_props[:, :k], None
         else:
             proposals, q = _draft_proposals(draft, seq, length, k, mode, seeds, rounds, temperature, top_k, top_p)
         offsets = torch.arange(k + 1, device=seq.device)
@@ -151,7 +194,10 @@ def make_round(target: StepModel, draft: StepModel | None, spec: SpecConfig, mod
         if supports_shared_rows(target):  # the verify step on the decode kernels (LlamaDecoder)
             extra["shared_rows"] = True
         logits = target.step(verify_in, pos, **extra)
-        if mode == "greedy":
+        if k == 0:
+            tokens = plain_token(logits, mode, temperature, top_k, top_p, seeds, rounds)
+            accepted = torch.zeros_like(length)
+        elif mode == "greedy":
             tokens, accepted = accept_greedy(logits, proposals)
         else:
             p = target_probs(logits, mode, temperature, top_k, top_p)
@@ -165,16 +211,21 @@ def make_round(target: StepModel, draft: StepModel | None, spec: SpecConfig, mod
         seq.scatter_(1, idx, torch.where(offsets < count.unsqueeze(1), tokens, seq.gather(1, idx)))
         length.add_(count)
         done.logical_or_(running & (hit.any(-1) | (length >= limit)))
-        stats.add_(torch.stack([torch.where(running, accepted, 0), running.long()], dim=1))
+        run = running.long()
+        stats.add_(torch.stack([torch.where(running, accepted, 0), run, run * k, run * int(k > 0)], dim=1))
         rounds.add_(1)
+        if draft is None:
+            _next_lookup(spec, seq, length, done, next_props, usable)
 
     return spec_round
 
 
-def _make_start(mode: str) -> Callable:
-    """The first token from the prefill logits, written after the prompt (the same draw as plain decoding)."""
+def _make_start(mode: str, lookup: SpecConfig | None) -> Callable:
+    """The first token from the prefill logits, written after the prompt (the same draw as plain decoding);
+    with ``lookup``, the first round's proposals."""
 
-    def spec_start(logits, seq, length, limit, done, rounds, stats, seeds, temperature, top_k, top_p, eos):
+    def spec_start(logits, seq, length, limit, done, rounds, stats, seeds, temperature, top_k, top_p, eos, next_props,
+                   usable):
         step = torch.zeros(1, dtype=torch.long, device=seq.device)
         first = sample(logits, mode, seeds, step, temperature, top_k, top_p)
         seq.scatter_(1, length.unsqueeze(1), first.unsqueeze(1))
@@ -182,6 +233,8 @@ def _make_start(mode: str) -> Callable:
         done.copy_(_is_eos(first, eos) | (length >= limit))
         rounds.zero_()
         stats.zero_()
+        if lookup is not None:
+            _next_lookup(lookup, seq, length, done, next_props, usable)
 
     return spec_start
 
@@ -213,7 +266,7 @@ class Speculator:
     def _state(self, batch: int) -> _SpecState:
         if batch not in self._states:
             cap = self.gen.model.max_seq_len + self.spec.k + 1
-            self._states[batch] = _SpecState(batch, cap, self.gen.device, self.gen.max_eos)
+            self._states[batch] = _SpecState(batch, cap, self.gen.device, self.gen.max_eos, self.spec.k)
         return self._states[batch]
 
     def _fn(self, key: tuple) -> Callable:
@@ -221,9 +274,9 @@ class Speculator:
         fn = self._fns.get(full)
         if fn is None:
             if key[0] == "start":
-                fn = self.gen._compiled(_make_start(key[2]), False)
+                fn = self.gen._compiled(_make_start(key[2], self.spec if self.draft is None else None), False)
             else:
-                fn = self.gen._compiled(make_round(self.gen.model, self.draft, self.spec, key[2], key[3]),
+                fn = self.gen._compiled(make_round(self.gen.model, self.draft, self.spec, key[2], key[3], key[4]),
                                         self.gen.cuda_graphs)
             self._fns[full] = fn
         return fn
@@ -265,25 +318,27 @@ class Speculator:
                 self.draft.reset()
                 self.draft_gen._prefill(rows, self.draft_gen._state(batch))
             t1 = gen._clock.mark()
-            rounds, longest_now, streamed = 0, longest + 1, 0
-            finished = bool(state.done.all())
-            while not finished:
-                key = ("round", batch, mode, gen._kv_len(min(longest_now + self.spec.k, gen.model.max_seq_len)))
+            steps, streamed = {"verify": 0, "plain": 0}, 0
+            progress = state.progress(False)
+            while True:
+                if progress[0]:  # every row done: compiled, each round graph of this setting must have run enough
+                    key = self._unwarmed(batch, mode, progress[1])
+                    if key is None:
+                        break
+                else:
+                    k = self._round_k(progress[2])
+                    key = ("round", batch, mode, gen._kv_len(min(progress[1] + k, gen.model.max_seq_len)), k)
+                    steps["verify" if k else "plain"] += 1
                 if gen.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 self._fn(key)(*state.args())
-                calls = self._calls[key] = self._calls.get(key, 0) + 1
-                rounds += 1
-                if stream is None:
-                    progress = torch.stack([state.done.all().long(), state.length.max()]).tolist()  # one sync a round
-                else:
-                    flags = torch.cat([state.done.long(), state.length]).tolist()
-                    progress = [int(all(flags[:batch])), max(flags[batch:])]
-                    ready = min(max_new_tokens if d else n - len(r) for d, n, r in zip(flags[:batch], flags[batch:], rows))
+                self._calls[key] = self._calls.get(key, 0) + 1
+                progress = state.progress(stream is not None)  # one sync a round
+                if stream is not None:
+                    done_flags, lengths_now = progress[3:3 + batch], progress[3 + batch:]
+                    ready = min(max_new_tokens if d else n - len(r) for d, n, r in zip(done_flags, lengths_now, rows))
                     if ready - streamed >= stream_interval:
-                        streamed = self._emit(stream, state, rows, streamed, ready, pad, flags[:batch])
-                warm = calls >= GRAPH_CALLS or not gen.cuda_graphs
-                finished, longest_now = bool(progress[0]) and warm, progress[1]
+                        streamed = self._emit(stream, state, rows, streamed, ready, pad, done_flags)
             t2 = gen._clock.mark()
             lengths = state.length.tolist()
             seqs = state.seq.cpu().tolist()
@@ -294,14 +349,49 @@ class Speculator:
             self._emit(stream, state, rows, streamed, max(len(t) for t in out), pad, None, out)
         tokens = [_trim(row, eos) for row in out]
         hit_eos = [bool(eos) and bool(t) and t[-1] in eos for t in tokens]
-        steps = max(len(t) for t in out)
-        accepted, active = stats
-        info = {"speculate": str(self.spec), "rounds": rounds, "verify_steps": rounds,
-                "tokens_per_step": (sum(len(t) for t in out) - batch) / max(1, active),
-                "acceptance": accepted / max(1, active * self.spec.k)}
-        return GenerationResult(tokens=tokens, prompt_lengths=[len(r) for r in rows], finished=hit_eos, steps=steps,
+        longest_out = max(len(t) for t in out)
+        accepted, active, proposed, verifying = stats
+        emitted = sum(len(t) for t in out) - batch  # the first token of a row comes from the prefill
+        info = {"speculate": str(self.spec), "rounds": steps["verify"] + steps["plain"],
+                "verify_steps": steps["verify"], "plain_steps": steps["plain"],
+                "tokens_per_step": emitted / max(1, active),
+                "tokens_per_verify_step": (emitted - (active - verifying)) / max(1, verifying),
+                "acceptance": accepted / max(1, proposed)}
+        return GenerationResult(tokens=tokens, prompt_lengths=[len(r) for r in rows], finished=hit_eos, steps=longest_out,
                                 ttft_s=gen._clock.seconds(t0, t1), decode_s=gen._clock.seconds(t1, t2), total_s=total,
                                 speculation=info)
+
+    def _round_k(self, usable: int) -> int:
+        """How many proposals the next round verifies, from the most usable lookup proposals of a running row.
+
+        A draft always proposes ``k``. Lookup with the fallback on: none when no running row matched (a plain
+        one-token step); eager, exactly the usable count (a smaller step costs less, and eager has no graphs to
+        multiply); compiled, ``k`` or none (one round graph per setting, plus the plain one).
+        """
+        spec = self.spec
+        fallback = spec.fallback if spec.fallback is not None else not self.gen.cuda_graphs
+        if self.draft is not None or not fallback:
+            return spec.k
+        if not self.gen.compile:
+            return min(spec.k, usable)
+        return spec.k if usable > 0 else 0
+
+    def _unwarmed(self, batch: int, mode: str, longest: int) -> tuple | None:
+        """After every row is done, a round graph of this request's setting that has not run often enough yet.
+
+        Compiled, both graphs a request may use (verify and, with the fallback, plain) are run here once every
+        row is done (finished rows are masked: no token changes), so that a warm-up request compiles both, and,
+        with CUDA graphs, each reaches its recorded replay (``GRAPH_CALLS``). Eager: nothing to warm.
+        """
+        if not self.gen.compile:
+            return None
+        sizes = {self._round_k(0), self._round_k(self.spec.k)}
+        needed = GRAPH_CALLS if self.gen.cuda_graphs else 1
+        for k in sorted(sizes, reverse=True):
+            key = ("round", batch, mode, self.gen._kv_len(min(longest + k, self.gen.model.max_seq_len)), k)
+            if self._calls.get(key, 0) < needed:
+                return key
+        return None
 
     @staticmethod
     def _emit(stream: Callable[[Any], None], state: _SpecState, rows: list[list[int]], start: int, end: int, pad: int,
