@@ -60,6 +60,15 @@ class Stack(nn.Module):
         return self.head(h).float()
 
 
+class ScaledBlock(Block):
+    """Breaks in every layer and reads its position: Dynamo compiles the rest of each layer's frame per position."""
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        if x.abs().max().item() > 1e4:
+            x = x * 0.5
+        return x + self.proj(x) * (self.layer_id + 1)
+
+
 def _data_dependent(report):
     return [f for f in report.graph_breaks if f.category == Category.DATA_DEPENDENT]
 
@@ -111,6 +120,16 @@ def test_branch_on_layer_position_diagnoses_every_layer() -> None:
     assert layer_subset.plan(model) is None  # the position decides: no signature can stand for it
     report = diagnose(model, decode_steps=2, hidden=False, layers="representative")
     assert _data_dependent(report)
+    assert not any(n.startswith("diagnosed ") for n in report.notes)
+
+
+def test_recompiles_on_the_layer_position_make_the_diagnosis_run_every_layer() -> None:
+    model = Stack(block=ScaledBlock)
+    assert layer_subset.plan(model)[2] == [0, 7]  # the attribute only counts positions: the layers look alike
+    report = diagnose(model, decode_steps=1, hidden=False, layers="representative")
+    assert any(n.startswith("every layer diagnosed: a subset recompiled on the layers' position (layer_id")
+               for n in report.notes)
+    assert any("layer_id" in f.message for f in report.recompiles)
     assert not any(n.startswith("diagnosed ") for n in report.notes)
 
 

@@ -74,9 +74,7 @@ def diagnose(
     started = time.perf_counter()
     driver = driver_from(driver if driver is not None else inputs, model, prefill_tokens=prefill_tokens,
                          decode_steps=decode_steps)
-    with _subset(model, layers) as cut:
-        if cut is not None:
-            say(cut.note().split(", one of")[0])
+    def run(cut: Any) -> Report:
         report = _diagnose_once(model, driver, backend=backend, inductor=inductor, fullgraph_check=fullgraph_check,
                                 fullgraph_steps=fullgraph_steps, name=name, source=source, say=say, cut=cut)
         if hidden:
@@ -85,8 +83,21 @@ def diagnose(
             find_hidden_breaks(model, driver, report, lambda scratch: _diagnose_once(
                 scratch, driver, backend=backend, inductor=False, fullgraph_check=fullgraph_check,
                 fullgraph_steps=fullgraph_steps, name=name, source=source, say=lambda m: say(f"  {m}"), cut=cut), say)
+        return report
+
+    with _subset(model, layers) as cut:
+        if cut is not None:
+            say(cut.note().split(", one of")[0])
+        report = run(cut)
     if cut is not None:
-        report.notes.append(cut.note())
+        guard = cut.position_guard(report.recompiles)
+        if guard is None:
+            report.notes.append(cut.note())
+        else:  # Dynamo tells the layers apart by their position: each would recompile, so the subset cannot stand in
+            say(f"recompiles guard on the layers' position ({guard}): diagnosing every layer")
+            report = run(None)
+            report.notes.append(f"every layer diagnosed: a subset recompiled on the layers' position ({guard}), "
+                                "which the whole stack repeats per layer")
     report.wall_seconds = round(time.perf_counter() - started, 3)
     report.peak_memory_mb = round(_peak_rss_mb(), 1)
     return report

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -64,6 +65,21 @@ class LayerCut:
         return (f"diagnosed {len(self.kept)} of {self.total} layers (the others repeat them): {self.path or '(root)'} "
                 f"{layers}, one of each kind of layer (classes, shapes, per-layer configuration); break and graph "
                 "counts are those of the layers diagnosed")
+
+
+    def position_guard(self, recompiles: list[Any]) -> str | None:
+        """The guard of a recompile on a position attribute (``self.layer_id == 0``), if the subset's run had one.
+
+        Code that specialises on a layer's position (a frame per layer, after a break inside the layers) recompiles
+        once per layer: with all of them it reaches Dynamo's recompile limit and runs in Python, which a subset of
+        two cannot show. The diagnosis then runs every layer."""
+        names = {key.rpartition(".")[2] for key in self.positions}
+        for finding in recompiles:
+            text = f"{finding.message} {finding.guard or ''}"
+            hit = next((n for n in sorted(names) if re.search(rf"\b{re.escape(n)}\b", text)), None)
+            if hit is not None:
+                return f"{hit}: {finding.message}"
+        return None
 
 
 def find_layer_stack(model: nn.Module) -> tuple[str, nn.Module] | None:
