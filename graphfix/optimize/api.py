@@ -50,7 +50,7 @@ from graphfix.diagnose.findings import Finding, Kind
 from graphfix.diagnose.report import Report
 from graphfix.errors import InputError, UnsupportedModelError
 from graphfix.optimize import tp_front
-from graphfix.optimize.compiling import Progress, Refusal, compile_and_warm_up
+from graphfix.optimize.compiling import Progress, Refusal, activate_cache, compile_and_warm_up, save_cache
 from graphfix.optimize.reference import CHOICES as REFERENCE_CHOICES
 from graphfix.optimize.reference import record as record_high_precision
 from graphfix.optimize.result import OptimizeResult, diagnosed
@@ -119,6 +119,7 @@ def optimize(
     progress: Progress | None = None,
     quantize: str | None = None,
     tp: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place so that it compiles clean, compile it, and verify it.
 
@@ -147,6 +148,9 @@ def optimize(
     ``tp``: tensor parallelism over ``tp`` processes (run under ``torchrun``): HF ``generate`` and Meta's
     ``forward(tokens, start_pos)`` are served by the engine over this rank's shard, verified on every rank
     (``graphfix.optimize.tp_front``, docs/tensor_parallel.md).
+    ``cache_dir``: a compile cache kept between processes (``graphfix.engine.CompileCache``: Inductor's and
+    Triton's caches, the mega-cache, the decode kernels' GEMV tiles), loaded before anything compiles and saved after
+    the warm-up, so that the next process's ``optimize`` compiles and tunes less.
     Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
@@ -166,6 +170,7 @@ def optimize(
 
         parse_scheme(quantize)  # a bad scheme name fails before the reference run
     kind = _kind_of(model)
+    cache = activate_cache(cache_dir, say) if cache_dir is not None and compile else None
     user_driver = None if driver is None else driver_from(driver, model, prefill_tokens=prefill_tokens,
                                                           decode_steps=decode_steps)
     tp_group = None
@@ -244,6 +249,8 @@ def optimize(
         _refuse_if_blocked(label, after, results)
         compile_seconds = compile_and_warm_up(state, runner, prompt, backend, cuda_graphs, compile, notes, say,
                                                tp_group)
+        if cache is not None and state.compiled:
+            save_cache(cache, say)
     except Refusal as exc:
         _undo(state, snapshot)
         raise UnsupportedModelError(str(exc), hint="graphfix report MODEL lists every finding; rewrite that "

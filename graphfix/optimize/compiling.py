@@ -9,6 +9,7 @@ failure while compiling or warming up is a ``Refusal``, which ``optimize`` turns
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -86,6 +87,29 @@ def compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tensor
     if cuda_graphs and state.kind in ("hf", "meta"):
         notes.append("decode runs with CUDA graphs (mode='reduce-overhead')")
     return round(time.perf_counter() - started, 3)
+
+
+def activate_cache(directory: str | os.PathLike, say: Progress) -> Any:
+    """The compile cache kept in ``directory`` between processes (``graphfix.engine.CompileCache``), activated before
+    anything compiles: Inductor's and Triton's caches pointed there, last process's mega-cache and GEMV tiles loaded.
+
+    Inductor's disk cache alone spares a second process the code generation, but not the GEMV autotuning that the
+    engine's decode kernels run in every process (12.7 s of a 7B warm start, docs/benchmarks.md): the tiles file does.
+    """
+    from graphfix.engine.compile_cache import CompileCache
+
+    cache = CompileCache(directory)
+    info = cache.activate()
+    say(f"compile cache {directory}: mega-cache {'loaded' if info['megacache_loaded'] else 'none yet'}, "
+        f"{info['gemv_tiles_loaded']} GEMV tile choices")
+    return cache
+
+
+def save_cache(cache: Any, say: Progress) -> None:
+    """Keep what this process compiled and tuned for the next one (after the warm-up: every graph is compiled)."""
+    started = time.perf_counter()
+    size = cache.save()
+    say(f"compile cache saved: mega-cache {size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f}s")
 
 
 def install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, notes: list[str], tp: Any = None) -> None:
