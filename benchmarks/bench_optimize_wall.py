@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="optimize(cache_dir=...): a compile cache kept between runs")
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.device == "cpu":  # the proxy: one thread, so that a core shared with other work does not stall a barrier
+        torch.set_num_threads(1)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     model = random_hf_model(args.model, args.device, dtype, **overrides)
     model.generation_config.eos_token_id = None
