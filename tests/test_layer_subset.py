@@ -167,3 +167,14 @@ def test_hf_findings_match_the_whole_model() -> None:
     assert (subset.stats.graphs, subset.stats.recompiles, subset.stats.graph_breaks) == \
         (whole.stats.graphs, whole.stats.recompiles, whole.stats.graph_breaks)
     assert any(n.startswith("diagnosed 2 of 4 layers") for n in subset.notes)
+
+
+def test_generate_cache_made_during_the_subset_is_not_kept_for_the_whole_model() -> None:
+    from graphfix.optimize import hf_runtime
+
+    model = tiny_hf("llama", num_hidden_layers=4)
+    rt = hf_runtime.install(model, max_seq_len=16, max_batch_size=1)
+    with layer_subset.representative_layers(model):
+        assert len(rt.cache_for(1).layers) == 2  # a user's loop calling generate() inside the diagnosis
+    assert len(rt.cache_for(1).layers) == 4
+
