@@ -80,6 +80,9 @@ def test_plan_keeps_one_layer_of_each_kind() -> None:
     model.layers[3].proj = nn.Linear(16, 16, bias=False)  # another shape of parameters: another kind
     assert layer_subset.plan(model)[2] == [0, 3, 5]
     assert layer_subset.plan(Stack(n_layers=2)) is None  # too short to cut
+    small = Stack(n_layers=3)  # a longer Sequential at the same depth, but not a stack of layers
+    small.head = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 32))
+    assert layer_subset.find_layer_stack(small) == ("layers", small.layers)
 
 
 def test_plan_of_identical_hf_layers_keeps_first_and_last_and_respects_layer_types() -> None:

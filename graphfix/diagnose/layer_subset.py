@@ -66,7 +66,6 @@ class LayerCut:
                 f"{layers}, one of each kind of layer (classes, shapes, per-layer configuration); break and graph "
                 "counts are those of the layers diagnosed")
 
-
     def position_guard(self, recompiles: list[Any]) -> str | None:
         """The guard of a recompile on a position attribute (``self.layer_id == 0``), if the subset's run had one.
 
@@ -84,10 +83,14 @@ class LayerCut:
 
 def find_layer_stack(model: nn.Module) -> tuple[str, nn.Module] | None:
     """``(path, list)`` of the decoder layers: the shallowest ``ModuleList``/``Sequential`` of at least
-    ``MIN_LAYERS`` modules (an MoE's experts sit deeper, inside a layer), the longest at that depth."""
+    ``MIN_LAYERS`` modules, most of one class (a head ``Sequential(norm, linear)`` is not a stack; an MoE's experts
+    sit deeper, inside a layer), the longest at that depth."""
     best: tuple[int, int, str, nn.Module] | None = None
     for path, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < MIN_LAYERS:
+            continue
+        classes = [type(child) for child in module]
+        if 2 * max(classes.count(c) for c in set(classes)) <= len(classes):  # more than half of one class
             continue
         depth = path.count(".") + (1 if path else 0)
         key = (depth, -len(module))
