@@ -14,6 +14,7 @@ a category and the pass that fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import sys
@@ -53,6 +54,7 @@ def diagnose(
     name: str | None = None,
     source: str = "module",
     progress: Progress | None = None,
+    layers: str = "all",
 ) -> Report:
     """Diagnose ``model`` under ``torch.compile`` and return a ``Report``.
 
@@ -61,27 +63,56 @@ def diagnose(
     recognised calling conventions, or a list of example calls (each a tuple of args, or a dict
     of kwargs). Without either, the driver is chosen from the forward's signature (HF, Meta
     ``start_pos``, tensor ``input_pos``, fms). ``hidden``: look for breaks hidden behind the
-    first ones, on a scratch copy with the suggested passes applied.
+    first ones, on a scratch copy with the suggested passes applied. ``layers``: ``"all"``, or
+    ``"representative"``: when the decoder layers repeat (same classes, shapes and per-layer
+    configuration), only one layer of each kind (at least two) runs, which divides Dynamo's
+    tracing by the depth (``graphfix.diagnose.layer_subset``; the report says which ran).
     """
+    if layers not in ("all", "representative"):
+        raise InputError(f"layers must be 'all' or 'representative', got {layers!r}")
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     driver = driver_from(driver if driver is not None else inputs, model, prefill_tokens=prefill_tokens,
                          decode_steps=decode_steps)
-    report = _diagnose_once(model, driver, backend=backend, inductor=inductor, fullgraph_check=fullgraph_check,
-                            fullgraph_steps=fullgraph_steps, name=name, source=source, say=say)
-    if hidden:
-        from graphfix.diagnose.hidden import find_hidden_breaks
+    def run(cut: Any) -> Report:
+        report = _diagnose_once(model, driver, backend=backend, inductor=inductor, fullgraph_check=fullgraph_check,
+                                fullgraph_steps=fullgraph_steps, name=name, source=source, say=say, cut=cut)
+        if hidden:
+            from graphfix.diagnose.hidden import find_hidden_breaks
 
-        find_hidden_breaks(model, driver, report, lambda scratch: _diagnose_once(
-            scratch, driver, backend=backend, inductor=False, fullgraph_check=fullgraph_check,
-            fullgraph_steps=fullgraph_steps, name=name, source=source, say=lambda m: say(f"  {m}")), say)
+            find_hidden_breaks(model, driver, report, lambda scratch: _diagnose_once(
+                scratch, driver, backend=backend, inductor=False, fullgraph_check=fullgraph_check,
+                fullgraph_steps=fullgraph_steps, name=name, source=source, say=lambda m: say(f"  {m}"), cut=cut), say)
+        return report
+
+    with _subset(model, layers) as cut:
+        if cut is not None:
+            say(cut.note().split(", one of")[0])
+        report = run(cut)
+    if cut is not None:
+        guard = cut.position_guard(report.recompiles)
+        if guard is None:
+            report.notes.append(cut.note())
+        else:  # Dynamo tells the layers apart by their position: each would recompile, so the subset cannot stand in
+            say(f"recompiles guard on the layers' position ({guard}): diagnosing every layer")
+            report = run(None)
+            report.notes.append(f"every layer diagnosed: a subset recompiled on the layers' position ({guard}), "
+                                "which the whole stack repeats per layer")
     report.wall_seconds = round(time.perf_counter() - started, 3)
     report.peak_memory_mb = round(_peak_rss_mb(), 1)
     return report
 
 
+def _subset(model: nn.Module, layers: str) -> Any:
+    if layers == "all":
+        return contextlib.nullcontext()
+    from graphfix.diagnose.layer_subset import representative_layers
+
+    return representative_layers(model)
+
+
 def _diagnose_once(model: nn.Module, driver: Driver, *, backend: str, inductor: bool, fullgraph_check: bool,
-                   fullgraph_steps: int, name: str | None, source: str, say: Progress) -> Report:
+                   fullgraph_steps: int, name: str | None, source: str, say: Progress, cut: Any = None) -> Report:
     """One diagnosis: the eager probe, then the compiled runs (see the module docstring)."""
     # backend "auto": the loop runs on plain Dynamo (breaks and recompiles are Dynamo's), and a separate
     # hard-failure run compiles the prefill with aot_eager (AOT autograd is where e.g. inference mode fails).
@@ -102,6 +133,8 @@ def _diagnose_once(model: nn.Module, driver: Driver, *, backend: str, inductor: 
         versions=_versions(),
     )
     index = ModuleIndex(model)
+    if cut is not None:  # the model runs a subset of its layers: paths name the layers' own indices
+        index.renumber(cut.path, cut.kept)
     fixes = grouping.fix_table()
     root_loc = _forward_location(model)
 

@@ -57,6 +57,13 @@ class ModuleIndex:
                 continue
             self.spans_by_file[code.co_filename].append(_Span(start, start + len(lines) - 1, cls))
 
+    def renumber(self, list_path: str, kept: list[int]) -> None:
+        """Paths under ``list_path`` as the layers' own: the model is running a subset of that list
+        (``layer_subset``), whose ``j``-th entry is layer ``kept[j]`` of the whole list."""
+        prefix = f"{list_path}." if list_path else ""
+        for cls, paths in self.paths_by_class.items():
+            self.paths_by_class[cls] = [_renumbered(p, prefix, kept) for p in paths]
+
     def owner(self, frame: Location) -> type | None:
         """The innermost module class whose method contains this frame's line."""
         best: _Span | None = None
@@ -86,6 +93,15 @@ class ModuleIndex:
             current = candidates
             prev_frame = frame
         return collapse(current or [])
+
+
+def _renumbered(path: str, prefix: str, kept: list[int]) -> str:
+    if not path.startswith(prefix):
+        return path
+    head, dot, rest = path[len(prefix):].partition(".")
+    if not head.isdigit() or int(head) >= len(kept):
+        return path
+    return f"{prefix}{kept[int(head)]}{dot}{rest}"
 
 
 def _narrow(candidates: list[str], parents: list[str], call_site: Location | None) -> list[str]:

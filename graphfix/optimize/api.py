@@ -50,7 +50,7 @@ from graphfix.diagnose.findings import Finding, Kind
 from graphfix.diagnose.report import Report
 from graphfix.errors import InputError, UnsupportedModelError
 from graphfix.optimize import tp_front
-from graphfix.optimize.compiling import Progress, Refusal, compile_and_warm_up
+from graphfix.optimize.compiling import Progress, Refusal, activate_cache, compile_and_warm_up, save_cache
 from graphfix.optimize.reference import CHOICES as REFERENCE_CHOICES
 from graphfix.optimize.reference import record as record_high_precision
 from graphfix.optimize.result import OptimizeResult, diagnosed
@@ -106,6 +106,7 @@ def optimize(
     decode_steps: int = 32,
     diagnose_steps: int = 4,
     diagnose: bool = True,
+    diagnose_layers: str = "representative",
     inductor_scan: bool = False,
     tolerance: float | None = None,
     parity_reference: str = "auto",
@@ -118,6 +119,7 @@ def optimize(
     progress: Progress | None = None,
     quantize: str | None = None,
     tp: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place so that it compiles clean, compile it, and verify it.
 
@@ -128,7 +130,9 @@ def optimize(
     ``prefill_tokens`` random ids) and ``decode_steps``. ``max_seq_len``: positions a static
     cache holds (HF: default ``min(max_position_embeddings, 2048)``; Meta models keep theirs).
     ``backend``: default ``default_backend()``. ``diagnose_steps``: decode steps of the two
-    diagnoses of a recognised convention; ``diagnose=False`` skips them. ``inductor_scan``: also
+    diagnoses of a recognised convention; ``diagnose=False`` skips them; ``diagnose_layers``: ``"representative"``
+    (default: one decoder layer of each kind when the layers repeat, ``graphfix.diagnose.layer_subset``) or ``"all"``.
+    ``inductor_scan``: also
     list Inductor's ATen fallbacks (slow). ``cuda_graphs``: HF and Meta decode with CUDA graphs
     (default: on CUDA with inductor). ``pass_options``: ``PassContext.options``. ``keep_if_slower``: when the
     verification's timed run of the optimized model is slower than the original's (timed the same way, warm),
@@ -144,6 +148,9 @@ def optimize(
     ``tp``: tensor parallelism over ``tp`` processes (run under ``torchrun``): HF ``generate`` and Meta's
     ``forward(tokens, start_pos)`` are served by the engine over this rank's shard, verified on every rank
     (``graphfix.optimize.tp_front``, docs/tensor_parallel.md).
+    ``cache_dir``: a compile cache kept between processes (``graphfix.engine.CompileCache``: Inductor's and
+    Triton's caches, the mega-cache, the decode kernels' GEMV tiles), loaded before anything compiles and saved after
+    the warm-up, so that the next process's ``optimize`` compiles and tunes less.
     Raises ``UnsupportedModelError`` (model unchanged) when a construct cannot be rewritten.
     """
     say = progress or (lambda _msg: None)
@@ -154,6 +161,8 @@ def optimize(
     if decode_steps < 1 or prefill_tokens < 2:
         raise InputError("decode_steps must be at least 1 and prefill_tokens at least 2")
     names = _explicit_passes(passes)  # validate names before any work
+    if diagnose_layers not in ("all", "representative"):
+        raise InputError(f"diagnose_layers must be 'all' or 'representative', got {diagnose_layers!r}")
     if parity_reference not in REFERENCE_CHOICES:
         raise InputError(f"unknown parity_reference {parity_reference!r}", hint=f"one of {', '.join(REFERENCE_CHOICES)}")
     if quantize:
@@ -161,6 +170,7 @@ def optimize(
 
         parse_scheme(quantize)  # a bad scheme name fails before the reference run
     kind = _kind_of(model)
+    cache = activate_cache(cache_dir, say) if cache_dir is not None and compile else None
     user_driver = None if driver is None else driver_from(driver, model, prefill_tokens=prefill_tokens,
                                                           decode_steps=decode_steps)
     tp_group = None
@@ -209,7 +219,8 @@ def optimize(
         + ("" if high.trace is not None else "; parity falls back to the fixed tolerance"))
 
     diag_driver = user_driver if user_driver is not None else loop
-    before = _diagnose(model, label, prompt, diagnose_steps, inductor_scan, diag_driver, say, diagnose, "original")
+    before = _diagnose(model, label, prompt, diagnose_steps, inductor_scan, diag_driver, say, diagnose, "original",
+                       diagnose_layers)
     if names is None:
         names = plan_passes(model, before.findings)
         say(f"passes from the diagnosis: {', '.join(names) or 'none'}")
@@ -234,10 +245,12 @@ def optimize(
         results = _apply(model, names, ctx, say)
         after_driver = _install_front_door(state, max_batch_size, prompt, diagnose_steps, notes, diag_driver)
         after = _diagnose(model, label, prompt, diagnose_steps, inductor_scan, after_driver, say, diagnose,
-                          "rewritten")
+                          "rewritten", diagnose_layers)
         _refuse_if_blocked(label, after, results)
         compile_seconds = compile_and_warm_up(state, runner, prompt, backend, cuda_graphs, compile, notes, say,
                                                tp_group)
+        if cache is not None and state.compiled:
+            save_cache(cache, say)
     except Refusal as exc:
         _undo(state, snapshot)
         raise UnsupportedModelError(str(exc), hint="graphfix report MODEL lists every finding; rewrite that "
@@ -367,7 +380,7 @@ def _apply(model: nn.Module, names: list[str], ctx: PassContext, say: Progress) 
 
 
 def _diagnose(model: nn.Module, label: str, prompt: torch.Tensor | None, steps: int, inductor_scan: bool,
-              driver: Any, say: Progress, enabled: bool, which: str) -> Report:
+              driver: Any, say: Progress, enabled: bool, which: str, layers: str = "all") -> Report:
     if not enabled:
         return Report(model=label, notes=["not diagnosed (diagnose=False)"])
     say(f"diagnosing the {which} model (eager backend)")
@@ -375,7 +388,7 @@ def _diagnose(model: nn.Module, label: str, prompt: torch.Tensor | None, steps: 
         return diagnose(model, prompt if driver is None else None, driver=driver, backend="eager",
                         inductor=inductor_scan, prefill_tokens=prompt.shape[1] if prompt is not None else 8,
                         decode_steps=steps, hidden=which == "original", name=label,
-                        progress=lambda m: say(f"  {m}"))
+                        progress=lambda m: say(f"  {m}"), layers=layers)
 
 
 def _install_front_door(state: OptimizedState, max_batch_size: int, prompt: torch.Tensor | None, steps: int,

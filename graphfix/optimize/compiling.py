@@ -9,6 +9,7 @@ failure while compiling or warming up is a ``Refusal``, which ``optimize`` turns
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,11 @@ WARM_UP_DECODE_CALLS = 2
 WARM_UP_RUNS = 2
 """Warm-up runs of the loop: the second starts from the state the first left (a cache attribute that kept its
 length, a position counter), so what changes between runs also becomes dynamic before anything is checked."""
+ENGINE_WARM_UP_RUNS = 1
+"""On graphfix's engine (HF ``generate``, Meta ``forward``) one run is enough: its graphs take fixed-shape state
+tensors and positions that nothing carries between runs, and one run of the verified length already reaches every
+graph and replays its CUDA graph (a decode graph is warmed, recorded and replayed within the run). A second run
+compiled nothing, so it only cost its time (``benchmarks/bench_optimize_wall.py``)."""
 
 
 class Refusal(Exception):
@@ -69,7 +75,7 @@ def compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tensor
         on_engine = isinstance(runner, EngineRunner) or getattr(state.front, "decoder", None) is not None
         steps = state.reference.steps - 1 if on_engine else WARM_UP_DECODE_CALLS
         with side_effects.reorder_logging(state.model), compile_failure_contained(), quiet():
-            for _ in range(WARM_UP_RUNS):
+            for _ in range(ENGINE_WARM_UP_RUNS if on_engine else WARM_UP_RUNS):
                 runner.run(state.model, prompt, steps)
     except GraphfixError:
         raise
@@ -81,6 +87,29 @@ def compile_and_warm_up(state: OptimizedState, runner: Any, prompt: torch.Tensor
     if cuda_graphs and state.kind in ("hf", "meta"):
         notes.append("decode runs with CUDA graphs (mode='reduce-overhead')")
     return round(time.perf_counter() - started, 3)
+
+
+def activate_cache(directory: str | os.PathLike, say: Progress) -> Any:
+    """The compile cache kept in ``directory`` between processes (``graphfix.engine.CompileCache``), activated before
+    anything compiles: Inductor's and Triton's caches pointed there, last process's mega-cache and GEMV tiles loaded.
+
+    Inductor's disk cache alone spares a second process the code generation, but not the GEMV autotuning that the
+    engine's decode kernels run in every process (12.7 s of a 7B warm start, docs/benchmarks.md): the tiles file does.
+    """
+    from graphfix.engine.compile_cache import CompileCache
+
+    cache = CompileCache(directory)
+    info = cache.activate()
+    say(f"compile cache {directory}: mega-cache {'loaded' if info['megacache_loaded'] else 'none yet'}, "
+        f"{info['gemv_tiles_loaded']} GEMV tile choices")
+    return cache
+
+
+def save_cache(cache: Any, say: Progress) -> None:
+    """Keep what this process compiled and tuned for the next one (after the warm-up: every graph is compiled)."""
+    started = time.perf_counter()
+    size = cache.save()
+    say(f"compile cache saved: mega-cache {size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f}s")
 
 
 def install_compiled(state: OptimizedState, backend: str, cuda_graphs: bool, notes: list[str], tp: Any = None) -> None:

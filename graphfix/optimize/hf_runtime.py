@@ -133,9 +133,10 @@ class HFRuntime:
         return self.backend is not None
 
     def cache_for(self, batch: int) -> GraphfixStaticCache:
-        """The reusable cache of this batch size (allocated on first use), reset."""
+        """The reusable cache of this batch size (allocated on first use), reset. Made again when the model's layer
+        count changed since (a diagnosis of representative layers, ``diagnose.layer_subset``, ran generate)."""
         cache = self.caches.get(batch)
-        if cache is None:
+        if cache is None or len(cache.layers) != kv_shape(self.model.config)[0]:
             cache = self.caches[batch] = GraphfixStaticCache(self.model, self.max_seq_len, batch)
         cache.reset()
         return cache
