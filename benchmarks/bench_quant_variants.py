@@ -129,16 +129,17 @@ def k_int4_fma(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_qn, stride_s
     q_ptrs = q_ptr + rn[:, None, None].to(tl.int64) * stride_qn + rg[None, :, None] * (GROUP // 2) + rh[None, None, :]
     x_off = rg[:, None] * GROUP + 2 * rh[None, :]
     for g0 in range(0, K // GROUP, NG):
-        b = tl.load(q_ptrs, eviction_policy="evict_first").to(tl.int32)
+        live = (g0 + rg) < K // GROUP  # K need not be a multiple of the tile (the down projection's 11,008)
+        b = tl.load(q_ptrs, mask=live[None, :, None], other=0, eviction_policy="evict_first").to(tl.int32)
         lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        xe = tl.load(x_ptr + g0 * GROUP + x_off).to(tl.float32)
-        xo = tl.load(x_ptr + g0 * GROUP + x_off + 1).to(tl.float32)
+        xe = tl.load(x_ptr + g0 * GROUP + x_off, mask=live[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + g0 * GROUP + x_off + 1, mask=live[:, None], other=0.0).to(tl.float32)
         part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
         xs = tl.sum(xe + xo, axis=1)
         so = rn[:, None] * stride_sn + g0 + rg[None, :]
-        s = tl.load(s_ptr + so).to(tl.float32)
-        z = tl.load(z_ptr + so).to(tl.float32)
+        s = tl.load(s_ptr + so, mask=live[None, :], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + so, mask=live[None, :], other=0.0).to(tl.float32)
         acc += part * s + z * xs[None, :]
         q_ptrs += NG * (GROUP // 2)
     tl.store(out_ptr + rn, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty))
