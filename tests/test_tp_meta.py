@@ -3,14 +3,14 @@
 Two gloo ranks each build the same tiny Meta ``Transformer``s (``helpers_meta``) and call
 ``optimize`` on them with ``tp=2``: the tiny model (4 heads, 2 KV heads: one KV head per rank),
 a one-layer one with a single KV head, fewer KV heads than ranks, so each rank keeps a replica
-of it (the case tp=4 would show with 2 KV heads, at half the processes: a world of 4 cost 37 s
-on the shared CPU), and a one-layer one built by fairscale at model-parallel size 2, each rank
+of it, and a one-layer one built by fairscale at model-parallel size 2, each rank
 holding its slices (served in place). The checks then run Meta's own loops through ``model.forward``
 (the token loop of ``Llama3.generate``, slicing a wider buffer, and a prefill + 32 decode steps
 keeping logits) under ``fail_on_recompile``. The reference is world size 1: the original model,
 eager, in this process. One spawn serves every check; ``optimize`` compiles with Dynamo only (the
 ``eager`` backend: fullgraph and recompiles are Dynamo's) and skips the diagnoses, which the
-single-device tests cover.
+single-device tests cover. A second spawn runs the 2-KV-head model at tp=4 (one query head per rank,
+each KV head replicated on two).
 """
 
 from __future__ import annotations
@@ -42,18 +42,19 @@ def _meta_runs(forward) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]
     return tokens, [o[:, -1].float() for o in outs], torch.cat(fed, dim=1)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, world: int = WORLD, names: tuple[str, ...] = tuple(CASES)) -> None:
     import torch.distributed as dist
 
     import graphfix
     from graphfix.engine.tp import init_tp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    init_tp(WORLD, "cpu")  # before the model: fairscale then starts at model-parallel size 1 inside this world
+    init_tp(world, "cpu")  # before the model: fairscale then starts at model-parallel size 1 inside this world
     results = {}
-    for name, overrides in CASES.items():
+    for name in names:
+        overrides = CASES[name]
         if name == "model_parallel":
             import fairscale.nn.model_parallel.initialize as fs_init
 
@@ -63,7 +64,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             init_model_parallel(WORLD)
         model = build_meta_transformer(0, **overrides)
         sliced = model.layers[0].attention.wq.weight.shape[0] != model.params.dim
-        result = graphfix.optimize(model, tp=WORLD, prompt=torch.tensor(PROMPT), backend="eager",
+        result = graphfix.optimize(model, tp=world, prompt=torch.tensor(PROMPT), backend="eager",
                                    diagnose=False, decode_steps=VERIFY_STEPS)
         state = model.graphfix_optimized
         graphs_after_optimize = state.graphs()
@@ -125,6 +126,24 @@ def test_meta_forward_at_tp_2_matches_world_size_1(references, tmp_path):
     assert "each on 2 ranks" in " ".join(cases["one_kv_head"]["notes"])  # the single KV head is replicated
     assert "each on" not in " ".join(cases["gqa"]["notes"])  # two KV heads: one per rank
     assert cases["model_parallel"]["embedding"] == "VocabParallelEmbedding"  # fairscale's slices, as they were
+
+
+def test_meta_forward_at_tp_4_replicates_the_kv_heads_and_matches_world_size_1(references, tmp_path):
+    """Four ranks, the tiny model's 2 KV heads: one query head per rank, each KV head on 2 ranks."""
+    out = str(tmp_path / "result")
+    run_processes(_worker, (free_port(), out, 4, ("gqa",)), nprocs=4, timeout_s=300)
+    ref_tokens, ref_logits, ref_fed = references["gqa"]
+    for rank in range(4):
+        got = torch.load(f"{out}.{rank}", weights_only=False)["gqa"]
+        assert got["verified"], got["summary"]
+        assert got["tensor_parallel"].startswith(f"tp=4 rank={rank}")
+        assert got["shape"] == (1, 1, "VocabParallelHead")
+        assert "each on 2 ranks" in " ".join(got["notes"])
+        assert got["graphs"][0] == got["graphs"][1] == {"prefill": 1, "decode": 1}
+        assert got["checked"] == ({"prefill": 1, "decode": 1}, 0, 0)
+        tokens, logits, fed = got["runs"]
+        assert torch.equal(tokens, ref_tokens) and torch.equal(fed, ref_fed), rank
+        assert max((a - b).abs().max().item() for a, b in zip(logits, ref_logits)) <= 1e-4, rank
 
 
 def _cut(model, slices: int):
