@@ -66,9 +66,14 @@ def test_optimize_verify_json_exits_1_when_verification_fails(capsys):
     assert "is not verified" in captured.err
 
 
-def test_optimize_without_verify_and_input_errors(capsys):
-    assert main(["--quiet", "optimize", f"{HERE}:growing_cache_model", "--no-diagnose", "--backend", "aot_eager"]) == 0
+def test_optimize_without_verify_and_input_errors(capsys, tmp_path):
+    cache = tmp_path / "cache"
+    assert main(["--quiet", "optimize", f"{HERE}:growing_cache_model", "--no-diagnose", "--backend", "aot_eager",
+                 "--cache-dir", str(cache), "--diagnose-layers", "all"]) == 0
     assert "verified: not run" in capsys.readouterr().out
+    assert cache.is_dir() and any(cache.iterdir())  # the compile cache was kept
+    assert main(["optimize", f"{HERE}:start_pos_model", "--cache-dir", __file__]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("graphfix: error: --cache-dir")
     assert main(["optimize", f"{HERE}:start_pos_model", "--passes", "real-rope,nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("graphfix: error: unknown pass 'nope'")

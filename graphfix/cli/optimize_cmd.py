@@ -10,6 +10,7 @@ one to use in CI. Exit codes: 0 done (and verified, when asked), 1 verification 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Any
@@ -60,6 +61,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps verified (default 32)")
     p.add_argument("--diagnose-steps", type=int, default=4, help="decode steps of the before/after diagnoses")
     p.add_argument("--no-diagnose", action="store_true", help="skip the before/after diagnoses")
+    p.add_argument("--diagnose-layers", default="representative", choices=["representative", "all"],
+                   help="diagnose one decoder layer of each kind (default) or every layer")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="a compile cache kept between runs (Inductor's code, autotuned tiles): a second run is warm")
     p.add_argument("--inductor-scan", action="store_true", help="also list Inductor's ATen fallbacks (slow)")
     p.add_argument("--parity-reference", default="auto", choices=["auto", "float64", "float32", "none"],
                    help="precision of the original's reference run that parity is measured against (auto: by size)")
@@ -92,6 +97,8 @@ def check_optimize_args(args: argparse.Namespace) -> None:
     preflight.number(args.parity_floor, "--parity-floor")
     preflight.check_device(args.device)
     preflight.check_output(args.output, "--output")
+    if args.cache_dir is not None and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise InputError(f"--cache-dir {args.cache_dir} is a file", hint="give a folder (it is created if missing)")
     preflight.weights_required(args.model, f"graphfix {'verify' if args.always_verify else 'optimize'}")
     from graphfix.optimize.api import _explicit_passes
 
@@ -130,7 +137,8 @@ def run_optimize(args: argparse.Namespace) -> int:
                 diagnose=not args.no_diagnose, inductor_scan=args.inductor_scan, tolerance=args.tolerance,
                 parity_reference=args.parity_reference, parity_multiplier=args.parity_multiplier,
                 parity_floor=args.parity_floor, name=loaded.name, progress=say,
-                quantize=getattr(args, "quantize", None),
+                quantize=getattr(args, "quantize", None), diagnose_layers=args.diagnose_layers,
+                cache_dir=args.cache_dir,
             )
         say(f"done in {result.seconds:.1f}s")
         write_output(result.to_json() if args.format == "json" else result.summary(), args.output)
