@@ -13,36 +13,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import torch
 
+from graphfix.bench.timing import cuda_graph_ms
 from graphfix.engine import attention_kernel as ak
 
 HEADS, DIM, LAYERS = 32, 128, 32
 GRID = ((16, 32, 64), (1, 2, 4, 8), (1, 2, 4, 8), (256, 512))
 """BLOCK_S, NUM_WARPS, MIN_SPLITS, TARGET_PROGRAMS."""
-
-
-def graph_ms(fn, reps: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        g.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) * 1e3)
-    return best
 
 
 def case(name: str, kv_len: int, pos: int):
@@ -80,8 +59,9 @@ def main() -> None:
             try:
                 out = torch.ops.graphfix.decode_attention(q, ks[0], vs[0], positions, 0, DIM ** -0.5)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                ms = graph_ms(lambda q=q, ks=ks, vs=vs, positions=positions: [
-                    torch.ops.graphfix.decode_attention(q, k, v, positions, 0, DIM ** -0.5) for k, v in zip(ks, vs)], 1)
+                ms, _ = cuda_graph_ms(lambda q=q, ks=ks, vs=vs, positions=positions: [
+                    torch.ops.graphfix.decode_attention(q, k, v, positions, 0, DIM ** -0.5) for k, v in zip(ks, vs)],
+                    1, repeats=5)
             except Exception as exc:  # noqa: BLE001
                 print(f"{name} {block}/{warps}/{min_splits}/{target} FAILED {type(exc).__name__}: {str(exc)[:120]}")
                 continue

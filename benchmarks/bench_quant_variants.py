@@ -4,8 +4,9 @@
     TRITON_INTERPRET=1 python benchmarks/bench_quant_variants.py --check     # the variants' arithmetic, on CPU
 
 Why: on an H200 (2026-12-03, ``bench_quant.py --parts gemv``) ``graphfix::qgemv`` streamed int8 at 2.0-2.8 TB/s
-and int4 at 0.65-0.96 TB/s against bf16's 3.1-4.0: the one-row kernel converts every code with ``I2F`` (a
-sixteenth of the FMA rate on Hopper) and regroups int4 tiles with ``tl.reshape``. The variants:
+and int4 at 0.65-0.96 TB/s against bf16's 3.1-4.0: the one-row kernel converts every code with ``I2F`` (an
+eighth of the FMA rate on Hopper by the CUDA programming guide) and regroups int4 tiles with ``tl.reshape``.
+The variants:
 
 - ``cur``: ``graphfix::qgemv`` as it is;
 - ``fma``: CUDA-core products like ``cur``, codes turned into float32 with the exponent trick
@@ -29,6 +30,8 @@ import time
 import torch
 import triton
 import triton.language as tl
+
+from graphfix.bench.timing import cycled_us
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROUND_TRIP: tl.constexpr = tl.constexpr(INTERPRET)
@@ -243,27 +246,6 @@ def call(variant: str, scheme: str, x: torch.Tensor, p) -> torch.Tensor:
     return out
 
 
-def graph_us(fn, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        g.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
-    return best
-
-
 def _packed(n: int, k: int, scheme: str, device: str):
     from graphfix.quant.scheme import parse_scheme, quantize_weight
 
@@ -324,11 +306,7 @@ def main() -> None:
                     try:
                         out = call(v, scheme, x, p0)
                         err = ((out.float() - ref).norm() / ref.norm()).item()
-                        turn = iter(range(10 ** 9))
-
-                        def fn(v=v, x=x, ps=ps, turn=turn, copies=copies, scheme=scheme):
-                            return call(v, scheme, x, ps[next(turn) % copies])
-                        us = graph_us(fn, reps=copies * 4)
+                        us = cycled_us(lambda p, v=v, x=x, scheme=scheme: call(v, scheme, x, p), ps)
                     except Exception as e:  # noqa: BLE001
                         print(f"{scheme:8s} {name:5s} M={m:2d} {v:5s} FAILED {type(e).__name__}: {str(e)[:200]}",
                               flush=True)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 import graphfix.engine.kernels  # noqa: F401 - registers graphfix::fused_gemv
+from graphfix.bench.timing import cycled_us
 
 DEV = "cuda"
 DT = torch.bfloat16
@@ -118,27 +119,6 @@ def call(variant, x, w):
     return out
 
 
-def graph_us(fn, reps=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        g.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
-    return best
-
-
 def main():
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
@@ -156,11 +136,7 @@ def main():
                 try:
                     out = call(v, x, ws[0])
                     err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                    turn = iter(range(10 ** 9))
-
-                    def fn(v=v, x=x, ws=ws, turn=turn, copies=copies):
-                        return call(v, x, ws[next(turn) % copies])
-                    us = graph_us(fn, reps=copies * 4)
+                    us = cycled_us(lambda w, v=v, x=x: call(v, x, w), ws)
                 except Exception as e:  # noqa: BLE001
                     print(f"{name:5s} M={m:2d} {v:7s} FAILED {type(e).__name__}: {str(e)[:160]}", flush=True)
                     continue

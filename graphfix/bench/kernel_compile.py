@@ -1,4 +1,6 @@
-"""Compile every Triton kernel of the engine for a Hopper GPU, on a machine without one: ``python -m graphfix.bench.kernel_compile``.
+"""Compile every Triton kernel of the engine for a Hopper GPU, on a machine without one.
+
+    python -m graphfix.bench.kernel_compile [--capability 90] [--only LABEL]
 
 Why: the CPU tests run the kernels in Triton's interpreter, which executes their Python, not
 Triton's compiler, so a kernel the interpreter runs correctly can still fail to compile. One did:

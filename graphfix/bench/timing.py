@@ -124,6 +124,16 @@ def cuda_graph_ms(fn: Any, reps: int = 20, repeats: int = 1) -> tuple[float, Any
     return statistics.median(times), out
 
 
+def cycled_us(call: Any, items: list[Any], rounds: int = 4, repeats: int = 5) -> float:
+    """Microseconds per ``call(item)``, every item ``rounds`` times in one CUDA graph (median of ``repeats``).
+
+    For a kernel's figure at memory speed: ``items`` are copies of its weights larger than L2 together, so no call
+    finds the weights the call before it read.
+    """
+    ms, _ = cuda_graph_ms(lambda: [call(item) for _ in range(rounds) for item in items], 1, repeats)
+    return ms * 1e3 / (rounds * len(items))
+
+
 def matmul_only_ms(dec, batch: int, device: torch.device, reps: int = 20) -> float | None:
     """Milliseconds of one decode step's linear layers alone, back to back in a CUDA graph."""
     if device.type != "cuda":

@@ -34,9 +34,9 @@ BLOCK_S = 32
 NUM_WARPS = 1
 """Warps of the split kernel's programs. One warp per program, and more programs: on an H200 (Llama-2-7B heads,
 32 layers, ``bench_attention.py``) batch 8 went from 0.54 to 0.31 ms a step, a verify step's 5 shared rows from
-0.41 to 0.25 ms, batch 1 at position 700 from 0.58 to 0.37 ms; batch 1 at position 100 stayed at 0.24 ms. A
-program's work is a 32 x 128 dot product and a reduction: with 4 warps most of its time went to reductions across
-warps, not to loads."""
+0.41 to 0.25 ms, batch 1 at position 700 from 0.58 to 0.37 ms; batch 1 at position 100 stayed at 0.24 ms. Why
+is not profiled; a program's work is a 32 x 128 product and two reductions, which one warp does without crossing
+warps."""
 TARGET_PROGRAMS = 512
 """Splits are chosen so that heads x splits is about this many programs (one-warp programs: several per SM)."""
 
@@ -48,7 +48,7 @@ with one split each a program walked its slots tile after tile (0.49 ms a step o
 MAX_CHUNK = 512
 """Slots one program streams at most. Batched steps fill ``TARGET_PROGRAMS`` with rows x heads alone (256 on
 Llama-2-7B at batch 8), which would leave a long cache to one program per row and head; this keeps several
-per row there (unmeasured reasoning: one 4-warp program per SM has few loads in flight)."""
+per row there (reasoning, not measured separately: one program has few loads in flight)."""
 
 
 def split_plan(rows_x_heads: int, kv_len: int) -> tuple[int, int]:

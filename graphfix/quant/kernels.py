@@ -49,8 +49,11 @@ QCONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K >= 128 so tha
     (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (2, 2048, 8, 3), (4, 2048, 8, 3), (16, 512, 4, 3),
     (8, 1024, 8, 3),
 ]
+MAGIC_CODES = {torch.bfloat16: 1, torch.float16: 2}
+"""``_nibble_code``'s exponent trick per dtype (0, any other: a conversion)."""
 QROWS4_CONFIGS = [(32, 4, 4), (64, 4, 4), (16, 4, 4), (32, 4, 6), (64, 8, 4), (128, 8, 4)]
-"""int4 rows: (BLOCK_N, num_warps, num_stages); the H200 sweep chose 64/4/4 for q/k/v and gate/up, 32/4/4 for o, down."""
+"""int4 rows: (BLOCK_N, num_warps, num_stages); the H200 sweep chose 64/4/4 for q/k/v and gate/up, 32/4/4 for
+o and down."""
 QROWS_CONFIGS = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4),
                  (32, 512, 8, 3)]
 
@@ -109,8 +112,9 @@ if HAS_TRITON:
     @triton.jit
     def _nibble_float(u):
         """``u`` in [0, 15] (int32) as float32 by the exponent trick: ``u | 0x4B000000`` read as float32 is
-        ``2**23 + u``, an integer OR and one subtraction where a conversion (``I2F``, a sixteenth of the FMA rate on
-        Hopper) would be (``benchmarks/bench_quant_variants.py``: the one-row int4 GEMV 1.5x faster on an H200)."""
+        ``2**23 + u``, an integer OR and one subtraction where a conversion (``I2F``, an eighth of the FMA rate on
+        Hopper) would be (with the grouped tiles, the int4:128 linears 1.42x faster on an H200,
+        ``bench_quant.py --parts gemv``)."""
         return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
@@ -389,7 +393,7 @@ if HAS_TRITON:
                 flags["NORM"] = flags["SILU"] = False
             f32_dot = INTERPRET or x.dtype == torch.float32
             if bits == 4:
-                magic = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
+                magic = MAGIC_CODES.get(x.dtype, 0)
                 args = (x, q, s, z_arg, out, b_arg, res, rows, n, k, x.stride(0), q.stride(0), s.stride(0))
                 fixed = {"GROUP": group, "BIAS": bias is not None, "RESIDUAL": residual is not None,
                          "BLOCK_M": ROW_BLOCK, "MAGIC": magic, "F32_DOT": f32_dot}
