@@ -160,8 +160,7 @@ class Generator:
             elif kind == "first":
                 fn = self._compiled(_make_first(key[2]), False)
             else:
-                record = len(key) > 4 and key[4] == "record"
-                fn = self._compiled(_make_decode(self.model, key[2], self.model.max_seq_len - 1, key[3], record),
+                fn = self._compiled(_make_decode(self.model, key[2], self.model.max_seq_len - 1, key[3]),
                                     self.cuda_graphs)
             self._fns[full] = fn
         return fn
@@ -292,12 +291,13 @@ class Generator:
             stopped = bool(eos) and self.check_interval == 1 and bool(state.done.all())
             while produced < max_new_tokens and not stopped:
                 # this call writes and attends at positions <= longest + produced - 1 (host arithmetic, no sync)
-                key = ("decode", batch, mode, self._kv_len(longest + produced)) + (("record",) if record_logits else ())
+                key = ("decode", batch, mode, self._kv_len(longest + produced))
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 logits = self._fn(key)(*args)
                 if record_logits:
                     recorded.append(logits.detach().float().cpu())  # copied before the next replay reuses it
+                del logits  # the graph's static output: never held across the next replay
                 produced += 1
                 if stream is not None and produced - streamed >= interval:
                     streamed = self._emit(stream, state, streamed, produced)

@@ -80,8 +80,15 @@ def _make_first(mode: str) -> Callable:
     return first
 
 
-def _make_decode(model: StepModel, mode: str, last_slot: int, kv_len: int | None, record: bool = False) -> Callable:
-    """One decode step writing into the state; ``record``: it also returns the step's logits (verification)."""
+def _make_decode(model: StepModel, mode: str, last_slot: int, kv_len: int | None) -> Callable:
+    """One decode step writing into the state; it returns the step's logits too.
+
+    Returned always, so that a run that keeps them (``record_logits``: the verification) replays
+    the serving graph itself instead of compiling a second, logits-returning copy of the whole
+    step (a quarter of ``optimize``'s cold compile on a 7B model, docs/optimize.md). A serving run
+    drops them: the logits are computed for sampling anyway, and an output of a CUDA graph is a
+    view of its static memory, not a copy.
+    """
 
     def decode(tokens, pos, done, out, step, seeds, temperature, top_k, top_p, eos, pad):
         if kv_len is None:
@@ -95,7 +102,7 @@ def _make_decode(model: StepModel, mode: str, last_slot: int, kv_len: int | None
         tokens.copy_(nxt.unsqueeze(1))
         pos.copy_((pos + 1).clamp(max=last_slot))
         step.add_(1)
-        return logits if record else None
+        return logits
 
     return decode
 
